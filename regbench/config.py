@@ -1,0 +1,104 @@
+"""RunConfig: everything that decides one training run, resolved once at the CLI edge (DESIGN.md §2).
+
+Its key (sha256 of the canonical JSON of the fields that change the result) identifies the run in the store: the
+same key is never trained twice. Where the data lives and which device runs it are recorded but not keyed, so a
+benchmark can resume on another machine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from regbench.errors import ConfigError
+
+NOT_KEYED = ("data_dir", "device", "eval_test")
+
+# Per-dataset training recipes for the embedded sets (CLI options override them). mnist1d: AdamW + one-cycle, the
+# setting in which ../shared/reference/datasets.md §8 saw regularizers separate beyond seed noise.
+RECIPES: dict[str, dict[str, Any]] = {
+    "mnist1d": dict(epochs=15, batch_size=128, optimizer="adamw", lr=3e-3, schedule="onecycle"),
+    "digits": dict(epochs=15, batch_size=64, optimizer="adamw", lr=3e-3, schedule="onecycle"),
+}
+GENERIC_RECIPE = dict(epochs=10, batch_size=128, optimizer="sgd", lr=0.05, schedule="cosine")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("constant", "cosine", "multistep", "onecycle")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: str
+    dataset: str
+    model: str
+    hparams: dict[str, Any] = field(default_factory=dict)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    split_seed: int = 0
+    train_size: int | None = None
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: str = "onecycle"
+    epochs: int = 15
+    batch_size: int = 128
+    seed: int = 0
+    device: str = "auto"
+    data_dir: str = ""
+    eval_test: bool = True
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        return cls(**json.loads(text))
+
+    def keyed(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_KEYED}
+
+    def key(self) -> str:
+        """Stable identity of the run: sha256 of the canonical JSON of the keyed fields."""
+        blob = json.dumps(self.keyed(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def group_key(self) -> str:
+        """Identity of the configuration across seeds (what a leaderboard row aggregates)."""
+        blob = json.dumps({k: v for k, v in self.keyed().items() if k != "seed"}, sort_keys=True,
+                          separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def parse_sets(items: list[str], methods: list[str]) -> dict[str, dict[str, str]]:
+    """``--set ses.beta=0.6`` (repeatable) → {"ses": {"beta": "0.6"}}; typing happens in Method.resolve."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        method, dot, hparam = name.strip().partition(".")
+        if not eq or not dot or not method or not hparam or not value.strip():
+            raise ConfigError(f"malformed --set {item!r}; write METHOD.HPARAM=VALUE, e.g. --set ses.beta=0.6")
+        if method not in methods:
+            raise ConfigError(f"--set {item!r} names method {method!r}, which is not in --methods "
+                              f"({', '.join(methods)})")
+        out.setdefault(method, {})[hparam] = value.strip()
+    return out

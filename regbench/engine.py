@@ -1,0 +1,242 @@
+"""ONE training/evaluation loop for every method (DESIGN.md §1-3).
+
+The engine knows the Method interface and nothing else about methods: it builds the model, lets each method
+attach, captures the activations the methods asked for once per step (one hook per layer, shared), adds their
+losses to the task loss, and records per-epoch metrics. It never imports Optuna, MLflow or reports; callers pass
+an ``on_epoch`` callback.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from regbench import models
+from regbench.config import RunConfig
+from regbench.metrics import accuracy, generalization_gap, predict
+from regbench.methods.base import Method, StepContext
+from regbench.methods.ses import as_matrix, effective_rank
+
+ERANK_BATCH = 512  # fixed held-out batch for the effective-rank diagnostic (methods.md §5.1)
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or inf; the run is recorded as failed with this reason."""
+
+
+@dataclass
+class RunResult:
+    metrics: dict[str, float]               # final epoch's metrics
+    history: list[dict[str, float]]         # one dict per epoch
+    seconds: float
+    diagnostic_layers: list[str] = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seeds python, numpy and torch; returns the generator that orders the batches."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+class ActivationCapture:
+    """One forward hook (or pre-hook) per layer however many methods ask; stores tensors only while active."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.active = False
+        self.wanted: set[str] | None = None  # None = every hooked layer
+        self.store: dict[str, torch.Tensor] = {}
+        self._handles: dict[str, object] = {}
+        self._inplace_restore: list[nn.Module] = []
+
+    def request(self, layers, where: str = "output") -> list[str]:
+        if where not in ("output", "input"):
+            raise ValueError(f"capture where={where!r}; use 'output' or 'input'")
+        keys = []
+        for name, module in layers:
+            key = name if where == "output" else f"{name}<input"
+            if key not in self._handles:
+                if where == "input" and getattr(module, "inplace", False):
+                    # An inplace activation would overwrite the captured pre-activation (methods.md §2.4).
+                    module.inplace = False
+                    self._inplace_restore.append(module)
+                self._handles[key] = (module.register_forward_hook(self._out_hook(key)) if where == "output"
+                                      else module.register_forward_pre_hook(self._in_hook(key)))
+            keys.append(key)
+        return keys
+
+    def _out_hook(self, key):
+        def hook(_module, _inputs, output):
+            if self.active and (self.wanted is None or key in self.wanted):
+                self.store[key] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+
+    def _in_hook(self, key):
+        def hook(_module, inputs):
+            if self.active and (self.wanted is None or key in self.wanted):
+                self.store[key] = inputs[0]
+        return hook
+
+    def keys(self) -> list[str]:
+        return list(self._handles)
+
+    def clear(self):
+        self.store = {}
+
+    def remove(self):
+        for handle in self._handles.values():
+            handle.remove()
+        for module in self._inplace_restore:
+            module.inplace = True
+        self._handles, self._inplace_restore, self.store = {}, [], {}
+
+
+class _AttachContext:
+    """What ``Method.attach`` sees (methods/base.py: AttachContext)."""
+
+    def __init__(self, model, capture: ActivationCapture, num_classes: int, input_shape):
+        self.model, self._capture = model, capture
+        self.num_classes, self.input_shape = num_classes, tuple(input_shape)
+
+    def select_layers(self, rule: str):
+        return models.select_layers(self.model, models.default_layer_rule(self.model) if rule == "auto" else rule)
+
+    def capture(self, layers, where: str = "output"):
+        return self._capture.request(layers, where)
+
+
+def _optimizer(config: RunConfig, model: nn.Module, options: dict) -> torch.optim.Optimizer:
+    weight_decay = options.get("weight_decay", config.weight_decay)
+    params = options["param_groups"](model) if "param_groups" in options else model.parameters()
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=weight_decay)
+
+
+def _scheduler(config: RunConfig, optimizer, total_steps: int):
+    """Stepped once per optimizer step, so every schedule sees the same clock."""
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=max(total_steps, 1))
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    if config.schedule == "multistep":  # milestones at 50 % and 75 % of training, ×0.1 each
+        milestones = [int(total_steps * 0.5), int(total_steps * 0.75)]
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, dict], None] | None = None,
+          progress: bool = False) -> RunResult:
+    """Train ``config`` on ``splits`` with ``method`` attached; returns final metrics and per-epoch history."""
+    device = resolve_device(config.device)
+    generator = seed_everything(config.seed)
+    model = models.create_model(config.model, splits.num_classes, splits.input_shape, **config.model_kwargs)
+    model.to(device)
+    capture = ActivationCapture(model)
+    method.attach(model, _AttachContext(model, capture, splits.num_classes, splits.input_shape))
+    train_keys = set(capture.keys())
+    diag_layers = models.select_layers(model, models.default_layer_rule(model))
+    diag_keys = capture.request(diag_layers, where="output")
+    capture.wanted = train_keys
+    optimizer = _optimizer(config, model, method.optimizer_options())
+
+    x_train, y_train = splits.x_train.to(device), splits.y_train.to(device)
+    n = len(x_train)
+    batch = min(config.batch_size, n)
+    steps_per_epoch = n // batch  # drop_last: a short last batch skews batch statistics (SES pitfall P6)
+    scheduler = _scheduler(config, optimizer, steps_per_epoch * config.epochs)
+    autocast = device.type == "cuda"
+    erank_x = splits.x_val[:ERANK_BATCH]
+
+    history: list[dict[str, float]] = []
+    started, step = time.perf_counter(), 0
+    epochs = range(config.epochs)
+    if progress:
+        from tqdm.auto import tqdm
+        epochs = tqdm(epochs, desc=f"{config.method} seed {config.seed}", leave=False, unit="ep")
+    try:
+        for epoch in epochs:
+            model.train()
+            t0 = time.perf_counter()
+            sum_task = torch.zeros((), device=device)
+            sum_reg = torch.zeros((), device=device)
+            perm = torch.randperm(n, generator=generator).to(device)
+            for b in range(steps_per_epoch):
+                idx = perm[b * batch:(b + 1) * batch]
+                xb, yb = x_train[idx], y_train[idx]
+                capture.active = True
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+                    logits = model(xb)
+                    task = F.cross_entropy(logits.float(), yb)
+                capture.active = False
+                ctx = StepContext(inputs=xb, targets=yb, logits=logits, task_loss=task,
+                                  activations=capture.store,
+                                  step=step, epoch=epoch)
+                extra = [t for t in (method.loss(ctx),) if t is not None]
+                reg = sum(extra) if extra else torch.zeros((), device=device)
+                optimizer.zero_grad(set_to_none=True)
+                (task + reg).backward()
+                optimizer.step()
+                scheduler.step()
+                method.after_step(ctx)
+                capture.clear()
+                sum_task += task.detach()
+                sum_reg += reg.detach()
+                step += 1
+            train_seconds = time.perf_counter() - t0
+            task_mean = float(sum_task) / max(steps_per_epoch, 1)  # one host sync per epoch
+            reg_mean = float(sum_reg) / max(steps_per_epoch, 1)
+            if not (math.isfinite(task_mean) and math.isfinite(reg_mean)):
+                raise Diverged(f"non-finite loss in epoch {epoch + 1} (task {task_mean}, regularizer {reg_mean})")
+            row = _evaluate(model, splits, config, capture, diag_keys, erank_x)
+            row.update(epoch=epoch + 1, train_loss=task_mean, reg_loss=reg_mean, seconds=train_seconds,
+                       lr=float(optimizer.param_groups[0]["lr"]))
+            row.update(method.diagnostics())
+            history.append(row)
+            if progress:
+                epochs.set_postfix(val=f"{row['val_acc']:.3f}", loss=f"{task_mean:.3f}")
+            if on_epoch is not None:
+                on_epoch(epoch + 1, row)
+    finally:
+        method.detach(model)
+        capture.remove()
+    seconds = time.perf_counter() - started
+    final = dict(history[-1])
+    final["seconds_per_epoch"] = sum(h["seconds"] for h in history) / len(history)
+    return RunResult(metrics=final, history=history, seconds=seconds,
+                     diagnostic_layers=[name for name, _ in diag_layers])
+
+
+def _evaluate(model, splits, config, capture, diag_keys, erank_x) -> dict[str, float]:
+    model.eval()
+    row = {"train_acc": accuracy(predict(model, splits.x_train), splits.y_train),
+           "val_acc": accuracy(predict(model, splits.x_val), splits.y_val)}
+    if config.eval_test:
+        row["test_acc"] = accuracy(predict(model, splits.x_test), splits.y_test)
+    row["gap"] = generalization_gap(row["train_acc"], row.get("test_acc", row["val_acc"]))
+    # Effective rank (eq. 4) of every diagnostic layer on a fixed held-out batch, eval mode, GAP for conv maps.
+    train_wanted, capture.wanted = capture.wanted, set(diag_keys)
+    capture.active = True
+    with torch.no_grad():
+        predict(model, erank_x, batch_size=len(erank_x))
+    capture.active = False
+    for key in diag_keys:
+        row[f"erank/{key}"] = effective_rank(as_matrix(capture.store[key]).float())
+    capture.clear()
+    capture.wanted = train_wanted
+    return row

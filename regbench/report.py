@@ -1,0 +1,102 @@
+"""Leaderboard v1, generated from the store only (DESIGN.md §2): no torch, no training, no MLflow.
+
+``leaderboard(storage, benchmark)`` reads the benchmark's spec and its final trials and returns markdown: one row per
+method with mean ± std over seeds of test accuracy, generalization gap, final effective rank and seconds per epoch,
+and the paired difference to ``baseline``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from regbench.study import final_trials, load_spec
+
+REFERENCE = "baseline"
+
+
+def runs_frame(storage, benchmark: str, spec: dict) -> pd.DataFrame:
+    """One row per completed final run of the spec's configurations (a tidy frame for stats and reports)."""
+    rows = []
+    for method, info in spec["methods"].items():
+        for t in final_trials(storage, benchmark, method, info["group_key"]):
+            m, layers = t.user_attrs["metrics"], t.user_attrs.get("diagnostic_layers", [])
+            rows.append({
+                "method": method, "seed": int(t.params["seed"]), "trial": t.number,
+                "test_acc": m.get("test_acc", math.nan), "val_acc": m["val_acc"], "train_acc": m["train_acc"],
+                "gap": m["gap"], "erank": m.get(f"erank/{layers[-1]}", math.nan) if layers else math.nan,
+                "erank_layer": layers[-1] if layers else "", "seconds_per_epoch": m["seconds_per_epoch"],
+                "finished": t.datetime_complete, "torch": t.user_attrs.get("env", {}).get("torch", "?"),
+                "regbench": t.user_attrs.get("env", {}).get("regbench", "?"),
+                "git_commit": t.user_attrs.get("env", {}).get("git_commit", ""),
+                "device": t.user_attrs.get("env", {}).get("device", "?"),
+            })
+    return pd.DataFrame(rows)
+
+
+def _mean_std(values: pd.Series, scale: float = 1.0, digits: int = 2) -> str:
+    v = values.dropna() * scale
+    if v.empty:
+        return "–"
+    if len(v) < 2:
+        return f"{v.mean():.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+
+
+def _delta(df: pd.DataFrame, method: str) -> str:
+    """Paired by seed: mean ± std of (method − baseline) test accuracy in percentage points."""
+    if method == REFERENCE:
+        return "—"
+    ref = df[df.method == REFERENCE].set_index("seed")["test_acc"]
+    mine = df[df.method == method].set_index("seed")["test_acc"]
+    paired = (mine - ref).dropna()
+    if paired.empty:
+        return "n/a (no baseline run with the same seed)"
+    sign = "+" if paired.mean() >= 0 else ""
+    text = f"{sign}{paired.mean() * 100:.2f}"
+    return text + (f" ± {paired.std(ddof=1) * 100:.2f}" if len(paired) > 1 else "")
+
+
+def leaderboard(storage, benchmark: str) -> str:
+    spec = load_spec(storage, benchmark)
+    if spec is None:
+        from regbench.errors import RegbenchError
+        raise RegbenchError(f"no benchmark named {benchmark!r} in this store; run `regbench run` first")
+    df = runs_frame(storage, benchmark, spec)
+    methods = list(spec["methods"])
+    lines = [f"# Leaderboard: {benchmark}", "",
+             f"- command: `{spec['command']}`",
+             f"- dataset `{spec['dataset']}`, model `{spec['model']}`, {spec['epochs']} epochs, "
+             f"seeds {', '.join(map(str, spec['seeds']))} (shared by every method, so differences are paired)"]
+    if not df.empty:
+        finished = max(df.finished)
+        lines.append(f"- regbench {df.regbench.iloc[-1]}, torch {df.torch.iloc[-1]}, device {df.device.iloc[-1]}, "
+                     f"git {df.git_commit.iloc[-1][:10] or 'n/a'}; last run finished "
+                     f"{finished.replace(microsecond=0) if isinstance(finished, dt.datetime) else finished}")
+        lines.append(f"- final effective rank (SES eq. 4) of `{df.erank_layer.iloc[-1]}` on 512 validation samples, "
+                     f"last epoch")
+    lines += ["", "| method | seeds | test acc % | Δ test vs baseline (pp, paired) | gap (pp) | final erank "
+                  "| s/epoch | hparams |",
+              "|---|---|---|---|---|---|---|---|"]
+    for method in methods:
+        mine = df[df.method == method] if not df.empty else df
+        hp = ", ".join(f"{k}={v}" for k, v in spec["methods"][method]["hparams"].items()) or "–"
+        if mine.empty:
+            lines.append(f"| {method} | 0 | no finished runs | | | | | {hp} |")
+            continue
+        lines.append(f"| {method} | {len(mine)} | {_mean_std(mine.test_acc, 100)} | {_delta(df, method)} | "
+                     f"{_mean_std(mine.gap, 100)} | {_mean_std(mine.erank, 1, 1)} | "
+                     f"{_mean_std(mine.seconds_per_epoch, 1, 3)} | {hp} |")
+    lines += ["", "Mean ± sample standard deviation over seeds; test accuracy and gap at the last epoch "
+                  "(gap = train − test accuracy). Significance tests come with `regbench report` (stats)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_leaderboard(storage, benchmark: str, out_dir: Path) -> Path:
+    path = Path(out_dir) / "leaderboard.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(leaderboard(storage, benchmark))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,96 @@
+"""Opening the store (Optuna's storage) and guarding a local output dir. No training here."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import optuna
+
+from regbench.errors import StorageError
+
+STORE_FILE = "regbench.db"
+LOCK_FILE = ".regbench.lock"
+
+
+def default_storage_url(out_dir: Path) -> str:
+    return f"sqlite:///{(out_dir / STORE_FILE).resolve()}"
+
+
+def open_storage(url: str):
+    """An Optuna storage for an RDB URL (sqlite, postgresql, mysql) or a journal file (``journal:PATH`` or *.log)."""
+    try:
+        if url.startswith("journal:") or url.endswith((".log", ".jsonl")):
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+            path = Path(url.removeprefix("journal:")).expanduser()
+            if not path.parent.is_dir():
+                raise StorageError(f"cannot open storage {url!r}: folder {path.parent} does not exist")
+            return JournalStorage(JournalFileBackend(str(path)))
+        if "://" not in url:
+            raise StorageError(f"cannot open storage {url!r}: not a URL; use sqlite:///PATH.db, "
+                               f"postgresql://USER@HOST/DB or journal:PATH.log")
+        if url.startswith("sqlite:///"):
+            folder = Path(url.removeprefix("sqlite:///")).expanduser().parent
+            if not folder.is_dir():
+                raise StorageError(f"cannot open storage {url!r}: folder {folder} does not exist")
+        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    except StorageError:
+        raise
+    except Exception as exc:  # sqlalchemy / driver errors: keep the first line, it names the cause
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StorageError(f"cannot open storage {url!r}: {reason[:200]}; use sqlite:///PATH.db, "
+                           f"postgresql://USER@HOST/DB or journal:PATH.log") from None
+
+
+class OutputLock:
+    """One writer per output dir: a pid file created atomically; a lock whose holder is gone is taken over."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / LOCK_FILE
+        self.held = False
+
+    def acquire(self) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and _alive(holder):
+                    raise StorageError(f"output dir {self.path.parent} is in use by regbench pid {holder}; "
+                                       f"wait for it or use another --out") from None
+                self.path.unlink(missing_ok=True)  # stale: its holder died
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            self.held = True
+            return
+        raise StorageError(f"could not lock output dir {self.path.parent}; remove {self.path} if no regbench runs")
+
+    def _holder(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
