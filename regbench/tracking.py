@@ -30,9 +30,11 @@ class Tracker:
     """Thin mirror over ``MlflowClient`` (no global active-run state, so it composes with any caller)."""
 
     def __init__(self, uri: str, experiment: str):
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
-        logging.getLogger("alembic").setLevel(logging.WARNING)
         from mlflow import MlflowClient
+
+        # MLflow configures its loggers on import; quiet its schema-migration INFO lines afterwards.
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
         self.uri, self.client = uri, MlflowClient(uri)
         found = self.client.get_experiment_by_name(experiment)

@@ -1,0 +1,23 @@
+"""Helpers shared by the test modules (importable: pytest puts tests/ on sys.path)."""
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TINY = ["--epochs", "2", "--seeds", "2", "--quiet"]
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under folder with its bytes' hash: equal snapshots mean nothing was written."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def regbench_cli(*args: str, env_extra: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it."""
+    script = Path(sys.executable).parent / "regbench"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "regbench.cli"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(env_extra or {})
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)

@@ -1,0 +1,72 @@
+"""Bad input: one line on stderr naming the problem and the valid choices, exit 2, no traceback, and nothing in
+an existing output dir changed."""
+import pytest
+import torch
+
+from helpers import regbench_cli, snapshot
+from regbench.cli import main
+
+BAD = {
+    "unknown method": (["--methods", "ses,nope"], "unknown method 'nope'; choose one of: baseline"),
+    "no method": (["--methods", ","], "names no method"),
+    "unknown dataset": (["--methods", "ses", "--dataset", "imagenet-9k"], "unknown dataset 'imagenet-9k'"),
+    "unknown model": (["--methods", "ses", "--model", "resnet81"], "unknown model 'resnet81'"),
+    "set without =": (["--methods", "ses", "--set", "ses.beta"], "malformed --set 'ses.beta'"),
+    "set without method": (["--methods", "ses", "--set", "beta=0.5"], "malformed --set"),
+    "set for absent method": (["--methods", "ses", "--set", "shade.weight=1"], "not in --methods"),
+    "set unknown hparam": (["--methods", "ses", "--set", "ses.gamma=1"], "has no hparam 'gamma'"),
+    "set non-number": (["--methods", "ses", "--set", "ses.beta=high"], "ses.beta='high' is not a valid float"),
+    "beta above 1": (["--methods", "ses", "--set", "ses.beta=1.5"], "ses.beta=1.5 is outside (0, 1)"),
+    "beta at 0": (["--methods", "ses", "--set", "ses.beta=0"], "ses.beta=0.0 is outside (0, 1)"),
+    "negative lambda": (["--methods", "ses", "--set", "ses.lam=-0.01"], "ses.lam=-0.01 is outside [0, inf)"),
+    "negative shade weight": (["--methods", "shade", "--set", "shade.weight=-1"], "shade.weight=-1.0 is outside"),
+    "storage scheme": (["--methods", "ses", "--storage", "bogus://nowhere"], "cannot open storage 'bogus://nowhere'"),
+    "storage folder": (["--methods", "ses", "--storage", "sqlite:////no/such/dir/x.db"], "does not exist"),
+    "storage not a url": (["--methods", "ses", "--storage", "just words"], "not a URL"),
+    "seeds": (["--methods", "ses", "--seeds", "three"], "--seeds 'three'"),
+    "epochs": (["--methods", "ses", "--epochs", "0"], "--epochs must be at least 1"),
+    "train size": (["--methods", "ses", "--train-size", "5"], "train_size must be between 10"),
+    "benchmark name": (["--methods", "ses", "--name", "a:b"], "benchmark name 'a:b'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_exit_2_and_leaves_the_output_dir_alone(case, tiny_run, data_dir, capsys):
+    args, expected = BAD[case]
+    out, _ = tiny_run
+    before = snapshot(out)
+    code = main(["run", *args, "--out", str(out), "--data-dir", str(data_dir), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("regbench: error: "), err
+    assert expected in lines[0]
+    assert snapshot(out) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA on a machine without it")
+def test_cuda_without_a_gpu(tiny_run, capsys):
+    out, _ = tiny_run
+    assert main(["run", "--methods", "ses", "--device", "cuda", "--out", str(out)]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_output_dir_that_is_a_file(tmp_path, capsys):
+    blocker = tmp_path / "taken"
+    blocker.write_text("keep me")
+    assert main(["run", "--methods", "ses", "--out", str(blocker)]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert blocker.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["run", "--methods", "ses", "--set", "ses.beta=2"], "ses.beta=2.0 is outside (0, 1)"),
+    (["run"], "the following arguments are required: --methods"),
+])
+def test_real_console_script_prints_no_traceback(args, expected, tmp_path):
+    proc = regbench_cli(*args, "--out", str(tmp_path / "o"), cwd=tmp_path) if args != ["run"] else \
+        regbench_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and expected in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
