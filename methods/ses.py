@@ -103,7 +103,7 @@ class SES(Method):
 
     def attach(self, model, ctx):
         self.keys = ctx.capture(ctx.select_layers(self.hparams["layers"]), where="output")
-        self.last_entropy: dict[str, float] = {}
+        self.last_entropy: dict[str, Tensor] = {}
         self._pending: dict[str, Tensor] = {}
         self._warned_cap = False
 
@@ -124,8 +124,7 @@ class SES(Method):
         return None if total is None else self.hparams["lam"] * total
 
     def after_step(self, step):
-        # Read back once per step, after backward, instead of syncing inside the loss.
-        self.last_entropy = {k: float(v) for k, v in self._pending.items()}
+        self.last_entropy = dict(self._pending)  # tensors: read back once per epoch in diagnostics(), no step sync
 
     def _warn_if_unreachable(self, n: int, d: int) -> None:
         # After centring rank ≤ n−1, so H ≤ log(min(n−1, d)); a higher target never vanishes (pitfall P6).
@@ -135,4 +134,4 @@ class SES(Method):
                           f"of {n} caps it at {min(n - 1, d)}; the penalty cannot reach zero", stacklevel=2)
 
     def diagnostics(self):
-        return {f"ses_entropy/{k}": v for k, v in self.last_entropy.items()}
+        return {f"ses_entropy/{k}": float(v) for k, v in self.last_entropy.items()}

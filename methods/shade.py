@@ -103,10 +103,10 @@ class SHADE(Method):
             y = units_as_columns(step.activations[key].detach()).float()
             update_moving_averages(y, self._state_for(key, y), self.hparams["momentum"])
         if getattr(self, "_omega", None) is not None:
-            self._last_penalty = float(self._omega)
+            self._last_penalty = self._omega  # a tensor: read back once per epoch, no per-step host sync
 
     def diagnostics(self):
-        return {"shade_omega": self._last_penalty}
+        return {"shade_omega": float(self._last_penalty)}
 
     def state_dict(self):
         return {k: {n: t.clone() for n, t in s.items()} for k, s in self.state.items()}

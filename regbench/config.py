@@ -19,7 +19,7 @@ NOT_KEYED = ("data_dir", "device", "eval_test")
 # Per-dataset training recipes for the embedded sets (CLI options override them). mnist1d: AdamW + one-cycle, the
 # setting in which ../shared/reference/datasets.md §8 saw regularizers separate beyond seed noise.
 RECIPES: dict[str, dict[str, Any]] = {
-    "mnist1d": dict(epochs=15, batch_size=128, optimizer="adamw", lr=3e-3, schedule="onecycle"),
+    "mnist1d": dict(epochs=30, batch_size=128, optimizer="adamw", lr=3e-3, schedule="onecycle"),
     "digits": dict(epochs=15, batch_size=64, optimizer="adamw", lr=3e-3, schedule="onecycle"),
 }
 GENERIC_RECIPE = dict(epochs=10, batch_size=128, optimizer="sgd", lr=0.05, schedule="cosine")

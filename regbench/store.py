@@ -39,6 +39,9 @@ def open_storage(url: str):
         raise
     except Exception as exc:  # sqlalchemy / driver errors: keep the first line, it names the cause
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "DB access module" in reason or isinstance(exc, ImportError):
+            raise StorageError(f"cannot open storage {url!r}: its database driver is not installed; "
+                               f"pip install 'regbench[postgres]' (or the driver for that URL)") from None
         raise StorageError(f"cannot open storage {url!r}: {reason[:200]}; use sqlite:///PATH.db, "
                            f"postgresql://USER@HOST/DB or journal:PATH.log") from None
 
