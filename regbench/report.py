@@ -19,9 +19,11 @@ REFERENCE = "baseline"
 
 def runs_frame(storage, benchmark: str, spec: dict) -> pd.DataFrame:
     """One row per completed final run of the spec's configurations (a tidy frame for stats and reports)."""
-    rows = []
+    rows, seeds = [], set(spec["seeds"])
     for method, info in spec["methods"].items():
         for t in final_trials(storage, benchmark, method, info["group_key"]):
+            if int(t.params["seed"]) not in seeds:  # the store may hold other seeds of the same config
+                continue
             m, layers = t.user_attrs["metrics"], t.user_attrs.get("diagnostic_layers", [])
             rows.append({
                 "method": method, "seed": int(t.params["seed"]), "trial": t.number,

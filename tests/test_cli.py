@@ -2,6 +2,7 @@
 import contextlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,9 +128,10 @@ def test_list_methods_shows_hparams_and_search_spaces():
 
 def test_third_party_method_is_discovered_through_entry_points(tmp_path, data_dir):
     """A tiny package installed (pip, into its own folder) registers a method; regbench lists and runs it."""
-    target = tmp_path / "site"
+    target, source = tmp_path / "site", tmp_path / "plugin-src"
+    shutil.copytree(ROOT / "tests" / "plugins" / "regbench_toy_method", source)  # builds leave the tree clean
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                          "--target", str(target), str(ROOT / "tests" / "plugins" / "regbench_toy_method")],
+                          "--target", str(target), str(source)],
                          capture_output=True, text=True)
     assert pip.returncode == 0, pip.stderr
     env = {"PYTHONPATH": str(target)}

@@ -1,0 +1,64 @@
+"""Resume: a run killed mid-training (SIGKILL, no cleanup) is finished by rerunning the same command."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+
+def states(storage: str, study: str) -> list[TrialState]:
+    if not Path(storage.removeprefix("sqlite:///")).exists():
+        return []
+    try:
+        return [t.state for t in optuna.load_study(study_name=study, storage=storage).get_trials()]
+    except KeyError:  # the study does not exist yet
+        return []
+
+
+def test_killed_run_resumes_without_redoing_finished_runs(tmp_path, data_dir):
+    out = tmp_path / "out"
+    storage = f"sqlite:///{out / 'regbench.db'}"
+    args = [str(Path(sys.executable).parent / "regbench"), "run", "--methods", "ses", "--epochs", "3", "--seeds", "2",
+            "--quiet", "--out", str(out), "--data-dir", str(data_dir)]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    deadline = time.time() + 120
+    # Kill once baseline is done and ses is mid-training.
+    while time.time() < deadline and TrialState.RUNNING not in states(storage, "mnist1d-cnn1d:ses:final"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert states(storage, "mnist1d-cnn1d:baseline:final") == [TrialState.COMPLETE] * 2
+    assert TrialState.RUNNING in states(storage, "mnist1d-cnn1d:ses:final")
+    assert (out / ".regbench.lock").exists()  # left behind by the killed process; its pid is gone
+
+    again = subprocess.run(args, env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert states(storage, "mnist1d-cnn1d:baseline:final") == [TrialState.COMPLETE] * 2  # not redone
+    ses = optuna.load_study(study_name="mnist1d-cnn1d:ses:final", storage=storage).get_trials()
+    done = [t for t in ses if t.state == TrialState.COMPLETE]
+    killed = [t for t in ses if t.state == TrialState.FAIL]
+    assert sorted(t.params["seed"] for t in done) == [0, 1]
+    assert len(killed) == 1 and killed[0].user_attrs["fail_reason"] == "interrupted"
+    assert "| ses | 2 |" in again.stdout
+    assert not (out / ".regbench.lock").exists()
+
+
+def test_more_seeds_later_trains_only_the_new_ones(tmp_path, data_dir):
+    from regbench.cli import main
+
+    out = tmp_path / "out"
+    common = ["run", "--methods", "shade", "--epochs", "1", "--quiet", "--out", str(out), "--data-dir", str(data_dir)]
+    assert main([*common, "--seeds", "1"]) == 0
+    storage = f"sqlite:///{out / 'regbench.db'}"
+    first = optuna.load_study(study_name="mnist1d-cnn1d:shade:final", storage=storage).get_trials()
+    assert main([*common, "--seeds", "2"]) == 0
+    trials = optuna.load_study(study_name="mnist1d-cnn1d:shade:final", storage=storage).get_trials()
+    assert len(trials) == 2 and trials[0].datetime_complete == first[0].datetime_complete
+    assert "| shade | 2 |" in (out / "leaderboard.md").read_text()
+    assert main([*common, "--seeds", "1"]) == 0  # back to one seed: the leaderboard follows the command
+    assert "| shade | 1 |" in (out / "leaderboard.md").read_text()
