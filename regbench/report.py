@@ -92,7 +92,8 @@ def leaderboard(storage, benchmark: str) -> str:
                      f"{_mean_std(mine.gap, 100)} | {_mean_std(mine.erank, 1, 1)} | "
                      f"{_mean_std(mine.seconds_per_epoch, 1, 3)} | {hp} |")
     lines += ["", "Mean ± sample standard deviation over seeds; test accuracy and gap at the last epoch "
-                  "(gap = train − test accuracy). Significance tests come with `regbench report` (stats)."]
+                  "(gap = train − test accuracy). No significance test is applied in this table: read a Δ that is not clearly "
+                  "larger than its ± as unresolved."]
     return "\n".join(lines) + "\n"
 
 
