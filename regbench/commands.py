@@ -124,6 +124,7 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
                     say(f"[{counter['done']}/{total}] {cfg.method} seed {cfg.seed}: FAILED "
                         f"({trial.user_attrs.get('fail_reason', '')})")
                     return
+                _mirror_trial(tracker, st.study_name, trial.number, trial.user_attrs)
                 m = result.metrics
                 say(f"[{counter['done']}/{total}] {cfg.method} seed {cfg.seed}: test {m['test_acc']:.2%}, "
                     f"val {m['val_acc']:.2%}, {result.seconds:.1f} s")
@@ -140,18 +141,22 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
     return 0
 
 
-def _mirror_missing(storage, tracker, benchmark: str, plan) -> None:
-    """Mirror every finished run of this plan that MLflow lacks (e.g. after a crash between store and mirror)."""
+def _mirror_trial(tracker, study_name: str, number: int, attrs: dict) -> None:
     import json
 
+    tracker.log_trial(study_name, number, json.loads(attrs["config"]), attrs["config_key"], attrs["metrics"],
+                      attrs["history"], attrs.get("env", {}), started=attrs["timings"]["started"],
+                      seconds=attrs["timings"]["seconds"])
+
+
+def _mirror_missing(storage, tracker, benchmark: str, plan) -> None:
+    """Mirror every finished run of this plan that MLflow lacks (e.g. after a crash between store and mirror)."""
     from regbench import study
 
     for method in plan.configs:
-        tracker.parent(method)
         for t in study.final_trials(storage, benchmark, method, plan.configs[method][0].group_key()):
-            cfg = json.loads(t.user_attrs["config"])
-            tracker.log_trial(study.final_study_name(benchmark, method), t.number, cfg, t.user_attrs["config_key"],
-                              t.user_attrs["metrics"], t.user_attrs["history"], t.user_attrs.get("env", {}))
+            _mirror_trial(tracker, study.final_study_name(benchmark, method), t.number, t.user_attrs)
+        tracker.parent(method, plan.configs[method][0].hparams)
 
 
 def _describe_space(cls) -> str:

@@ -40,17 +40,24 @@ class Tracker:
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         self._parents: dict[str, str] = {}
+        self._ends: dict[str, int] = {}  # latest child end per method, so a parent spans its children
+        self._created: set[str] = set()
 
     def _find(self, filter_string: str):
         runs = self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1)
         return runs[0] if runs else None
 
-    def parent(self, method: str) -> str:
+    def parent(self, method: str, hparams: dict | None = None, start_ms: int | None = None) -> str:
         if method not in self._parents:
             run = self._find(f"tags.`regbench.parent` = '{method}'")
             if run is None:
-                run = self.client.create_run(self.experiment_id, run_name=method,
+                run = self.client.create_run(self.experiment_id, run_name=method, start_time=start_ms,
                                              tags={"regbench.parent": method, "regbench.method": method})
+                self._created.add(method)
+                if hparams:
+                    from mlflow.entities import Param
+                    self.client.log_batch(run.info.run_id,
+                                          params=[Param(_key(f"hparams.{k}"), str(v)) for k, v in hparams.items()])
             self._parents[method] = run.info.run_id
         return self._parents[method]
 
@@ -58,28 +65,32 @@ class Tracker:
         return self._find(f"tags.`regbench.config_key` = '{config_key}'") is not None
 
     def log_trial(self, study_name: str, trial_number: int, config: dict, config_key: str, metrics: dict,
-                  history: list[dict], env: dict, status: str = "FINISHED") -> None:
+                  history: list[dict], env: dict, started: float, seconds: float, status: str = "FINISHED") -> None:
+        """Mirror one finished run; ``started`` (epoch seconds) and ``seconds`` give the UI its real duration."""
         if self.has_run(config_key):
             return
         from mlflow.entities import Metric, Param
 
         method = config["method"]
-        run = self.client.create_run(self.experiment_id, run_name=f"{method} seed {config['seed']}", tags={
-            "mlflow.parentRunId": self.parent(method), "regbench.method": method, "regbench.config_key": config_key,
+        start_ms, end_ms = int(started * 1000), int((started + seconds) * 1000)
+        self._ends[method] = max(self._ends.get(method, 0), end_ms)
+        parent = self.parent(method, config.get("hparams"), start_ms)
+        run = self.client.create_run(self.experiment_id, run_name=f"{method} seed {config['seed']}",
+                                     start_time=start_ms, tags={
+            "mlflow.parentRunId": parent, "regbench.method": method, "regbench.config_key": config_key,
             "regbench.study": study_name, "regbench.trial": str(trial_number), "regbench.seed": str(config["seed"]),
             **{f"env.{k}": str(v) for k, v in env.items()}})
         params = [Param(_key(f"hparams.{k}"), str(v)) for k, v in config.get("hparams", {}).items()]
         params += [Param(_key(k), str(v)) for k, v in config.items() if k != "hparams"]
-        now = int(time.time() * 1000)
-        series = [Metric(_key(k), float(v), now, int(row["epoch"])) for row in history for k, v in row.items()
+        series = [Metric(_key(k), float(v), end_ms, int(row["epoch"])) for row in history for k, v in row.items()
                   if k != "epoch" and isinstance(v, (int, float)) and v == v]
-        series += [Metric(_key(f"final/{k}"), float(v), now, 0) for k, v in metrics.items()
+        series += [Metric(_key(f"final/{k}"), float(v), end_ms, 0) for k, v in metrics.items()
                    if isinstance(v, (int, float)) and v == v]
         for i in range(0, len(params), 100):  # MLflow caps a batch at 100 params and 1000 metrics
             self.client.log_batch(run.info.run_id, params=params[i:i + 100])
         for i in range(0, len(series), 1000):
             self.client.log_batch(run.info.run_id, metrics=series[i:i + 1000])
-        self.client.set_terminated(run.info.run_id, status=status)
+        self.client.set_terminated(run.info.run_id, status=status, end_time=end_ms)
 
     def log_artifact(self, method: str | None, path: Path) -> None:
         """Attach a file (the leaderboard) to a method's parent run, or to every parent when method is None."""
@@ -88,5 +99,9 @@ class Tracker:
             self.client.log_artifact(run_id, str(path))
 
     def close(self) -> None:
-        for run_id in self._parents.values():
-            self.client.set_terminated(run_id)
+        # Parents untouched by this session keep their times, so a rerun that trains nothing changes nothing.
+        for method, run_id in self._parents.items():
+            if method in self._ends:
+                self.client.set_terminated(run_id, end_time=self._ends[method])
+            elif method in self._created:
+                self.client.set_terminated(run_id)

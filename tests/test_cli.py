@@ -82,6 +82,12 @@ def test_mlflow_mirror_has_parent_per_method_and_child_per_seed(tiny_run):
     assert any(k.startswith("erank/") for k in ses_child.data.metrics)
     artifacts = [a.path for a in client.list_artifacts(parents["ses"].info.run_id)]
     assert "leaderboard.md" in artifacts
+    assert parents["ses"].data.params["hparams.lam"] == "0.01"
+    # the UI shows real training time: a child spans its trial's timings
+    study = optuna.load_study(study_name="mnist1d-cnn1d:ses:final", storage=f"sqlite:///{out / 'regbench.db'}")
+    trial = next(t for t in study.trials if t.user_attrs.get("config_key") == ses_child.data.tags["regbench.config_key"])
+    span = (ses_child.info.end_time - ses_child.info.start_time) / 1000
+    assert span == pytest.approx(trial.user_attrs["timings"]["seconds"], abs=0.01)
 
 
 def test_second_run_trains_nothing_and_prints_the_same_leaderboard(tiny_run, data_dir):
@@ -91,9 +97,14 @@ def test_second_run_trains_nothing_and_prints_the_same_leaderboard(tiny_run, dat
     count = lambda: sum(len(s.get_trials()) for s in  # noqa: E731
                         (optuna.load_study(study_name=n, storage=storage) for n in optuna.get_all_study_names(storage)))
     trials_before = count()
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp_id = client.get_experiment_by_name("mnist1d-cnn1d").experiment_id
+    mlflow_before = sorted((r.info.run_id, r.info.end_time) for r in client.search_runs([exp_id], max_results=100))
     code, stdout = run_main("run", "--methods", "ses,shade", "--out", str(out), "--data-dir", str(data_dir), *TINY)
     assert code == 0
     assert count() == trials_before
+    assert sorted((r.info.run_id, r.info.end_time) for r in client.search_runs([exp_id], max_results=100)) \
+        == mlflow_before
     assert (out / "leaderboard.md").read_text() == before
     assert before in stdout
 
