@@ -9,6 +9,7 @@ object with Optuna's ``suggest_*`` methods.
 The engine drives a method in this order::
 
     m = Method(hparams)                 # resolve() merges defaults, coerces types, validate() checks ranges
+    m.model_options()                   # constructor kwargs for the model, e.g. timm's {"drop_rate": 0.3}
     m.attach(model, ctx)                # hooks / parametrizations / module swaps; ctx selects and captures layers
     m.optimizer_options()               # e.g. {"weight_decay": 5e-4} or {"param_groups": fn(model) -> groups}
     for each step:  loss = task + sum(m.loss(step))  → backward → optimizer.step() → m.after_step(step)
@@ -18,7 +19,7 @@ The engine drives a method in this order::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from torch import Tensor, nn
 
@@ -106,7 +107,12 @@ class Method:
         return {}
 
     # ---- life cycle ------------------------------------------------------------------------------------------
+    def model_options(self) -> dict[str, Any]:
+        """Keyword arguments for the model's constructor (module changes made at build time, e.g. dropout)."""
+        return {}
+
     def attach(self, model: nn.Module, ctx: AttachContext) -> None:
+        """Hooks, parametrizations (e.g. spectral norm) or module swaps on the built model."""
         pass
 
     def optimizer_options(self) -> dict[str, Any]:
@@ -143,5 +149,3 @@ def check_range(method: str, name: str, value: Any, low: float | None = None, hi
         interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
         raise HparamError(f"{method}.{name}={value!r} is outside {interval}")
 
-
-Factory = Callable[[nn.Module], list]

@@ -145,7 +145,8 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
     """Train ``config`` on ``splits`` with ``method`` attached; returns final metrics and per-epoch history."""
     device = resolve_device(config.device)
     generator = seed_everything(config.seed)
-    model = models.create_model(config.model, splits.num_classes, splits.input_shape, **config.model_kwargs)
+    model = models.create_model(config.model, splits.num_classes, splits.input_shape,
+                                **{**config.model_kwargs, **method.model_options()})
     model.to(device)
     capture = ActivationCapture(model)
     method.attach(model, _AttachContext(model, capture, splits.num_classes, splits.input_shape))

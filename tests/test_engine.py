@@ -88,3 +88,18 @@ def test_attach_and_detach_leave_the_model_as_it_was(method):
     assert list(model.state_dict()) == before_keys
     assert torch.equal(model(x), before_out)
     assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in model.modules())
+
+
+def test_model_options_reach_the_model_constructor(mnist1d):
+    """A method can change the model at build time (as timm's drop_rate will for dropout)."""
+    from regbench.methods.base import Method
+
+    class NarrowConvs(Method):
+        name = "narrow"
+
+        def model_options(self):
+            return {"channels": 4}
+
+    result = engine.train(cfg(epochs=1), mnist1d, NarrowConvs())
+    conv_eranks = [v for k, v in result.metrics.items() if k.startswith("erank/block")]
+    assert len(conv_eranks) == 3 and max(conv_eranks) <= 4.0 + 1e-6  # erank ≤ channels
