@@ -97,7 +97,6 @@ def enqueue_missing(study: optuna.Study, configs: list[RunConfig], owns_storage:
             for t in trials:
                 if t.state == TrialState.RUNNING:
                     _fail(study, t._trial_id, "interrupted")
-                    t.user_attrs["fail_reason"] = "interrupted"
         # A diverged run is deterministic: retrying it would diverge again and waste the budget.
         if any(t.state == TrialState.FAIL and str(t.user_attrs.get("fail_reason", "")).startswith("diverged")
                for t in trials):
@@ -115,8 +114,8 @@ def drain(study: optuna.Study, run_one: Callable[[optuna.trial.Trial, RunConfig]
     while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         trial = study.ask()
         if "config" not in trial.user_attrs:  # another worker took the last waiting trial first
-            study.tell(trial, state=TrialState.FAIL)
             trial.set_user_attr("fail_reason", "no work left (lost the race for a queued run)")
+            study.tell(trial, state=TrialState.FAIL)
             break
         cfg = RunConfig.from_json(trial.user_attrs["config"])
         trial.suggest_int("seed", 0, 2**31 - 1)  # records the enqueued seed as the trial's param
