@@ -9,15 +9,11 @@ For each hooked layer l with batch activations H ∈ R^{B×d_l}:
 * eq. 5  R_SES = Σ_l α_l (H_l − β·log d_l)²   (α_l = 1 as in Listing 1; target erank d_l^β)
 * eq. 6  L = L_task + λ·R_SES
 
-Implementation choices (../shared/reference/methods.md §1.3-1.5):
+Implementation choices (../shared/reference/methods.md §1.3-1.5; the spectral math is in regbench.metrics):
 
 * Convolutional maps (B×C×H×W) use d_l = C. ``conv_reduce="gap"`` averages positions (one row per image, as eq. 1
   is written; the default), ``"positions"`` treats every position as a sample.
-* Exact Gram trick: Σ and XXᵀ share their nonzero eigenvalues, so the smaller of the two is eigendecomposed.
-* Eigenvalues in float32 (float64 if the input is float64) with autocast off: a bf16 covariance alone costs 1e-3 in H.
-* Eigenvalues below 1e-6·λ_max are structural zeros (rank ≤ B−1) and are set to 0; ``p·log p`` is evaluated as
-  ``p·log(where(p > 0, p, 1))`` because ``xlogy``/``entr`` give NaN gradients at exact zeros (pitfall P3).
-* Only eigenvalues are used (``eigvalsh``): their gradient is finite at repeated eigenvalues, eigenvectors' is not.
+* Exact Gram trick, eigenvalues outside autocast, structural zeros dropped, NaN-safe p·log p, eigenvalues only.
 * A layer that is constant over the batch (all ReLUs dead) has no spectrum; it is skipped (pitfall P7).
 """
 from __future__ import annotations
@@ -25,56 +21,13 @@ from __future__ import annotations
 import math
 import warnings
 
-import torch
 from torch import Tensor
 
+# spectral_entropy (eq. 3 on a [B, d] tensor) is part of this module's public API; its math is shared with the
+# engine's effective-rank diagnostic, so it lives in regbench.metrics.
+from regbench.metrics import as_matrix, covariance_eigenvalues, spectral_entropy, spectrum_entropy  # noqa: F401
+
 from .base import Method, StepContext, check_range
-
-_REL_ZERO = 1e-6
-
-
-def _eigenvalues(h: Tensor) -> Tensor:
-    """Eigenvalues of the (unnormalised) covariance of h [n, d], via the smaller Gram matrix. Scale-free callers only."""
-    with torch.autocast(device_type=h.device.type, enabled=False):
-        x = h if h.dtype == torch.float64 else h.float()
-        x = x - x.mean(dim=0, keepdim=True)
-        n, d = x.shape
-        gram = x @ x.T if n < d else x.T @ x  # same nonzero spectrum (methods.md §1.4)
-        lam = torch.linalg.eigvalsh(gram)
-    lam = lam.clamp(min=0)
-    return torch.where(lam > _REL_ZERO * lam.max().detach(), lam, torch.zeros_like(lam))
-
-
-def _entropy_of(lam: Tensor) -> Tensor:
-    p = lam / lam.sum()
-    return -(p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum()
-
-
-def spectral_entropy(h: Tensor) -> Tensor:
-    """Eq. 3 for activations h of shape [B, d]: a differentiable scalar in [0, log d].
-
-    Isotropic data gives log d, rank-1 data gives 0. Constant data has no spectrum and gives NaN.
-    """
-    if h.dim() != 2:
-        raise ValueError(f"spectral_entropy expects a [B, d] tensor, got shape {tuple(h.shape)}")
-    return _entropy_of(_eigenvalues(h))
-
-
-def as_matrix(a: Tensor, conv_reduce: str = "gap") -> Tensor:
-    """[B, d] view of a captured activation: flatten trailing 1s, reduce conv maps to d = channels."""
-    if a.dim() > 2 and all(s == 1 for s in a.shape[2:]):
-        return a.flatten(1)
-    if a.dim() == 2:
-        return a
-    if conv_reduce == "gap":
-        return a.flatten(2).mean(dim=2)
-    return a.flatten(2).transpose(1, 2).reshape(-1, a.shape[1])  # positions as samples
-
-
-def effective_rank(h: Tensor) -> float:
-    """Eq. 4, exp(H), as a plain float (diagnostic; no gradient). NaN for a constant layer."""
-    with torch.no_grad():
-        return float(torch.exp(spectral_entropy(h.double())))
 
 
 class SES(Method):
@@ -113,10 +66,10 @@ class SES(Method):
         for key in self.keys:
             h = as_matrix(step.activations[key], self.hparams["conv_reduce"])
             n, d = h.shape
-            lam = _eigenvalues(h)
+            lam = covariance_eigenvalues(h)
             if lam.sum() <= 0:  # constant layer: no spectrum to shape (pitfall P7)
                 continue
-            entropy = _entropy_of(lam)
+            entropy = spectrum_entropy(lam)
             self._warn_if_unreachable(n, d)
             term = (entropy - beta * math.log(d)) ** 2
             total = term if total is None else total + term

@@ -89,7 +89,7 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot write to output dir {out}: {exc.strerror}; choose another --out") from None
 
-    from regbench import report, study, tracking
+    from regbench import report, store, study, tracking
     from regbench.store import OutputLock, default_storage_url, open_storage
 
     progress = not args.quiet and sys.stderr.isatty()
@@ -110,7 +110,7 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
         import optuna
 
         for method in methods:
-            st = optuna.create_study(study_name=study.final_study_name(name, method), storage=storage,
+            st = optuna.create_study(study_name=store.final_study_name(name, method), storage=storage,
                                      direction="maximize", load_if_exists=True)
             counts = study.enqueue_missing(st, configs[method], owns_storage=args.storage is None)
             counter["done"] += counts["done"]
@@ -151,11 +151,11 @@ def _mirror_trial(tracker, study_name: str, number: int, attrs: dict) -> None:
 
 def _mirror_missing(storage, tracker, benchmark: str, plan) -> None:
     """Mirror every finished run of this plan that MLflow lacks (e.g. after a crash between store and mirror)."""
-    from regbench import study
+    from regbench import store
 
     for method in plan.configs:
-        for t in study.final_trials(storage, benchmark, method, plan.configs[method][0].group_key()):
-            _mirror_trial(tracker, study.final_study_name(benchmark, method), t.number, t.user_attrs)
+        for t in store.final_trials(storage, benchmark, method, plan.configs[method][0].group_key()):
+            _mirror_trial(tracker, store.final_study_name(benchmark, method), t.number, t.user_attrs)
         tracker.parent(method, plan.configs[method][0].hparams)
 
 

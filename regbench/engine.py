@@ -20,9 +20,8 @@ from torch import nn
 
 from regbench import models
 from regbench.config import RunConfig
-from regbench.metrics import accuracy, generalization_gap, predict
 from regbench.methods.base import Method, StepContext
-from regbench.methods.ses import as_matrix, effective_rank
+from regbench.metrics import accuracy, as_matrix, effective_rank, generalization_gap, predict
 
 ERANK_BATCH = 512  # fixed held-out batch for the effective-rank diagnostic (methods.md §5.1)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from regbench.study import final_trials, load_spec
+from regbench.store import final_trials, load_spec
 
 REFERENCE = "baseline"
 

@@ -1,4 +1,7 @@
-"""Opening the store (Optuna's storage) and guarding a local output dir. No training here."""
+"""The store is Optuna's storage: opening it, reading what a benchmark holds, and guarding a local output dir.
+
+Reports and stats read the store through this module only, so they never import training code (DESIGN.md §2).
+"""
 from __future__ import annotations
 
 import os
@@ -6,9 +9,12 @@ from pathlib import Path
 
 import optuna
 
+from optuna.trial import TrialState
+
 from regbench.errors import StorageError
 
 STORE_FILE = "regbench.db"
+SPEC_ATTR = "spec"  # the <benchmark> study's user attr holding what the last command asked for
 LOCK_FILE = ".regbench.lock"
 
 
@@ -44,6 +50,28 @@ def open_storage(url: str):
                                f"pip install 'regbench[postgres]' (or the driver for that URL)") from None
         raise StorageError(f"cannot open storage {url!r}: {reason[:200]}; use sqlite:///PATH.db, "
                            f"postgresql://USER@HOST/DB or journal:PATH.log") from None
+
+
+def final_study_name(benchmark: str, method: str) -> str:
+    return f"{benchmark}:{method}:final"
+
+
+def load_spec(storage, benchmark: str) -> dict | None:
+    try:
+        study = optuna.load_study(study_name=benchmark, storage=storage)
+    except KeyError:
+        return None
+    return study.user_attrs.get(SPEC_ATTR)
+
+
+def final_trials(storage, benchmark: str, method: str, group_key: str | None = None) -> list:
+    """COMPLETE final trials of one method (optionally one configuration), oldest first."""
+    try:
+        study = optuna.load_study(study_name=final_study_name(benchmark, method), storage=storage)
+    except KeyError:
+        return []
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return [t for t in trials if group_key is None or t.user_attrs.get("group_key") == group_key]
 
 
 class OutputLock:

@@ -8,7 +8,6 @@ is kept on the ``<benchmark>`` study so reports are made from the store alone.
 """
 from __future__ import annotations
 
-import json
 import platform
 import subprocess
 import sys
@@ -23,15 +22,9 @@ from optuna.trial import TrialState
 import regbench
 from regbench import registry
 from regbench.config import RunConfig
+from regbench.store import SPEC_ATTR
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-SPEC_ATTR = "spec"
-
-
-def final_study_name(benchmark: str, method: str) -> str:
-    return f"{benchmark}:{method}:final"
-
 
 @dataclass
 class Plan:
@@ -156,25 +149,3 @@ def run_trial(study: optuna.Study, trial: optuna.trial.Trial, cfg: RunConfig, sp
 def save_spec(storage, plan: Plan) -> None:
     study = optuna.create_study(study_name=plan.benchmark, storage=storage, load_if_exists=True)
     study.set_user_attr(SPEC_ATTR, plan.spec())
-
-
-def load_spec(storage, benchmark: str) -> dict | None:
-    try:
-        study = optuna.load_study(study_name=benchmark, storage=storage)
-    except KeyError:
-        return None
-    return study.user_attrs.get(SPEC_ATTR)
-
-
-def final_trials(storage, benchmark: str, method: str, group_key: str | None = None) -> list:
-    """COMPLETE final trials of one method (optionally one configuration), oldest first."""
-    try:
-        study = optuna.load_study(study_name=final_study_name(benchmark, method), storage=storage)
-    except KeyError:
-        return []
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return [t for t in trials if group_key is None or t.user_attrs.get("group_key") == group_key]
-
-
-def dumps(obj) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from pathlib import Path
 
 _BAD_KEY = re.compile(r"[^0-9A-Za-z_\-. /:]")
