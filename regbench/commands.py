@@ -78,8 +78,9 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
     storage_url = args.storage
     storage = None
     if storage_url:  # opened before anything is written, so a bad URL leaves the output dir untouched
-        from regbench.store import open_storage
+        from regbench.store import open_storage, safe_url
         storage = open_storage(storage_url)
+        command_line = command_line.replace(storage_url, safe_url(storage_url))  # the header must not leak it
     splits = dataset.load(data_dir, split_seed=base.split_seed, train_size=args.train_size)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,7 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
         splits.save_indices(out / "splits" / f"{args.dataset}-{splits.split_hash[:12]}.json")
         configs = {m: [base.replace(method=m, hparams=hparams[m], seed=s) for s in seeds] for m in methods}
         plan = study.Plan(benchmark=name, command=command_line, configs=configs, seeds=seeds,
-                          extra={"split_hash": splits.split_hash, "storage": storage_url})
+                          extra={"split_hash": splits.split_hash, "storage": store.safe_url(storage_url)})
         study.save_spec(storage, plan)
         tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri(out)
         tracker = tracking.Tracker(tracking_uri, experiment=name)
@@ -136,7 +137,7 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
         tracker.close()
     print(path.read_text())
     print(f"Leaderboard: {path}")
-    print(f"Store: {storage_url}")
+    print(f"Store: {store.safe_url(storage_url)}")
     print(f"MLflow UI: {tracking.ui_command(tracking_uri)}")
     return 0
 

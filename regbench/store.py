@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import optuna
+from filelock import FileLock, Timeout
 
 from optuna.trial import TrialState
 
@@ -16,10 +17,23 @@ from regbench.errors import StorageError
 STORE_FILE = "regbench.db"
 SPEC_ATTR = "spec"  # the <benchmark> study's user attr holding what the last command asked for
 LOCK_FILE = ".regbench.lock"
+PID_FILE = ".regbench.pid"
 
 
 def default_storage_url(out_dir: Path) -> str:
     return f"sqlite:///{(out_dir / STORE_FILE).resolve()}"
+
+
+def safe_url(url: str) -> str:
+    """The URL with any password masked, for printing and for the spec kept in the store."""
+    if "://" not in url:
+        return url
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a database URL: nothing to mask
+        return url
 
 
 def open_storage(url: str):
@@ -30,15 +44,15 @@ def open_storage(url: str):
 
             path = Path(url.removeprefix("journal:")).expanduser()
             if not path.parent.is_dir():
-                raise StorageError(f"cannot open storage {url!r}: folder {path.parent} does not exist")
+                raise StorageError(f"cannot open storage {safe_url(url)!r}: folder {path.parent} does not exist")
             return JournalStorage(JournalFileBackend(str(path)))
         if "://" not in url:
-            raise StorageError(f"cannot open storage {url!r}: not a URL; use sqlite:///PATH.db, "
+            raise StorageError(f"cannot open storage {safe_url(url)!r}: not a URL; use sqlite:///PATH.db, "
                                f"postgresql://USER@HOST/DB or journal:PATH.log")
         if url.startswith("sqlite:///"):
             folder = Path(url.removeprefix("sqlite:///")).expanduser().parent
             if not folder.is_dir():
-                raise StorageError(f"cannot open storage {url!r}: folder {folder} does not exist")
+                raise StorageError(f"cannot open storage {safe_url(url)!r}: folder {folder} does not exist")
         kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     except StorageError:
@@ -46,9 +60,9 @@ def open_storage(url: str):
     except Exception as exc:  # sqlalchemy / driver errors: keep the first line, it names the cause
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "DB access module" in reason or isinstance(exc, ImportError):
-            raise StorageError(f"cannot open storage {url!r}: its database driver is not installed; "
+            raise StorageError(f"cannot open storage {safe_url(url)!r}: its database driver is not installed; "
                                f"pip install 'regbench[postgres]' (or the driver for that URL)") from None
-        raise StorageError(f"cannot open storage {url!r}: {reason[:200]}; use sqlite:///PATH.db, "
+        raise StorageError(f"cannot open storage {safe_url(url)!r}: {reason[:200]}; use sqlite:///PATH.db, "
                            f"postgresql://USER@HOST/DB or journal:PATH.log") from None
 
 
@@ -75,39 +89,30 @@ def final_trials(storage, benchmark: str, method: str, group_key: str | None = N
 
 
 class OutputLock:
-    """One writer per output dir: a pid file created atomically; a lock whose holder is gone is taken over."""
+    """One writer per output dir: an OS file lock (filelock → flock), released by the kernel when its holder dies, so
+    a crashed run never blocks the next one. The holder's pid is written beside it, only to name it in the error."""
 
     def __init__(self, out_dir: Path):
         self.path = out_dir / LOCK_FILE
-        self.held = False
+        self.pid_path = out_dir / PID_FILE
+        self._lock = FileLock(str(self.path), timeout=0)
 
     def acquire(self) -> None:
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None and _alive(holder):
-                    raise StorageError(f"output dir {self.path.parent} is in use by regbench pid {holder}; "
-                                       f"wait for it or use another --out") from None
-                self.path.unlink(missing_ok=True)  # stale: its holder died
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
-            self.held = True
-            return
-        raise StorageError(f"could not lock output dir {self.path.parent}; remove {self.path} if no regbench runs")
-
-    def _holder(self) -> int | None:
         try:
-            return int(self.path.read_text().strip())
-        except (OSError, ValueError):
-            return None
+            self._lock.acquire()
+        except Timeout:
+            try:
+                holder = f"pid {int(self.pid_path.read_text().strip())}"
+            except (OSError, ValueError):
+                holder = "another process"
+            raise StorageError(f"output dir {self.path.parent} is in use by regbench {holder}; "
+                               f"wait for it to finish or use another --out") from None
+        self.pid_path.write_text(str(os.getpid()))
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self._lock.is_locked:
+            self.pid_path.unlink(missing_ok=True)
+            self._lock.release()
 
     def __enter__(self):
         self.acquire()
@@ -115,13 +120,3 @@ class OutputLock:
 
     def __exit__(self, *exc):
         self.release()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

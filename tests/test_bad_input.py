@@ -44,6 +44,14 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_output_dir_alone(case, tiny
     assert snapshot(out) == before
 
 
+def test_storage_password_is_never_printed(tiny_run, capsys):
+    out, _ = tiny_run
+    url = "postgresql://alice:s3cret-pw@127.0.0.1:1/nodb"  # nothing listens on port 1
+    assert main(["run", "--methods", "ses", "--storage", url, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "postgresql://alice:***@127.0.0.1:1/nodb" in err and "s3cret" not in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA on a machine without it")
 def test_cuda_without_a_gpu(tiny_run, capsys):
     out, _ = tiny_run

@@ -42,7 +42,7 @@ def test_killed_run_resumes_without_redoing_finished_runs(tmp_path, data_dir):
     proc.wait()
     assert states(storage, "mnist1d-cnn1d:baseline:final") == [TrialState.COMPLETE] * 2
     assert TrialState.RUNNING in states(storage, "mnist1d-cnn1d:ses:final")
-    assert (out / ".regbench.lock").exists()  # left behind by the killed process; its pid is gone
+    assert (out / ".regbench.pid").exists()  # left behind by the killed process; the kernel freed its lock
 
     again = subprocess.run(args, env=env, capture_output=True, text=True, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
@@ -53,7 +53,20 @@ def test_killed_run_resumes_without_redoing_finished_runs(tmp_path, data_dir):
     assert sorted(t.params["seed"] for t in done) == [0, 1]
     assert len(killed) == 1 and killed[0].user_attrs["fail_reason"] == "interrupted"
     assert "| ses | 2 |" in again.stdout
-    assert not (out / ".regbench.lock").exists()
+    assert not (out / ".regbench.pid").exists()
+
+
+def test_a_second_writer_on_the_same_output_dir_is_refused(tmp_path, data_dir):
+    from regbench.store import OutputLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with OutputLock(out):
+        proc = subprocess.run([str(Path(sys.executable).parent / "regbench"), "run", "--methods", "ses", "--quiet",
+                               "--out", str(out), "--data-dir", str(data_dir)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert f"is in use by regbench pid {os.getpid()}" in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".regbench.lock"]  # the refused run wrote nothing
 
 
 def test_more_seeds_later_trains_only_the_new_ones(tmp_path, data_dir):
