@@ -105,7 +105,7 @@ class ActivationCapture:
         self._handles, self._inplace_restore, self.store = {}, [], {}
 
 
-class _AttachContext:
+class ModelContext:
     """What ``Method.attach`` sees (methods/base.py: AttachContext)."""
 
     def __init__(self, model, capture: ActivationCapture, num_classes: int, input_shape):
@@ -148,7 +148,7 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
                                 **{**config.model_kwargs, **method.model_options()})
     model.to(device)
     capture = ActivationCapture(model)
-    method.attach(model, _AttachContext(model, capture, splits.num_classes, splits.input_shape))
+    method.attach(model, ModelContext(model, capture, splits.num_classes, splits.input_shape))
     train_keys = set(capture.keys())
     diag_layers = models.select_layers(model, models.default_layer_rule(model))
     diag_keys = capture.request(diag_layers, where="output")

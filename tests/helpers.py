@@ -21,3 +21,13 @@ def regbench_cli(*args: str, env_extra: dict | None = None, cwd=None) -> subproc
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(env_extra or {})
     return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def attached(method, model_name: str = "mlp", input_shape=(1, 40)):
+    """``method`` attached to a real model through the engine's real context; returns the capture keys it asked for."""
+    from regbench import engine, models
+
+    model = models.create_model(model_name, 10, input_shape)
+    capture = engine.ActivationCapture(model)
+    method.attach(model, engine.ModelContext(model, capture, 10, input_shape))
+    return capture.keys()

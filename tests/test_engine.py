@@ -82,7 +82,7 @@ def test_attach_and_detach_leave_the_model_as_it_was(method):
     before_keys, before_out = list(model.state_dict()), model(x)
     cap = engine.ActivationCapture(model)
     m = registry.build_method(method)
-    m.attach(model, engine._AttachContext(model, cap, 10, splits.input_shape))
+    m.attach(model, engine.ModelContext(model, cap, 10, splits.input_shape))
     m.detach(model)
     cap.remove()
     assert list(model.state_dict()) == before_keys

@@ -7,6 +7,7 @@ import torch
 
 from regbench.errors import HparamError
 from regbench.methods.base import StepContext
+from helpers import attached
 from regbench.methods.ses import SES, as_matrix, spectral_entropy
 
 
@@ -75,21 +76,37 @@ def test_conv_maps_reduce_to_channels():
 
 
 def test_regularizer_value_is_eq5_times_lambda():
-    """R = Σ_l (H_l − β log d_l)², loss = λ R (eq. 5-6), for two layers with known entropies."""
+    """R = Σ_l (H_l − β log d_l)², loss = λ R (eq. 5-6), on the two hidden layers of a real MLP, attached for real,
+    fed activations whose entropies are known (log 4 and log 9)."""
     method = SES({"lam": 0.5, "beta": 0.5})
-    method.keys = ["a", "b"]
-    method.last_entropy, method._pending, method._warned_cap = {}, {}, True
-    acts = {"a": isotropic(4), "b": isotropic(9)}  # entropies log 4 and log 9
-    step = StepContext(inputs=None, targets=None, logits=None, task_loss=None, activations=acts)
+    keys = attached(method, "mlp")
+    assert keys == ["act1", "act2"]
+    step = StepContext(inputs=None, targets=None, logits=None, task_loss=None,
+                       activations={"act1": isotropic(4), "act2": isotropic(9)})
     expected = 0.5 * ((math.log(4) - 0.5 * math.log(4)) ** 2 + (math.log(9) - 0.5 * math.log(9)) ** 2)
     assert method.loss(step).item() == pytest.approx(expected, abs=1e-10)
+    method.after_step(step)
+    assert method.diagnostics()["ses_entropy/act2"] == pytest.approx(math.log(9), abs=1e-10)
+
+
+def test_pooled_layer_rule_hooks_only_the_last_feature_layer():
+    assert attached(SES({"layers": "pool"}), "cnn1d") == ["act_fc"]
+
+
+def test_unreachable_target_warns_once():
+    method = SES({"beta": 0.9})
+    attached(method, "mlp")
+    few = {"act1": torch.randn(8, 256, dtype=torch.float64), "act2": torch.randn(8, 256, dtype=torch.float64)}
+    step = StepContext(inputs=None, targets=None, logits=None, task_loss=None, activations=few)
+    with pytest.warns(UserWarning, match="cannot reach zero"):
+        method.loss(step)
 
 
 def test_constant_layer_is_skipped_not_nan():
     method = SES()
-    method.keys, method._warned_cap = ["dead"], True
+    attached(method, "mlp")
     step = StepContext(inputs=None, targets=None, logits=None, task_loss=None,
-                       activations={"dead": torch.zeros(16, 8)})
+                       activations={"act1": torch.zeros(16, 8), "act2": torch.zeros(16, 8)})
     assert method.loss(step) is None
 
 

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from helpers import attached
 from regbench.errors import HparamError
 from regbench.methods.base import StepContext
 from regbench.methods.shade import (SHADE, initial_state, shade_penalty, units_as_columns,
@@ -68,19 +69,21 @@ def test_conv_units_are_channels_with_positions_as_samples():
 def test_method_loss_gradient_and_update_order():
     """loss uses the averages as they were; after_step updates them; μ carries no gradient."""
     method = SHADE({"weight": 0.1})
-    method.keys, method.state = ["r<input"], {}
+    assert attached(method, "mlp") == ["act1<input", "act2<input"]  # pre-activations of every ReLU
     y = torch.tensor(Y, dtype=torch.float64, requires_grad=True)
-    step = StepContext(inputs=None, targets=None, logits=None, task_loss=None, activations={"r<input": y})
+    zero = torch.zeros(3, 2, dtype=torch.float64)  # y = 0: p(Z=1|y) = 0, term (0 − μ0)² = 1 per unit
+    step = StepContext(inputs=None, targets=None, logits=None, task_loss=None,
+                       activations={"act1<input": y, "act2<input": zero})
     loss = method.loss(step)
-    assert loss.item() == pytest.approx(0.1 * hand_penalty(Y, [-1, -1], [1, 1]), rel=1e-6)
+    assert loss.item() == pytest.approx(0.1 * (hand_penalty(Y, [-1, -1], [1, 1]) + 2.0), rel=1e-6)
     loss.backward()
     assert torch.isfinite(y.grad).all() and y.grad.abs().sum() > 0
     method.after_step(step)
     hand = hand_update(Y, {"p0": [0.5, 0.5], "p1": [0.5, 0.5], "mu0": [-1.0, -1.0], "mu1": [1.0, 1.0]})
-    assert method.state["r<input"]["mu1"].tolist() == pytest.approx(hand["mu1"], rel=1e-6)
+    assert method.state["act1<input"]["mu1"].tolist() == pytest.approx(hand["mu1"], rel=1e-6)
     restored = SHADE()
     restored.load_state_dict(method.state_dict())
-    assert torch.equal(restored.state["r<input"]["mu0"], method.state["r<input"]["mu0"])
+    assert torch.equal(restored.state["act1<input"]["mu0"], method.state["act1<input"]["mu0"])
 
 
 @pytest.mark.parametrize("bad", [{"weight": -1.0}, {"momentum": 1.0}, {"momentum": -0.1}])
