@@ -11,7 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from regbench.errors import ConfigError, RegbenchError
+from regbench.errors import RegbenchError
 
 EXIT_USAGE = 2
 
@@ -68,25 +68,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    from regbench import commands
+
     try:
         if args.command == "run":
-            from regbench.commands import run_command
-            return run_command(args, _default_data_dir(), " ".join(["regbench", *map(shlex.quote, sys.argv[1:])])
-                               if argv is None else " ".join(["regbench", *map(shlex.quote, argv)]))
+            return commands.run_command(args, _default_data_dir(), shlex.join(["regbench", *argv]))
         if args.command == "list":
-            from regbench.commands import list_command
-            return list_command(args.what)
-        if args.command == "report":
-            from regbench.commands import report_command
-            return report_command(args)
+            return commands.list_command(args.what)
+        return commands.report_command(args)
     except RegbenchError as exc:
         print(f"regbench: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("regbench: interrupted; rerun the same command to resume where it stopped", file=sys.stderr)
         return 130
-    raise ConfigError(f"unknown command {args.command}")  # unreachable: argparse requires a known command
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """`regbench run` end to end on the embedded default: store, MLflow mirror, leaderboard, resume, plugins."""
 import contextlib
 import io
-import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from helpers import TINY, regbench_cli, snapshot
+from helpers import TINY, regbench_cli
 from regbench.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +38,7 @@ def test_leaderboard_has_a_row_per_method_with_baseline_first(tiny_run):
     text = (out / "leaderboard.md").read_text()
     rows = leaderboard_rows(text)
     assert list(rows) == ["baseline", "ses", "shade"]
-    for method, cells in rows.items():
+    for cells in rows.values():
         assert cells[1] == "2"                    # seeds
         assert "±" in cells[2]                    # test acc mean ± std
         assert float(cells[2].split("±")[0]) > 10  # learned something (chance = 10 %)

@@ -83,3 +83,21 @@ def test_more_seeds_later_trains_only_the_new_ones(tmp_path, data_dir):
     assert "| shade | 2 |" in (out / "leaderboard.md").read_text()
     assert main([*common, "--seeds", "1"]) == 0  # back to one seed: the leaderboard follows the command
     assert "| shade | 1 |" in (out / "leaderboard.md").read_text()
+
+
+def test_a_diverging_run_is_recorded_failed_and_the_sweep_goes_on(tmp_path, data_dir, capsys):
+    from regbench.cli import main
+
+    out = tmp_path / "out"
+    args = ["run", "--methods", "ses", "--epochs", "1", "--seeds", "1", "--optimizer", "sgd", "--schedule",
+            "constant", "--lr", "1e12", "--out", str(out), "--data-dir", str(data_dir)]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "baseline seed 0: FAILED (diverged: non-finite loss in epoch 1" in err and "ses seed 0: FAILED" in err
+    storage = f"sqlite:///{out / 'regbench.db'}"
+    trials = optuna.load_study(study_name="mnist1d-cnn1d:ses:final", storage=storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL]
+    assert trials[0].user_attrs["fail_reason"].startswith("diverged")
+    assert "| ses | 0 | no finished runs |" in (out / "leaderboard.md").read_text()
+    assert main(args) == 0  # deterministic divergence: not retried
+    assert len(optuna.load_study(study_name="mnist1d-cnn1d:ses:final", storage=storage).get_trials()) == 1
