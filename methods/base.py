@@ -12,7 +12,7 @@ The engine drives a method in this order::
     m.model_options()                   # constructor kwargs for the model, e.g. timm's {"drop_rate": 0.3}
     m.attach(model, ctx)                # hooks / parametrizations / module swaps; ctx selects and captures layers
     m.optimizer_options()               # e.g. {"weight_decay": 5e-4} or {"param_groups": fn(model) -> groups}
-    for each step:  loss = task + sum(m.loss(step))  → backward → optimizer.step() → m.after_step(step)
+    for each step:  capture on if m.wants_activations(step); loss = task + m.loss(step)  → backward → optimizer.step() → m.after_step(step)
     m.diagnostics()                     # per epoch: scalars worth plotting
     m.detach(model)                     # leaves the model exactly as it was before attach
 """
@@ -117,6 +117,11 @@ class Method:
 
     def optimizer_options(self) -> dict[str, Any]:
         return {}
+
+    def wants_activations(self, step: int) -> bool:
+        """Whether this step needs the captured activations. A method evaluated every k steps (SES §5.2) returns
+        False on the others, and the engine then collects nothing on that step."""
+        return True
 
     def loss(self, step: StepContext) -> Tensor | None:
         return None

@@ -139,6 +139,28 @@ def _scheduler(config: RunConfig, optimizer, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
+def train_step(model: nn.Module, method: Method, capture: ActivationCapture, optimizer: torch.optim.Optimizer,
+               xb: torch.Tensor, yb: torch.Tensor, step: int = 0, epoch: int = 0, autocast: bool = False):
+    """One optimizer step: forward (capturing what the method asked for), task + regularizer loss, backward, step,
+    the method's after-step update. Returns detached (task loss, regularizer loss) tensors: no host sync here."""
+    capture.active = method.wants_activations(step)
+    with torch.autocast(device_type=xb.device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(xb)
+        task = F.cross_entropy(logits.float(), yb)
+    capture.active = False
+    ctx = StepContext(inputs=xb, targets=yb, logits=logits, task_loss=task, activations=capture.store,
+                      step=step, epoch=epoch)
+    reg = method.loss(ctx)
+    if reg is None:
+        reg = torch.zeros((), device=xb.device)
+    optimizer.zero_grad(set_to_none=True)
+    (task + reg).backward()
+    optimizer.step()
+    method.after_step(ctx)
+    capture.clear()
+    return task.detach(), reg.detach()
+
+
 def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, dict], None] | None = None,
           progress: bool = False) -> RunResult:
     """Train ``config`` on ``splits`` with ``method`` attached; returns final metrics and per-epoch history."""
@@ -178,25 +200,11 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
             perm = torch.randperm(n, generator=generator).to(device)
             for b in range(steps_per_epoch):
                 idx = perm[b * batch:(b + 1) * batch]
-                xb, yb = x_train[idx], y_train[idx]
-                capture.active = True
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
-                    logits = model(xb)
-                    task = F.cross_entropy(logits.float(), yb)
-                capture.active = False
-                ctx = StepContext(inputs=xb, targets=yb, logits=logits, task_loss=task,
-                                  activations=capture.store,
-                                  step=step, epoch=epoch)
-                extra = [t for t in (method.loss(ctx),) if t is not None]
-                reg = sum(extra) if extra else torch.zeros((), device=device)
-                optimizer.zero_grad(set_to_none=True)
-                (task + reg).backward()
-                optimizer.step()
+                task, reg = train_step(model, method, capture, optimizer, x_train[idx], y_train[idx],
+                                       step=step, epoch=epoch, autocast=autocast)
                 scheduler.step()
-                method.after_step(ctx)
-                capture.clear()
-                sum_task += task.detach()
-                sum_reg += reg.detach()
+                sum_task += task
+                sum_reg += reg
                 step += 1
             train_seconds = time.perf_counter() - t0
             task_mean = float(sum_task) / max(steps_per_epoch, 1)  # one host sync per epoch

@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from regbench.errors import ConfigError, UnknownNameError
 
-__all__ = ["create_model", "list_models", "select_layers", "default_layer_rule", "feature_layers", "LAYER_RULES"]
+__all__ = ["create_model", "list_models", "select_layers", "default_layer_rule", "feature_layers", "classifier_layer",
+           "LAYER_RULES"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -183,7 +184,25 @@ LAYER_RULES: dict[str, str] = {
     "pool": "the last feature layer (the pooled / penultimate representation)",
     "all-relu": "every nn.ReLU module, for pre-activation hooks as SHADE uses (17 on resnet18)",
     "name:GLOB": "modules whose qualified name matches the fnmatch GLOB, e.g. name:layer4.*",
+    "weights": "every Conv and Linear module (for weight-space methods: spectral norm, DLN entropy)",
+    "linear": "every nn.Linear module, classifier included",
+    "hidden-weights": "every Conv and Linear module except the classifier",
+    "classifier": "the final Linear layer (timm get_classifier(); `head` of built-in nets)",
 }
+
+_WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def classifier_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """(name, module) of the final Linear classifier, or None when the model has none (e.g. num_classes=0)."""
+    modules = dict(model.named_modules())
+    if hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+        for name, module in modules.items():
+            if module is head and isinstance(module, nn.Linear):
+                return name, module
+    linears = [(n, m) for n, m in modules.items() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
 
 # Names of a first feature_info entry that is the stem, not a learned stage (resnet act1, regnet stem, densenet
 # norm0, mobilenet bn1): SES-style penalties on the raw stem would act on barely-transformed pixels.
@@ -253,6 +272,15 @@ def select_layers(model: nn.Module, rule: str) -> list[tuple[str, nn.Module]]:
         selected = layers[-int(k):]
     elif rule == "all-relu":
         selected = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+    elif rule in ("weights", "linear", "hidden-weights"):
+        kinds = (nn.Linear,) if rule == "linear" else _WEIGHT_TYPES
+        selected = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+        if rule == "hidden-weights":
+            head = classifier_layer(model)
+            selected = [(n, m) for n, m in selected if head is None or m is not head[1]]
+    elif rule == "classifier":
+        head = classifier_layer(model)
+        selected = [head] if head else []
     elif rule.startswith("name:"):
         pattern = rule[len("name:"):]
         selected = [(n, m) for n, m in model.named_modules() if n and fnmatch.fnmatchcase(n, pattern)]
