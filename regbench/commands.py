@@ -14,7 +14,7 @@ _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 def _parse_methods(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
+    names = ["+".join(part.strip() for part in n.split("+")) for n in text.split(",") if n.strip()]
     if not names:
         raise ConfigError(f"--methods {text!r} names no method; e.g. --methods ses,shade "
                           f"(choices: {', '.join(registry.method_names())})")
@@ -51,6 +51,22 @@ def _check_device(device: str) -> None:
     raise ConfigError(f"--device {device!r} is not one of: auto, cpu, cuda, cuda:N")
 
 
+def _check_attach(method_name: str, hparams: dict, model_name: str, dataset) -> None:
+    """Attach the method to a throwaway model before anything is written, so a layer rule that is unknown or selects
+    nothing on this model, or a model option the model rejects, fails now in one line instead of mid-benchmark."""
+    from regbench import engine, models
+
+    method = registry.build_method(method_name, hparams)
+    try:
+        model = models.create_model(model_name, dataset.num_classes, dataset.input_shape, **method.model_options())
+        capture = engine.ActivationCapture(model)
+        method.attach(model, engine.ModelContext(model, capture, dataset.num_classes, dataset.input_shape))
+        method.detach(model)
+        capture.remove()
+    except RegbenchError as exc:
+        raise type(exc)(f"method {method_name!r} on model {model_name!r}: {exc}") from None
+
+
 def run_command(args, default_data_dir: str, command_line: str) -> int:
     from regbench import models
 
@@ -60,6 +76,8 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
     dataset = registry.dataset(args.dataset)
     model = args.model or dataset.default_model
     models.create_model(model, dataset.num_classes, dataset.input_shape)  # fails early on an unknown/unfit model
+    for m in methods:
+        _check_attach(m, hparams[m], model, dataset)
     seeds = _parse_seeds(args.seeds)
     _check_device(args.device)
     recipe = {**GENERIC_RECIPE, **RECIPES.get(args.dataset, {})}

@@ -98,7 +98,9 @@ def parse_sets(items: list[str], methods: list[str]) -> dict[str, dict[str, str]
         if not eq or not dot or not method or not hparam or not value.strip():
             raise ConfigError(f"malformed --set {item!r}; write METHOD.HPARAM=VALUE, e.g. --set ses.beta=0.6")
         if method not in methods:
+            hosts = [m for m in methods if method in m.split("+")]
+            hint = f"; for the composite write --set {hosts[0]}.{method}.{hparam}={value.strip()}" if hosts else ""
             raise ConfigError(f"--set {item!r} names method {method!r}, which is not in --methods "
-                              f"({', '.join(methods)})")
+                              f"({', '.join(methods)}){hint}")
         out.setdefault(method, {})[hparam] = value.strip()
     return out

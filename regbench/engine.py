@@ -119,7 +119,7 @@ class ModelContext:
         return self._capture.request(layers, where)
 
 
-def _optimizer(config: RunConfig, model: nn.Module, options: dict) -> torch.optim.Optimizer:
+def build_optimizer(config: RunConfig, model: nn.Module, options: dict) -> torch.optim.Optimizer:
     weight_decay = options.get("weight_decay", config.weight_decay)
     params = options["param_groups"](model) if "param_groups" in options else model.parameters()
     if config.optimizer == "sgd":
@@ -175,7 +175,7 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
     diag_layers = models.select_layers(model, models.default_layer_rule(model))
     diag_keys = capture.request(diag_layers, where="output")
     capture.wanted = train_keys
-    optimizer = _optimizer(config, model, method.optimizer_options())
+    optimizer = build_optimizer(config, model, method.optimizer_options())
 
     x_train, y_train = splits.x_train.to(device), splits.y_train.to(device)
     n = len(x_train)

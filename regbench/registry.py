@@ -34,9 +34,12 @@ def dataset_names() -> list[str]:
 
 
 def method_class(name: str):
-    """The Method subclass registered under ``name``."""
+    """The Method subclass registered under ``name``; ``a+b`` gives the composite of registered methods a and b."""
     from regbench.methods.base import Method
+    from regbench.methods.composite import SEPARATOR
 
+    if SEPARATOR in name:
+        return _composite(name)
     cls = _load(METHOD_GROUP, "method", name)
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise RegbenchError(f"method plugin {name!r} is not a regbench.methods.base.Method subclass")
@@ -51,3 +54,10 @@ def build_method(name: str, hparams: dict | None = None):
 def dataset(name: str):
     """An instance of the Dataset plugin registered under ``name``."""
     return _load(DATASET_GROUP, "dataset", name)()
+
+
+@lru_cache(maxsize=None)
+def _composite(name: str):
+    from regbench.methods.composite import SEPARATOR, compose
+
+    return compose([method_class(part.strip()) for part in name.split(SEPARATOR)])
