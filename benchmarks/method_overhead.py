@@ -1,61 +1,125 @@
-"""Step-time overhead of every registered method over `baseline`, measured in one run through the real engine.
+"""Step-time overhead of every registered method (and the papers' composites) over `baseline`, measured in one run.
 
-Each method trains the same model on the same data for a few epochs; the engine's own per-epoch timer covers only
-the training steps (not evaluation). Methods are interleaved over rounds so machine drift hits all of them alike,
-and the median seconds/epoch is reported with its ratio to baseline's.
+Each method gets the same model (same initialisation) on the same real batches and is timed through the engine's
+real training step (`engine.train_step`: forward with the shared activation capture, task + regularizer loss,
+backward, optimizer step, the method's after-step update). Methods are interleaved over rounds so machine drift
+hits all of them alike; the median step time and its ratio to baseline's are printed.
 
-    python benchmarks/method_overhead.py                          # mnist1d + cnn1d (the default benchmark)
-    python benchmarks/method_overhead.py --dataset digits --model resnet18 --train-size 256 --batch-size 64
+    python benchmarks/method_overhead.py                    # default model (cnn1d on mnist1d) and resnet18
+    python benchmarks/method_overhead.py --setups cnn1d --methods ses,shade --rounds 7
+
+resnet18 (CIFAR stem) uses the real CIFAR-10 images of ../shared/data/cifar10_subset when that file exists (a
+benchmark-only dependency), else the embedded digits upsampled to 32×32 RGB.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
+import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
-from regbench import engine, registry
-from regbench.config import GENERIC_RECIPE, RECIPES, RunConfig
+from regbench import engine, models, registry
+from regbench.config import RunConfig
+
+CIFAR_SUBSET = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10_subset" / "cifar10_subset.npz"
+COMPOSITES = ["ses+spectral_norm", "shade+dropout"]
+
+
+def data_for(setup: str, batch: int, steps: int, data_dir: Path):
+    """(x, y, input_shape, model name, optimizer recipe, source) with batch·steps real samples."""
+    n = batch * steps
+    if setup == "cnn1d":
+        splits = registry.dataset("mnist1d").load(data_dir)
+        return splits.x_train[:n], splits.y_train[:n], splits.input_shape, "cnn1d", ("adamw", 3e-3), "mnist1d"
+    if CIFAR_SUBSET.is_file():
+        with np.load(CIFAR_SUBSET) as z:
+            x = torch.tensor(z["x_train"][:n]).permute(0, 3, 1, 2).float() / 255.0
+            y = torch.tensor(z["y_train"][:n])
+        x = (x - x.mean(dim=(0, 2, 3), keepdim=True)) / x.std(dim=(0, 2, 3), keepdim=True)
+        source = "cifar10_subset"
+    else:
+        splits = registry.dataset("digits").load(data_dir)
+        x = F.interpolate(splits.x_train[:n].reshape(-1, 1, 8, 8), size=32, mode="bilinear").repeat(1, 3, 1, 1)
+        y, source = splits.y_train[:n], "digits upsampled"
+    return x, y, (3, 32, 32), "resnet18", ("sgd", 0.1), source
+
+
+class Runner:
+    """One method's model, capture and optimizer, ready to take timed steps on the shared batches."""
+
+    def __init__(self, method_name, model_name, shape, num_classes, recipe, device):
+        torch.manual_seed(0)
+        self.method = registry.build_method(method_name)
+        self.model = models.create_model(model_name, num_classes, shape, **self.method.model_options()).to(device)
+        self.capture = engine.ActivationCapture(self.model)
+        self.method.attach(self.model, engine.ModelContext(self.model, self.capture, num_classes, shape))
+        self.capture.wanted = set(self.capture.keys())
+        config = RunConfig(method=method_name, dataset="-", model=model_name, optimizer=recipe[0], lr=recipe[1])
+        self.optimizer = engine.build_optimizer(config, self.model, self.method.optimizer_options())
+        self.model.train()
+        self.step = 0
+
+    def run(self, xb, yb, autocast):
+        task, _ = engine.train_step(self.model, self.method, self.capture, self.optimizer, xb, yb, step=self.step,
+                                    autocast=autocast)
+        self.step += 1
+        return task
+
+
+def measure(setup, methods, batch, rounds, steps, device, data_dir):
+    x, y, shape, model_name, recipe, source = data_for(setup, batch, steps, data_dir)
+    x, y = x.to(device), y.to(device)
+    autocast = device.type == "cuda"
+    runners = {m: Runner(m, model_name, shape, 10, recipe, device) for m in methods}
+    times = {m: [] for m in methods}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for round_ in range(rounds + 1):  # round 0 warms up (allocator, lazy state, first eigensolves)
+            for m, runner in runners.items():
+                for s in range(steps):
+                    xb, yb = x[s * batch:(s + 1) * batch], y[s * batch:(s + 1) * batch]
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    task = runner.run(xb, yb, autocast)
+                    float(task)  # one sync per step, identical for every method
+                    if round_:
+                        times[m].append(time.perf_counter() - t0)
+    print(f"\n## {model_name} ({source}), batch {batch}, device {device}, {rounds} rounds × {steps} steps "
+          f"(median step time)")
+    base = statistics.median(times["baseline"])
+    print(f"{'method':<22}{'ms/step':>10}{'overhead':>11}")
+    for m in methods:
+        med = statistics.median(times[m])
+        print(f"{m:<22}{med * 1e3:>10.2f}{(med / base - 1) * 100:>+10.1f}%")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="mnist1d")
-    p.add_argument("--model")
-    p.add_argument("--methods", default=",".join(registry.method_names()))
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--train-size", type=int)
+    p.add_argument("--setups", default="cnn1d,resnet18", help="cnn1d (default model, mnist1d), resnet18")
+    p.add_argument("--methods", default=",".join(registry.method_names() + COMPOSITES))
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per method per round")
+    p.add_argument("--batch-cnn1d", type=int, default=128)
+    p.add_argument("--batch-resnet18", type=int, help="default: 256 on CUDA, 32 on CPU")
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "regbench-bench-data"))
     args = p.parse_args()
-
-    ds = registry.dataset(args.dataset)
-    splits = ds.load(Path(args.data_dir), train_size=args.train_size)
-    recipe = {**GENERIC_RECIPE, **RECIPES.get(args.dataset, {}), "epochs": args.epochs}
-    if args.batch_size:
-        recipe["batch_size"] = args.batch_size
-    methods = ["baseline"] + [m for m in args.methods.split(",") if m and m != "baseline"]
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    for round_ in range(args.rounds):
-        for m in methods:
-            cfg = RunConfig(method=m, dataset=args.dataset, model=args.model or ds.default_model, seed=round_,
-                            hparams=registry.method_class(m).resolve({}), device=args.device, eval_test=False,
-                            train_size=args.train_size, **recipe)
-            result = engine.train(cfg, splits, registry.build_method(m))
-            times[m] += [row["seconds"] for row in result.history[1:] or result.history]  # skip warm-up epoch
     device = engine.resolve_device(args.device)
-    print(f"dataset {args.dataset}, model {args.model or ds.default_model}, batch {recipe['batch_size']}, "
-          f"{len(splits.y_train)} train samples, device {device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {args.rounds} rounds × {args.epochs} epochs")
-    base = statistics.median(times["baseline"])
-    print(f"{'method':<16}{'s/epoch (median)':>18}{'overhead vs baseline':>24}")
-    for m in methods:
-        med = statistics.median(times[m])
-        print(f"{m:<16}{med:>18.4f}{(med / base - 1) * 100:>+23.1f}%")
+    methods = ["baseline"] + [m for m in args.methods.split(",") if m and m != "baseline"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}, python "
+          f"{sys.version.split()[0]}")
+    for setup in args.setups.split(","):
+        batch = args.batch_cnn1d if setup == "cnn1d" else (
+            args.batch_resnet18 or (256 if device.type == "cuda" else 32))
+        measure(setup, methods, batch, args.rounds, args.steps, device, Path(args.data_dir))
 
 
 if __name__ == "__main__":
