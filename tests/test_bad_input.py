@@ -27,6 +27,17 @@ BAD = {
     "epochs": (["--methods", "ses", "--epochs", "0"], "--epochs must be at least 1"),
     "train size": (["--methods", "ses", "--train-size", "5"], "train_size must be between 10"),
     "benchmark name": (["--methods", "ses", "--name", "a:b"], "benchmark name 'a:b'"),
+    "unknown layer rule": (["--methods", "ses", "--set", "ses.layers=everything"], "layer rule 'everything': unknown"),
+    "rule selects nothing": (["--methods", "shade", "--set", "shade.layers=name:nothing*"],
+                             "method 'shade' on model 'cnn1d': layer rule 'name:nothing*': selects no layer"),
+    "last:K beyond the model": (["--methods", "ses", "--set", "ses.layers=last:9"], "has only 4 feature layers"),
+    "composite twice": (["--methods", "ses+ses"], "composite 'ses+ses' names method 'ses' twice"),
+    "composite with baseline": (["--methods", "baseline+shade"], "includes 'baseline'"),
+    "composite unknown part": (["--methods", "ses+nope"], "unknown method 'nope'"),
+    "composite set needs namespace": (["--methods", "ses+shade", "--set", "ses.beta=0.5"],
+                                      "write --set ses+shade.ses.beta=0.5"),
+    "composite part range": (["--methods", "ses+shade", "--set", "ses+shade.ses.beta=2"],
+                             "ses.beta=2.0 is outside (0, 1)"),
 }
 
 
