@@ -1,4 +1,4 @@
-"""SES: Spectral Entropy Shaping (seed 000_1ade741b68e5af50.txt, Le Bone 2026, eq. 1-6, Listing 1-2).
+"""SES: Spectral Entropy Shaping (seed 000_1ade741b68e5af50.txt, Le Bone 2026, eq. 1-6, Sec. 5.2, Listing 1-2).
 
 For each hooked layer l with batch activations H ∈ R^{B×d_l}:
 
@@ -9,45 +9,87 @@ For each hooked layer l with batch activations H ∈ R^{B×d_l}:
 * eq. 5  R_SES = Σ_l α_l (H_l − β·log d_l)²   (α_l = 1 as in Listing 1; target erank d_l^β)
 * eq. 6  L = L_task + λ·R_SES
 
-Implementation choices (../shared/reference/methods.md §1.3-1.5; the spectral math is in regbench.metrics):
+Implementation (../shared/reference/methods.md §1.3-1.7; the batched spectral math is in regbench.spectral):
 
-* Convolutional maps (B×C×H×W) use d_l = C. ``conv_reduce="gap"`` averages positions (one row per image, as eq. 1
-  is written; the default), ``"positions"`` treats every position as a sample.
-* Exact Gram trick, eigenvalues outside autocast, structural zeros dropped, NaN-safe p·log p, eigenvalues only.
-* A layer that is constant over the batch (all ReLUs dead) has no spectrum; it is skipped (pitfall P7).
+* ``eigen_path="exact"`` (default): the value of eq. 3 (to 1e-6 in float32), computed fast: each layer's min-side
+  Gram (B×B when B < d, §1.4), Grams of equal size in ONE batched eigensolve (P5), autocast off, float32 (float64
+  for float64 input), relative zero threshold, NaN-safe p·log p, closed-form gradient dH/dG = V diag(dH/dλ) Vᵀ.
+* ``eigen_path="lowrank"``: the paper's randomized top-k (Sec. 5.2): ``rank`` (32, the paper's k) top eigenvalues
+  by a randomized range finder (``niter`` = 2 power iterations, 8 oversampling columns) + Rayleigh-Ritz, the tail
+  mass spread uniformly over the rank left (§1.7). Biased upward (Ritz values underestimate the top, the uniform
+  tail is the max-entropy completion). Layers with min(B, d) ≤ rank + 8 are computed exactly.
+* ``eigen_path="hutchinson"``: eq. 14 with tr(Σ log Σ) by Hutchinson (``probes`` = 16 Rademacher vectors) and a
+  degree-``degree`` (32) Chebyshev interpolant of u·log u. Unbiased in the probes (a noisy penalty), biased by the
+  polynomial error near zero eigenvalues. Both approximate paths use a private generator (seeded from the run's
+  seed at attach), so they never shift the global random stream other methods draw from. Their measured error
+  against the exact value (printed by benchmarks/ses_overhead.py) is 1e-3…1e-1 in H, and neither is faster than
+  the exact min-side path at the paper's sizes (B = 256, d ≤ 512): they exist to be measured, not as defaults.
+* ``every=k`` (Sec. 5.2, 8.10): the penalty on steps ≡ 0 mod k only; on the others ``wants_activations`` is False,
+  nothing is captured and the loss is None. ``scale_by_k`` multiplies λ by k to keep the time-averaged strength
+  (§1.7: the paper does not say; default False, the literal reading).
+* Convolutional maps (B×C×H×W) use d_l = C. ``conv_reduce="gap"`` (default) averages positions (computed as the sum:
+  eq. 3 is scale-invariant and the sum's backward is a view, not a full-size division): one row per image,
+  as eq. 1 is written and as the reported start value (SES loss "~0.5") suggests. ``"positions"`` treats every
+  position as a sample. Table 7's overhead is what the paper's *timings* imply: +13.6 s/epoch at B = 256 and
+  +13.7 s at B = 512, i.e. a per-step cost that doubles with the batch (69 → 140 ms/step). GAP's per-step cost is
+  dominated by the batch-independent eigensolves; only "positions" (cost ∝ B·H·W·C²) scales with the batch. So the
+  numbers imply "positions", the text implies "gap"; we default to the text and record the choice with each run.
+* A layer constant over the batch (all ReLUs dead) has no spectrum; it is skipped (P7). A target above the rank cap
+  log(min(B−1, d)) warns once (P6).
 """
 from __future__ import annotations
 
 import math
 import warnings
 
+import torch
 from torch import Tensor
 
 # spectral_entropy (eq. 3 on a [B, d] tensor) is part of this module's public API; its math is shared with the
-# engine's effective-rank diagnostic, so it lives in regbench.metrics.
-from regbench.metrics import as_matrix, covariance_eigenvalues, spectral_entropy, spectrum_entropy  # noqa: F401
+# engine's effective-rank diagnostic, so it lives in regbench.spectral (re-exported by regbench.metrics).
+from regbench.errors import HparamError
+from regbench.spectral import (  # noqa: F401
+    PATHS,
+    as_matrix,
+    covariance_eigenvalues,
+    entropies,
+    entropy_matrix,
+    spectral_entropy,
+    spectrum_entropy,
+)
 
 from .base import Method, StepContext, check_range
+
+_INT_HPARAMS = {"every": 1, "rank": 1, "niter": 0, "probes": 1, "degree": 2}  # name -> minimum
 
 
 class SES(Method):
     name = "ses"
     description = "Spectral Entropy Shaping: pull each hooked layer's spectral entropy to beta*log(d)"
     paper = "Le Bone 2026, seed 000, eq. 1-6"
-    defaults = {"lam": 0.01, "beta": 0.7, "layers": "auto", "conv_reduce": "gap"}
+    defaults = {"lam": 0.01, "beta": 0.7, "layers": "auto", "conv_reduce": "gap", "every": 1, "scale_by_k": False,
+                "eigen_path": "exact", "rank": 32, "niter": 2, "probes": 16, "degree": 32}
 
     @classmethod
     def validate(cls, hp):
         check_range("ses", "beta", hp["beta"], 0, 1, low_open=True, high_open=True)
         check_range("ses", "lam", hp["lam"], 0)
         if hp["conv_reduce"] not in ("gap", "positions"):
-            from regbench.errors import HparamError
             raise HparamError(f"ses.conv_reduce={hp['conv_reduce']!r} is not one of: gap, positions")
+        if hp["eigen_path"] not in PATHS:
+            raise HparamError(f"ses.eigen_path={hp['eigen_path']!r} is not one of: {', '.join(PATHS)}")
+        if not isinstance(hp["scale_by_k"], bool):
+            raise HparamError(f"ses.scale_by_k={hp['scale_by_k']!r} is not a bool")
+        for key, low in _INT_HPARAMS.items():
+            if isinstance(hp[key], bool) or not isinstance(hp[key], int):
+                raise HparamError(f"ses.{key}={hp[key]!r} is not an integer ≥ {low}")
+            check_range("ses", key, hp[key], low)
 
     @classmethod
     def search_space(cls, trial):
-        # Ranges from the paper: beta 0.3-0.9 (Exp. 2, P6), lam 1e-3-1e-1 (Table 4); hook sets (Table 6: 9/5/3) as
-        # every feature layer vs the pooled one, since last:K must exist on every model family.
+        # Ranges from the paper: beta 0.3-0.9 (Exp. 2, P6), lam 1e-3-1e-1 (Table 4). The paper's hook sets
+        # (Table 6: 9/5/3) become every feature layer vs the pooled one: last:K raises on models with fewer than K
+        # feature layers (the MLP has 2), and a search space cannot see the model.
         return {
             "beta": trial.suggest_float("beta", 0.3, 0.9),
             "lam": trial.suggest_float("lam", 1e-3, 1e-1, log=True),
@@ -56,35 +98,67 @@ class SES(Method):
 
     def attach(self, model, ctx):
         self.keys = ctx.capture(ctx.select_layers(self.hparams["layers"]), where="output")
-        self.last_entropy: dict[str, Tensor] = {}
-        self._pending: dict[str, Tensor] = {}
+        self._seed = torch.initial_seed() % 2**63  # the run's seed (engine.seed_everything ran before attach)
+        self._generator: torch.Generator | None = None
+        self._targets: dict[tuple, Tensor] = {}
+        self._last: tuple[list[str], Tensor, Tensor] | None = None
+        self._pending = None
         self._warned_cap = False
 
+    def wants_activations(self, step: int) -> bool:
+        return step % self.hparams["every"] == 0
+
     def loss(self, step: StepContext):
-        beta, total = self.hparams["beta"], None
-        self._pending = {}
-        for key in self.keys:
-            h = as_matrix(step.activations[key], self.hparams["conv_reduce"])
-            n, d = h.shape
-            lam = covariance_eigenvalues(h)
-            if lam.sum() <= 0:  # constant layer: no spectrum to shape (pitfall P7)
-                continue
-            entropy = spectrum_entropy(lam)
-            self._warn_if_unreachable(n, d)
-            term = (entropy - beta * math.log(d)) ** 2
-            total = term if total is None else total + term
-            self._pending[key] = entropy.detach()
-        return None if total is None else self.hparams["lam"] * total
+        hp = self.hparams
+        self._pending = None
+        if step.step % hp["every"]:  # composed with a method that captures every step: still skip
+            return None
+        mats = [entropy_matrix(step.activations[key], hp["conv_reduce"]) for key in self.keys]
+        shapes = tuple(tuple(m.shape) for m in mats)
+        self._warn_if_unreachable(shapes)
+        h, valid = entropies(mats, hp["eigen_path"], rank=hp["rank"], niter=hp["niter"], probes=hp["probes"],
+                             degree=hp["degree"], generator=self._rng(mats[0].device))
+        if not bool(valid.any()):  # every layer constant: no spectrum to shape (pitfall P7)
+            return None
+        target = self._target(shapes, h)
+        total = torch.where(valid, (h - target) ** 2, 0).sum()
+        self._pending = (h.detach(), valid)
+        scale = hp["lam"] * (hp["every"] if hp["scale_by_k"] else 1)
+        return scale * total
 
     def after_step(self, step):
-        self.last_entropy = dict(self._pending)  # tensors: read back once per epoch in diagnostics(), no step sync
+        if self._pending is not None:  # tensors: read back once per epoch in diagnostics(), no step sync
+            self._last = (self.keys, *self._pending)
 
-    def _warn_if_unreachable(self, n: int, d: int) -> None:
+    def _rng(self, device) -> torch.Generator | None:
+        if self.hparams["eigen_path"] == "exact":
+            return None
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self._seed)
+        return self._generator
+
+    def _target(self, shapes, like: Tensor) -> Tensor:
+        key = (shapes, like.device, like.dtype)
+        if key not in self._targets:
+            beta = self.hparams["beta"]
+            self._targets[key] = torch.tensor([beta * math.log(d) for _n, d in shapes], device=like.device,
+                                              dtype=like.dtype)
+        return self._targets[key]
+
+    def _warn_if_unreachable(self, shapes) -> None:
         # After centring rank ≤ n−1, so H ≤ log(min(n−1, d)); a higher target never vanishes (pitfall P6).
-        if not self._warned_cap and d > 1 and n > 2 and self.hparams["beta"] * math.log(d) > math.log(min(n - 1, d)):
-            self._warned_cap = True
-            warnings.warn(f"ses.beta={self.hparams['beta']} targets erank {d ** self.hparams['beta']:.1f} but a batch "
-                          f"of {n} caps it at {min(n - 1, d)}; the penalty cannot reach zero", stacklevel=2)
+        if self._warned_cap:
+            return
+        beta = self.hparams["beta"]
+        for n, d in shapes:
+            if d > 1 and n > 2 and beta * math.log(d) > math.log(min(n - 1, d)):
+                self._warned_cap = True
+                warnings.warn(f"ses.beta={beta} targets erank {d ** beta:.1f} but a batch of {n} caps it at "
+                              f"{min(n - 1, d)}; the penalty cannot reach zero", stacklevel=3)
+                return
 
     def diagnostics(self):
-        return {f"ses_entropy/{k}": float(v) for k, v in self.last_entropy.items()}
+        if self._last is None:
+            return {}
+        keys, h, valid = self._last
+        return {f"ses_entropy/{k}": v for k, v, ok in zip(keys, h.tolist(), valid.tolist()) if ok}

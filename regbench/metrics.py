@@ -1,15 +1,26 @@
 """Metrics computed from model outputs. Pure tensor functions; no training here.
 
-The spectral functions (SES paper, seed 000, eq. 1-4) live here because they serve twice: as the SES regularizer
-(methods/ses.py) and as the effective-rank diagnostic the engine records for every method. Choices, from
-../shared/reference/methods.md §1.4-1.5: the smaller Gram matrix is eigendecomposed (same nonzero spectrum as the
-covariance); eigenvalues in float32/float64 with autocast off; eigenvalues below 1e-6·λ_max are structural zeros;
-only eigenvalues are used (``eigvalsh``), whose gradient stays finite at repeated eigenvalues.
+The spectral functions (SES paper, seed 000, eq. 1-4) serve twice: as the SES regularizer (methods/ses.py) and as
+the effective-rank diagnostic the engine records for every method. They live in ``regbench.spectral`` (with the
+batched many-layer version SES uses) and are re-exported here. Choices, from ../shared/reference/methods.md
+§1.4-1.5: the smaller Gram matrix is eigendecomposed (same nonzero spectrum as the covariance); eigenvalues in
+float32/float64 with autocast off; eigenvalues below 1e-6·λ_max are structural zeros; only eigenvalues are used
+(``eigvalsh``), whose gradient stays finite at repeated eigenvalues.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from regbench.spectral import (
+    as_matrix,
+    covariance_eigenvalues,
+    spectral_entropy,
+    spectrum_entropy,
+)
+
+__all__ = ["predict", "accuracy", "generalization_gap", "covariance_eigenvalues", "spectrum_entropy",
+           "spectral_entropy", "as_matrix", "effective_rank"]
 
 
 @torch.no_grad()
@@ -28,48 +39,6 @@ def accuracy(logits: Tensor, targets: Tensor) -> float:
 def generalization_gap(train_acc: float, eval_acc: float) -> float:
     """Train accuracy minus held-out accuracy, in accuracy units (the SES paper's 'gap')."""
     return train_acc - eval_acc
-
-
-_REL_ZERO = 1e-6
-
-
-def covariance_eigenvalues(h: Tensor) -> Tensor:
-    """Eigenvalues of the (unnormalised) covariance of h [n, d], via the smaller Gram matrix. Scale-free callers only."""
-    with torch.autocast(device_type=h.device.type, enabled=False):
-        x = h if h.dtype == torch.float64 else h.float()
-        x = x - x.mean(dim=0, keepdim=True)
-        n, d = x.shape
-        gram = x @ x.T if n < d else x.T @ x  # same nonzero spectrum (methods.md §1.4)
-        lam = torch.linalg.eigvalsh(gram)
-    lam = lam.clamp(min=0)
-    return torch.where(lam > _REL_ZERO * lam.max().detach(), lam, torch.zeros_like(lam))
-
-
-def spectrum_entropy(lam: Tensor) -> Tensor:
-    """Eq. 2-3 on given eigenvalues; ``p·log p`` written so exact zeros keep finite gradients (pitfall P3)."""
-    p = lam / lam.sum()
-    return -(p * torch.log(torch.where(p > 0, p, torch.ones_like(p)))).sum()
-
-
-def spectral_entropy(h: Tensor) -> Tensor:
-    """Eq. 3 for activations h of shape [B, d]: a differentiable scalar in [0, log d].
-
-    Isotropic data gives log d, rank-1 data gives 0. Constant data has no spectrum and gives NaN.
-    """
-    if h.dim() != 2:
-        raise ValueError(f"spectral_entropy expects a [B, d] tensor, got shape {tuple(h.shape)}")
-    return spectrum_entropy(covariance_eigenvalues(h))
-
-
-def as_matrix(a: Tensor, conv_reduce: str = "gap") -> Tensor:
-    """[B, d] view of a captured activation: flatten trailing 1s, reduce conv maps to d = channels."""
-    if a.dim() > 2 and all(s == 1 for s in a.shape[2:]):
-        return a.flatten(1)
-    if a.dim() == 2:
-        return a
-    if conv_reduce == "gap":
-        return a.flatten(2).mean(dim=2)
-    return a.flatten(2).transpose(1, 2).reshape(-1, a.shape[1])  # positions as samples
 
 
 def effective_rank(h: Tensor) -> float:
