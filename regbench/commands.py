@@ -205,6 +205,8 @@ def list_command(what: str) -> int:
             hp = ", ".join(f"{k}={v!r}" for k, v in cls.defaults.items()) or "none"
             print(f"    defaults: {hp}")
             print(f"    search space: {_describe_space(cls)}")
+        print("composites: join methods with '+', e.g. ses+spectral_norm or shade+dropout: the sum of their losses, "
+              "hparams namespaced by part (--set ses+spectral_norm.ses.beta=0.6)")
     elif what == "datasets":
         for name in registry.dataset_names():
             ds = registry.dataset(name)
