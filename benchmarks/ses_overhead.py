@@ -160,8 +160,9 @@ def approximation_errors(runners, x):
     print(f"  |H − H_exact(fp64)| over {len(mats)} layers [{dims}], H_exact range "
           f"{ref[valid].min():.3f}…{ref[valid].max():.3f}:")
     for path, h in out.items():
-        err = (h - ref)[valid].abs()
-        print(f"    {path:<18} max {err.max():.2e}   mean {err.mean():.2e}   (mean signed {(h - ref)[valid].mean():+.2e})")
+        diff = (h - ref)[valid]
+        print(f"    {path:<18} max {diff.abs().max():.2e}   mean {diff.abs().mean():.2e}   "
+              f"(mean signed {diff.mean():+.2e})")
 
 
 def profile_exact(runners, x, y, device):

@@ -11,7 +11,8 @@ as few kernel launches and eigensolver calls as the shapes allow (../shared/refe
 * Grams of equal size m = min(n, d) and dtype go to ONE batched ``torch.linalg.eigh`` call (P5: one host sync
   per size, not per layer);
 * autocast off, float32 (float64 when the input is float64); eigenvalues below 1e-7·λ_max (1e-12 in float64) are
-  structural zeros (the single-matrix functions keep their 1e-6 threshold, see REL_ZERO_BATCHED); p·log p finite at p = 0 (P2-P4), a layer that is constant over the batch is flagged and gets H = 0, no gradient (P7);
+  structural zeros (the single-matrix functions keep their 1e-6 threshold, see REL_ZERO_BATCHED); p·log p finite
+  at p = 0 (P2-P4); a layer that is constant over the batch is flagged and gets H = 0, no gradient (P7);
 * the whole exact path is ONE autograd node (``_ExactEntropies``) with the closed-form backward
   dH/dG = V diag(−(log p + H)/S) Vᵀ, dX = 2·X_c·dG: the value and gradient of autograd through eigvalsh (tested),
   without its dozen small nodes and two extra full-size passes per layer.
@@ -54,14 +55,15 @@ def rel_zero(dtype: torch.dtype) -> float:
     return REL_ZERO_BATCHED.get(dtype, REL_ZERO_BATCHED[torch.float32])
 
 CONSTANT_REL = 1e-10   # P7: a layer whose centred energy is below this fraction of n·‖mean‖² is constant (its
-                       # float32 "spread" is the rounding of the mean, ~1e-14 of it); std/|mean| < 1e-5 counts as constant
+                       # float32 "spread" is the rounding of the mean, ~1e-14 of it): std/|mean| < 1e-5 is constant
 PATHS = ("exact", "lowrank", "hutchinson")
 
 
 # ---- single matrix ------------------------------------------------------------------------------------------------
 
 def covariance_eigenvalues(h: Tensor) -> Tensor:
-    """Eigenvalues of the (unnormalised) covariance of h [n, d], via the smaller Gram matrix. Scale-free callers only."""
+    """Eigenvalues of the (unnormalised) covariance of h [n, d], via the smaller Gram matrix. Scale-free callers
+    only."""
     with torch.autocast(device_type=h.device.type, enabled=False):
         x = h if h.dtype == torch.float64 else h.float()
         x = x - x.mean(dim=0, keepdim=True)

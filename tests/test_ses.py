@@ -158,7 +158,8 @@ def relu_features(shapes=SHAPES, dtype=torch.float64, seed=0):
 @pytest.mark.parametrize("side", ["min", "cov", "gram"])
 def test_batched_entropies_equal_numpy_eq3_on_every_eigen_path(side):
     """Covariance side (d×d), Gram side (n×n) and the min-side rule: all equal eq. 3 computed by numpy."""
-    mats = relu_features() + [with_spectrum(50, 30, np.logspace(0, -4.5, 20)), with_spectrum(20, 90, np.logspace(0, -4, 19))]
+    mats = relu_features() + [with_spectrum(50, 30, np.logspace(0, -4.5, 20)),
+                              with_spectrum(20, 90, np.logspace(0, -4, 19))]
     h, valid = entropies(mats, side=side)
     assert valid.all()
     for hi, m in zip(h.tolist(), mats):
@@ -166,7 +167,8 @@ def test_batched_entropies_equal_numpy_eq3_on_every_eigen_path(side):
 
 
 def test_the_two_eigen_paths_agree_and_float32_is_within_1e_6_of_eq3():
-    mats = relu_features() + [with_spectrum(64, 48, np.logspace(0, -4, 40)), with_spectrum(32, 96, np.logspace(0, -3.5, 31))]
+    mats = relu_features() + [with_spectrum(64, 48, np.logspace(0, -4, 40)),
+                              with_spectrum(32, 96, np.logspace(0, -3.5, 31))]
     h_cov, _ = entropies(mats, side="cov")
     h_gram, _ = entropies(mats, side="gram")
     assert torch.allclose(h_cov, h_gram, rtol=0, atol=1e-11)
