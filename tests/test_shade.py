@@ -303,3 +303,21 @@ def test_bfloat16_activations_as_under_autocast_get_float32_state_and_bfloat16_g
     exact = {k: v.detach().double() for k, v in acts.items()}
     assert loss.item() == pytest.approx(0.1 * hand_penalty(exact, initial(exact)), rel=1e-5)
     assert all(a.grad.dtype == torch.bfloat16 and torch.isfinite(a.grad).all() for a in acts.values())
+
+
+def test_channels_last_maps_keep_their_layout_in_the_gradient():
+    """Real image batches often arrive NHWC, so every activation is channels_last; a gradient in another layout made
+    the batch-norm backward ~20× slower (measured on resnet18)."""
+    y = torch.randn(4, 32, 5, 5, generator=torch.Generator().manual_seed(5))
+    grads, values = [], []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        method = SHADE({"weight": 0.1, "layers": "name:block1.act"})
+        attach(method, "cnn", (1, 8, 8))
+        yl = (y.clone().requires_grad_() * 1.0).contiguous(memory_format=layout)  # an activation, not a leaf
+        loss = method.loss(step_with({"block1.act<input": yl}))
+        (grad,) = torch.autograd.grad(loss, yl)  # as the layer below receives it (a leaf's .grad is re-laid out)
+        assert grad.is_contiguous(memory_format=layout)
+        grads.append(grad)
+        values.append(loss.item())
+    assert values[0] == pytest.approx(values[1], rel=1e-6)
+    torch.testing.assert_close(grads[0], grads[1])
