@@ -21,7 +21,7 @@ from torch import nn
 from regbench import models
 from regbench.config import RunConfig
 from regbench.methods.base import Method, StepContext
-from regbench.metrics import accuracy, as_matrix, effective_rank, generalization_gap, predict
+from regbench.metrics import accuracy, calibration, as_matrix, effective_rank, generalization_gap, predict
 
 ERANK_BATCH = 512  # fixed held-out batch for the effective-rank diagnostic (methods.md §5.1)
 
@@ -235,7 +235,9 @@ def _evaluate(model, splits, config, capture, diag_keys, erank_x) -> dict[str, f
     row = {"train_acc": accuracy(predict(model, splits.x_train), splits.y_train),
            "val_acc": accuracy(predict(model, splits.x_val), splits.y_val)}
     if config.eval_test:
-        row["test_acc"] = accuracy(predict(model, splits.x_test), splits.y_test)
+        test_logits = predict(model, splits.x_test)
+        row["test_acc"] = accuracy(test_logits, splits.y_test)
+        row.update({f"test_{k}": v for k, v in calibration(test_logits, splits.y_test).items()})
     row["gap"] = generalization_gap(row["train_acc"], row.get("test_acc", row["val_acc"]))
     # Effective rank (eq. 4) of every diagnostic layer on a fixed held-out batch, eval mode, GAP for conv maps.
     train_wanted, capture.wanted = capture.wanted, set(diag_keys)

@@ -19,7 +19,7 @@ from regbench.spectral import (
     spectrum_entropy,
 )
 
-__all__ = ["predict", "accuracy", "generalization_gap", "covariance_eigenvalues", "spectrum_entropy",
+__all__ = ["predict", "accuracy", "generalization_gap", "calibration", "expected_calibration_error", "covariance_eigenvalues", "spectrum_entropy",
            "spectral_entropy", "as_matrix", "effective_rank"]
 
 
@@ -39,6 +39,35 @@ def accuracy(logits: Tensor, targets: Tensor) -> float:
 def generalization_gap(train_acc: float, eval_acc: float) -> float:
     """Train accuracy minus held-out accuracy, in accuracy units (the SES paper's 'gap')."""
     return train_acc - eval_acc
+
+
+ECE_BINS = 15  # the convention of Guo et al. 2017, torchmetrics and TorchUncertainty (methods.md §5.3)
+
+
+def expected_calibration_error(logits: Tensor, targets: Tensor, bins: int = ECE_BINS) -> float:
+    """ECE with ``bins`` equal-width confidence bins (Guo et al. 2017, eq. 3): Σ_b |B_b|/N · |acc(B_b) − conf(B_b)|.
+
+    Confidence is the top softmax probability; bin b holds confidences in ((b−1)/M, b/M], so a saturated confidence
+    of exactly 1.0 falls in the last bin (torchmetrics gives it a bin of its own; with 15 bins the two agree unless
+    some confidences are exactly 1.0, methods.md §5.3).
+    """
+    probs = torch.softmax(logits.double(), dim=1)
+    conf, pred = probs.max(dim=1)
+    correct = (pred == targets.to(pred.device)).double()
+    index = (torch.ceil(conf * bins).long() - 1).clamp(0, bins - 1)
+    count = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, torch.ones_like(conf))
+    conf_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, conf)
+    acc_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct)
+    return float((acc_sum - conf_sum).abs().sum() / len(conf))
+
+
+def calibration(logits: Tensor, targets: Tensor) -> dict[str, float]:
+    """ECE (15 bins), negative log-likelihood and the multi-class Brier score (mean Σ_k (p_k − 1[y=k])²)."""
+    logits, targets = logits.double(), targets.to(logits.device)
+    nll = torch.nn.functional.cross_entropy(logits, targets)
+    onehot = torch.nn.functional.one_hot(targets, logits.shape[1]).double()
+    brier = (torch.softmax(logits, dim=1) - onehot).pow(2).sum(dim=1).mean()
+    return {"ece": expected_calibration_error(logits, targets), "nll": float(nll), "brier": float(brier)}
 
 
 def effective_rank(h: Tensor) -> float:
