@@ -6,13 +6,14 @@ severity blocks of N/5 (officially N = 50,000, blocks of the 10,000 test images 
 rows [(s-1)*N/5 : s*N/5] are severity s.
 
 `load_cifar_c` checks each file it needs against its md5 (the Zenodo per-file table below, or the
-`md5` map of a generated set's sidecar, or a map passed in), opens it memory-mapped (no pickles:
+`md5` map of a generated set's sidecar, or a map passed in; a generated set whose sidecar has no
+md5 map is read unverified), opens it memory-mapped (no pickles:
 `allow_pickle=False`) and returns read-only memmap slices, one per (corruption, severity); nothing
 is read into memory until the caller touches it. A verified file is remembered by (path, size,
 mtime) for the life of the process, so repeated loads do not re-hash 150 MB files.
 
 `write_cifar_c_layout` writes the same layout (for locally generated "CIFAR-10-C-style" sets) with
-each file written atomically, plus a JSON sidecar `regbench_cifar_c.json` recording the caller's
+each file written atomically, plus a JSON sidecar `regbench_sidecar.json` (the name `corruptions.generate_style_set` uses) recording the caller's
 metadata and the md5 of every written file, so the reader can verify generated sets too.
 """
 
@@ -39,7 +40,7 @@ BENCHMARK = (
 EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 CORRUPTIONS = BENCHMARK + EXTRA
 SEVERITIES = (1, 2, 3, 4, 5)
-SIDECAR = "regbench_cifar_c.json"
+SIDECAR = "regbench_sidecar.json"  # the name datasets/corruptions.py uses too
 FOLDERS = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C"}
 URLS = {
     "cifar10": "https://zenodo.org/records/2535967/files/CIFAR-10-C.tar (md5 56bf5dcef84df0e2308c6dcbcbbd8499)",
@@ -118,53 +119,80 @@ def _open_npy(path: pathlib.Path) -> np.ndarray:
                         f"delete it and put a good copy there") from e
 
 
+def _read_sidecar(root: pathlib.Path) -> dict | None:
+    path = root / SIDECAR
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        return doc
+    except (ValueError, OSError) as e:
+        raise DataError(f"cannot read {path} ({e}); regenerate the set") from e
+
+
 def load_cifar_c(root, corruptions=None, severities=None, *, dataset: str = "cifar10",
                  md5s: dict[str, str] | None = None) -> CifarC:
     """Memory-mapped blocks of `corruptions` (default: the 15 benchmark ones) x `severities`.
 
-    `root` is the folder holding the .npy files. Checksums: `md5s` (name without .npy -> md5) if
-    given, else the sidecar's `md5` map if `root` holds a generated set, else the official Zenodo
-    table of `dataset` ("cifar10" or "cifar100").
+    `root` is the folder holding the .npy files. Official folder (no sidecar): 5 severity blocks,
+    checked against the Zenodo md5 table of `dataset` ("cifar10" or "cifar100"). Generated set
+    (a `regbench_sidecar.json` is present): its `severities` list (default 1..5) gives the block
+    order, its `md5` map the checksums; a generated set whose sidecar has no md5 map is read
+    unverified (the files are plain .npy, never unpickled). `md5s` (name without .npy -> md5)
+    overrides either table.
     """
     corruptions, severities = _check_choices(corruptions, severities)
     root = pathlib.Path(root)
+    side = _read_sidecar(root) if root.is_dir() else None
     hint = ""
-    if md5s is None:
-        sidecar = root / SIDECAR
-        if sidecar.is_file():
-            try:
-                md5s = json.loads(sidecar.read_text())["md5"]
-            except (ValueError, KeyError, TypeError, OSError) as e:
-                raise DataError(f"cannot read the md5 map of {sidecar} ({e}); regenerate the set") from e
-        else:
-            if dataset not in MD5:
-                raise ConfigError(f"unknown CIFAR-C dataset {dataset!r}; choose from: {', '.join(MD5)}")
-            md5s = MD5[dataset]
-            hint = f" (from {URLS[dataset]}, folder {FOLDERS[dataset]}/)"
+    block_sev = list(SEVERITIES)
+    if side is not None:
+        block_sev = [int(v) for v in side.get("severities", SEVERITIES)]
+        missing = [v for v in severities if v not in block_sev]
+        if missing:
+            raise ConfigError(f"severity {missing[0]} is not in the generated set {root} "
+                              f"(it has {', '.join(map(str, block_sev))}); choose from those")
+        if md5s is None:
+            md5s = side.get("md5")
+    elif md5s is None:
+        if dataset not in MD5:
+            raise ConfigError(f"unknown CIFAR-C dataset {dataset!r}; choose from: {', '.join(MD5)}")
+        md5s = MD5[dataset]
+        hint = f" (from {URLS[dataset]}, folder {FOLDERS[dataset]}/)"
     if not root.is_dir():
         raise DataError(f"missing CIFAR-C folder {root}; put the .npy files there{hint}")
     for name in ("labels", *corruptions):
-        if name not in md5s:
-            raise DataError(f"no md5 known for {root / (name + '.npy')}; refusing an unverified file")
-        _verified(root / f"{name}.npy", md5s[name], hint)
+        path = root / f"{name}.npy"
+        if md5s is None:  # generated set without checksums: existence only
+            if not path.is_file():
+                raise DataError(f"missing data file {path}; regenerate the set or pick another corruption")
+        elif name not in md5s:
+            raise DataError(f"no md5 known for {path}; refusing an unverified file")
+        else:
+            _verified(path, md5s[name], hint)
 
     labels = _open_npy(root / "labels.npy")
-    if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) % 5 or len(labels) == 0:
+    k = len(block_sev)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) == 0 or len(labels) % k:
         raise DataError(f"{root / 'labels.npy'} has {labels.dtype}{labels.shape}; expected N integer "
-                        f"labels with N a positive multiple of 5")
+                        f"labels with N a positive multiple of {k} (the number of severity blocks)")
     n = len(labels)
-    block = n // 5
-    arrays = {}
+    block = n // k
+    arrays, shape = {}, None
     for c in corruptions:
         a = _open_npy(root / f"{c}.npy")
-        if a.dtype != np.uint8 or a.shape != (n, 32, 32, 3):
-            raise DataError(f"{root / (c + '.npy')} has {a.dtype}{a.shape}; expected uint8 ({n}, 32, 32, 3) "
-                            f"to match labels.npy")
+        shape = shape or (n, *a.shape[1:])
+        if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != 3 or a.shape != shape:
+            raise DataError(f"{root / (c + '.npy')} has {a.dtype}{a.shape}; expected uint8 {shape} "
+                            f"(N x H x W x 3, N = len(labels.npy))")
         arrays[c] = a
     out = CifarC([], [], [])
     for c in corruptions:
         for s in severities:
-            rows = slice((s - 1) * block, s * block)
+            j = block_sev.index(s)
+            rows = slice(j * block, (j + 1) * block)
             out.x.append(arrays[c][rows])
             out.labels.append(np.asarray(labels[rows], dtype=np.int64))
             out.index.append((c, s))
@@ -185,18 +213,24 @@ def _atomic_save_npy(path: pathlib.Path, array: np.ndarray) -> str:
     return digest
 
 
-def write_cifar_c_layout(root, arrays_by_corruption: dict[str, np.ndarray], labels, sidecar: dict | None = None) -> dict:
-    """Write `<root>/<corruption>.npy` (uint8 (N, 32, 32, 3), severity-major blocks of N/5),
-    `labels.npy` and the sidecar JSON (`sidecar` + {"md5": {...}}); returns the md5 map.
+def write_cifar_c_layout(root, arrays_by_corruption: dict[str, np.ndarray], labels, sidecar: dict | None = None,
+                         severities=SEVERITIES) -> dict:
+    """Write `<root>/<corruption>.npy` (uint8 (N, 32, 32, 3), one block of N/len(severities) rows
+    per severity, in `severities` order), `labels.npy` and the sidecar JSON (`sidecar` +
+    {"md5": {...}, "severities": [...]}); returns the md5 map.
 
     Each file is written atomically; the sidecar is written last, so a set whose sidecar exists
     is complete.
     """
     root = pathlib.Path(root)
+    _, severities = _check_choices([], severities)
+    if len(set(severities)) != len(severities) or not severities:
+        raise ConfigError(f"CIFAR-C severities {severities} must be distinct and non-empty")
     labels = np.asarray(labels)
-    n = len(labels)
-    if labels.ndim != 1 or labels.dtype.kind not in "iu" or n == 0 or n % 5:
-        raise DataError(f"CIFAR-C labels must be N integers with N a positive multiple of 5; got {labels.dtype}{labels.shape}")
+    n, k = len(labels), len(severities)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or n == 0 or n % k:
+        raise DataError(f"CIFAR-C labels must be N integers with N a positive multiple of {k} "
+                        f"(one block per severity); got {labels.dtype}{labels.shape}")
     for c, a in arrays_by_corruption.items():
         if c not in CORRUPTIONS:
             raise ConfigError(f"unknown CIFAR-C corruption {c!r}; choose from: {', '.join(CORRUPTIONS)}")
@@ -208,6 +242,6 @@ def write_cifar_c_layout(root, arrays_by_corruption: dict[str, np.ndarray], labe
     md5s = {"labels": _atomic_save_npy(root / "labels.npy", labels)}
     for c, a in arrays_by_corruption.items():
         md5s[c] = _atomic_save_npy(root / f"{c}.npy", np.ascontiguousarray(a))
-    doc = {**(sidecar or {}), "md5": md5s}
+    doc = {**(sidecar or {}), "md5": md5s, "severities": severities}
     atomic_write_bytes(root / SIDECAR, json.dumps(doc, sort_keys=True, indent=1).encode("utf-8"))
     return md5s

@@ -293,6 +293,11 @@ def test_cifar_c_layout_round_trip_memmapped_blocks(cifar_c_dir):
         assert yb.dtype == np.int64
     with pytest.raises(DataError, match=r"md5 [0-9a-f]{32}, expected 0{32}"):
         load_cifar_c(root, ["fog"], [1], md5s={**md5s, "fog": "0" * 32})
+    raw = bytearray((root / "fog.npy").read_bytes())
+    raw[-1] ^= 1  # one pixel changed after writing: the sidecar's md5 catches it
+    (root / "fog.npy").write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=f"fog.npy has md5 [0-9a-f]{{32}}, expected {md5s['fog']}"):
+        load_cifar_c(root, ["fog"], [1])
 
 
 def test_cifar_c_bad_choices_name_the_valid_ones(cifar_c_dir):
@@ -332,3 +337,26 @@ def test_cifar_c_writer_rejects_bad_arrays(tmp_path):
     with pytest.raises(DataError, match="multiple of 5"):
         write_cifar_c_layout(tmp_path, {}, np.zeros(7, dtype=np.int64))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cifar_c_severity_subset_set(tmp_path):
+    labels = np.arange(6, dtype=np.int64) % 3  # 2 blocks (severities 4 and 2) of 3 images
+    x = tiny_images(6, 5)
+    write_cifar_c_layout(tmp_path, {"contrast": x}, labels, severities=(4, 2))
+    got = load_cifar_c(tmp_path, ["contrast"], [2, 4])
+    np.testing.assert_array_equal(got.x[0], x[3:])  # severity 2 is the second block
+    np.testing.assert_array_equal(got.x[1], x[:3])
+    with pytest.raises(ConfigError, match="severity 5 is not in the generated set .*it has 4, 2"):
+        load_cifar_c(tmp_path, ["contrast"], [5])
+
+
+def test_reads_sets_written_by_the_corruption_generator(tmp_path):
+    corruptions = pytest.importorskip("regbench.datasets.corruptions")
+    x, y = tiny_images(6, 7), np.arange(6) % 3
+    corruptions.generate_style_set(x, y, tmp_path / "S", seed=0, corruptions=["contrast", "gaussian_noise"],
+                                   severities=(1, 3))
+    got = load_cifar_c(tmp_path / "S", ["gaussian_noise", "contrast"], [3])
+    for xb, yb, (c, s) in zip(got.x, got.labels, got.index):
+        ref_x, ref_y = corruptions.load_style_set(tmp_path / "S", c, s)
+        np.testing.assert_array_equal(xb, ref_x)
+        np.testing.assert_array_equal(yb, ref_y)
