@@ -13,8 +13,9 @@ is read into memory until the caller touches it. A verified file is remembered b
 mtime) for the life of the process, so repeated loads do not re-hash 150 MB files.
 
 `write_cifar_c_layout` writes the same layout (for locally generated "CIFAR-10-C-style" sets) with
-each file written atomically, plus a JSON sidecar `regbench_sidecar.json` (the name `corruptions.generate_style_set` uses) recording the caller's
-metadata and the md5 of every written file, so the reader can verify generated sets too.
+each file written atomically, plus a JSON sidecar `regbench_sidecar.json` (the name that
+`corruptions.generate_style_set` uses) recording the caller's metadata, the severity order and
+the md5 of every written file, so the reader can verify generated sets too.
 """
 
 from __future__ import annotations
@@ -125,11 +126,11 @@ def _read_sidecar(root: pathlib.Path) -> dict | None:
         return None
     try:
         doc = json.loads(path.read_text())
-        if not isinstance(doc, dict):
-            raise ValueError("not a JSON object")
-        return doc
     except (ValueError, OSError) as e:
         raise DataError(f"cannot read {path} ({e}); regenerate the set") from e
+    if not isinstance(doc, dict):
+        raise DataError(f"{path} is not a JSON object; regenerate the set")
+    return doc
 
 
 def load_cifar_c(root, corruptions=None, severities=None, *, dataset: str = "cifar10",

@@ -13,14 +13,15 @@ import pathlib
 import pickle
 import shutil
 import tarfile
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
-
 from regbench.datasets import cifar, cifar_c
 from regbench.datasets.cifar import CIFAR10, CIFAR100, augment, load_arrays, read_batch
 from regbench.datasets.cifar_c import CORRUPTIONS, load_cifar_c, write_cifar_c_layout
+
 from regbench.errors import ConfigError, DataError
 
 SUBSET = pathlib.Path("/work/shared/data/cifar10_subset/cifar10_subset.npz")
@@ -45,7 +46,7 @@ class Py2Pickler(pickle._Pickler):
         else:
             super().save_global(obj, name)
 
-    dispatch = dict(pickle._Pickler.dispatch)
+    dispatch: ClassVar[dict] = dict(pickle._Pickler.dispatch)
     dispatch[str] = save_py2_str
     dispatch[bytes] = save_py2_str
 
@@ -103,7 +104,7 @@ def test_py2_pickle_reads_with_bytes_keys_and_official_global_name(tiny10):
 
 
 def test_cifar10_load_md5_pass_splits_and_pixels(tiny10):
-    root, md5s, x, y, x_te, y_te = tiny10
+    root, md5s, x, _y, x_te, y_te = tiny10
     ds = CIFAR10(md5s=md5s)
     assert (ds.name, ds.default_model, ds.input_shape, ds.num_classes) == ("cifar10", "resnet18", (3, 32, 32), 10)
     s = ds.load(root, split_seed=0)
@@ -171,7 +172,8 @@ def test_missing_files_offline_one_line(tmp_path):
     assert "\n" not in msg and "cifar-10-python.tar.gz" in msg and "c58f30108f718f92721af3b95e74349a" in msg
     assert str(tmp_path) in msg and "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in msg
     (tmp_path / "cifar-100-python").mkdir()
-    with pytest.raises(DataError, match=r"missing data file .*cifar-100-python/train \(md5 16019d7e3df5f24257cddd939b257f8d\)"):
+    missing = r"missing data file .*cifar-100-python/train \(md5 16019d7e3df5f24257cddd939b257f8d\)"
+    with pytest.raises(DataError, match=missing):
         CIFAR100().load(tmp_path)
 
 
@@ -185,7 +187,7 @@ def _tar(folder: pathlib.Path, archive: pathlib.Path, extra=None):
 
 
 def test_archive_extracted_after_md5_and_unsafe_paths_refused(tiny10, tmp_path_factory):
-    root, md5s, x, *_ = tiny10
+    root, md5s, _x, *_ = tiny10
     folder = root / "cifar-10-batches-py"
     good = tmp_path_factory.mktemp("a") / "cifar-10-python.tar.gz"
     _tar(folder, good)
