@@ -28,7 +28,8 @@ def runs_frame(storage, benchmark: str, spec: dict) -> pd.DataFrame:
             rows.append({
                 "method": method, "seed": int(t.params["seed"]), "trial": t.number,
                 "test_acc": m.get("test_acc", math.nan), "val_acc": m["val_acc"], "train_acc": m["train_acc"],
-                "gap": m["gap"], "erank": m.get(f"erank/{layers[-1]}", math.nan) if layers else math.nan,
+                "gap": m["gap"], "ece": m.get("test_ece", math.nan), "nll": m.get("test_nll", math.nan),
+                "erank": m.get(f"erank/{layers[-1]}", math.nan) if layers else math.nan,
                 "erank_layer": layers[-1] if layers else "", "seconds_per_epoch": m["seconds_per_epoch"],
                 "finished": t.datetime_complete, "torch": t.user_attrs.get("env", {}).get("torch", "?"),
                 "regbench": t.user_attrs.get("env", {}).get("regbench", "?"),
@@ -79,20 +80,21 @@ def leaderboard(storage, benchmark: str) -> str:
                      f"{finished.replace(microsecond=0) if isinstance(finished, dt.datetime) else finished}")
         lines.append(f"- final effective rank (SES eq. 4) of `{df.erank_layer.iloc[-1]}` on 512 validation samples, "
                      f"last epoch")
-    lines += ["", "| method | seeds | test acc % | Δ test vs baseline (pp, paired) | gap (pp) | final erank "
-                  "| s/epoch | hparams |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| method | seeds | test acc % | Δ test vs baseline (pp, paired) | gap (pp) | ECE % | NLL "
+                  "| final erank | s/epoch | hparams |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for method in methods:
         mine = df[df.method == method] if not df.empty else df
         hp = ", ".join(f"{k}={v}" for k, v in spec["methods"][method]["hparams"].items()) or "–"
         if mine.empty:
-            lines.append(f"| {method} | 0 | no finished runs | | | | | {hp} |")
+            lines.append(f"| {method} | 0 | no finished runs | | | | | | | {hp} |")
             continue
         lines.append(f"| {method} | {len(mine)} | {_mean_std(mine.test_acc, 100)} | {_delta(df, method)} | "
-                     f"{_mean_std(mine.gap, 100)} | {_mean_std(mine.erank, 1, 1)} | "
+                     f"{_mean_std(mine.gap, 100)} | {_mean_std(mine.ece, 100)} | {_mean_std(mine.nll, 1, 3)} | "
+                     f"{_mean_std(mine.erank, 1, 1)} | "
                      f"{_mean_std(mine.seconds_per_epoch, 1, 3)} | {hp} |")
     lines += ["", "Mean ± sample standard deviation over seeds; test accuracy and gap at the last epoch "
-                  "(gap = train − test accuracy). No significance test is applied in this table: read a Δ that is not clearly "
+                  "(gap = train − test accuracy); ECE (15 bins) and NLL on the clean test set. No significance test is applied in this table: read a Δ that is not clearly "
                   "larger than its ± as unresolved."]
     return "\n".join(lines) + "\n"
 

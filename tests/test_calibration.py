@@ -57,3 +57,15 @@ def test_engine_records_calibration_on_clean_test(tiny_run):
             "select value_json from trial_user_attributes where key='metrics'")]
     assert metrics and all({"test_ece", "test_nll", "test_brier"} <= set(m) for m in metrics)
     assert all(0 <= m["test_ece"] <= 1 and m["test_nll"] > 0 and 0 <= m["test_brier"] <= 2 for m in metrics)
+
+
+def test_leaderboard_shows_calibration_columns(tiny_run):
+    out, _ = tiny_run
+    lines = (out / "leaderboard.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| method |"))
+    assert "ECE %" in header and "NLL" in header
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    row = next(line for line in lines if line.startswith("| ses |"))
+    cells = dict(zip(cols, (c.strip() for c in row.strip("|").split("|")), strict=True))
+    ece_mean = float(cells["ECE %"].split("±")[0])
+    assert 0 <= ece_mean <= 100 and float(cells["NLL"].split("±")[0]) > 0
