@@ -51,6 +51,8 @@ BAD = {
     "wd strength": (["--methods", "weight_decay", "--set", "weight_decay.strength=-1"], "strength=-1.0 is outside"),
     "ses every 0": (["--methods", "ses", "--set", "ses.every=0"], "ses.every=0 is outside [1, inf)"),
     "ses eigen path": (["--methods", "ses", "--set", "ses.eigen_path=magic"], "is not one of: exact, lowrank"),
+    "cifar10 files missing": (["--methods", "ses", "--dataset", "cifar10"], "cifar-10-batches-py"),
+    "cifar100 files missing": (["--methods", "ses", "--dataset", "cifar100"], "cifar-100-python"),
     "mnist_m archive missing": (["--methods", "shade", "--dataset", "mnist_m"], "MNIST-M is missing: put the official"),
     "composite part range": (["--methods", "ses+shade", "--set", "ses+shade.ses.beta=2"],
                              "ses.beta=2.0 is outside (0, 1)"),
