@@ -10,7 +10,8 @@ What is and is not faithful to the original (all code here is our own):
   (numpy rgb<->hsv in skimage's convention), gaussian_blur (scipy `gaussian_filter`, mode nearest,
   truncate 4 = what skimage calls), defocus_blur (aliased disk on a 17x17 grid smoothed by a 3-tap
   Gaussian like cv2.GaussianBlur(3x3), reflect-101 borders like cv2.filter2D), zoom_blur (centre
-  crop + scipy zoom order 1), pixelate (Pillow BOX down and up), jpeg_compression (Pillow, in memory).
+  crop + linear zoom with scipy's sampling as a matrix product: equal to scipy.ndimage.zoom up to
+  1 float32 ulp), pixelate (Pillow BOX down and up), jpeg_compression (Pillow, in memory).
   Given the real CIFAR-10 test images they should match the Zenodo files up to float rounding (not
   verified here: no Zenodo files offline).
 * Random corruptions draw from a seeded `numpy.random.Generator`, so they are reproducible here but
@@ -49,7 +50,7 @@ import pathlib
 import shutil
 import time
 import uuid
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from PIL import Image
@@ -140,8 +141,37 @@ def hsv2rgb(hsv):
     return np.stack([np.choose(hi, c) for c in (choices_r, choices_g, choices_b)], -1)
 
 
+def _interp_matrix(n_in, n_out):
+    """(n_out, n_in) linear-interpolation weights of scipy.ndimage.zoom(order=1, grid_mode=False)."""
+    m = np.zeros((n_out, n_in))
+    pos = np.arange(n_out) * ((n_in - 1) / (n_out - 1))
+    lo = np.minimum(np.floor(pos).astype(np.int64), n_in - 1)
+    hi = np.minimum(lo + 1, n_in - 1)
+    f = pos - lo
+    np.add.at(m, (np.arange(n_out), lo), 1 - f)
+    np.add.at(m, (np.arange(n_out), hi), f)
+    return m
+
+
 def _clipped_zoom(x, z):
-    """Centre crop of ceil(H/z) then zoom by z (order 1) and centre-trim to H; x is (N, H, W, C)."""
+    """Centre crop of ceil(H/z), zoom by z (linear), centre-trim to H; x is (N, H, W, C).
+
+    Same sampling as the original's `scipy.ndimage.zoom(crop, (z, z, 1), order=1)`, written as
+    M @ crop @ M.T in float64 (14x faster on a batch); equal to scipy's result up to one float32
+    ulp in ~1e-5 of the values (checked in the tests).
+    """
+    h = x.shape[1]
+    ch = int(np.ceil(h / z))
+    top = (h - ch) // 2
+    n_out = round(ch * z)
+    trim = (n_out - h) // 2
+    m = _interp_matrix(ch, n_out)[trim:trim + h]
+    crop = x[:, top:top + ch, top:top + ch].astype(np.float64).transpose(0, 3, 1, 2)
+    return (m @ crop @ m.T).transpose(0, 2, 3, 1).astype(x.dtype)
+
+
+def _clipped_zoom_scipy(x, z):
+    """The original's clipped zoom with scipy.ndimage.zoom (reference for the tests)."""
     h = x.shape[1]
     ch = int(np.ceil(h / z))
     top = (h - ch) // 2
@@ -256,7 +286,7 @@ def _equalize_hist(u8):
     return lut[u8]
 
 
-@lru_cache(maxsize=None)
+@cache
 def frost_texture(k: int, shape=(128, 192)) -> np.ndarray:
     """Procedural ice texture number k (0..4), uint8 (H, W, 3) RGB, deterministic (seed 9000 + k)."""
     rng = np.random.default_rng(9000 + k)
@@ -579,7 +609,9 @@ def generate_style_set(base_x, base_y, out_root, seed: int = 0, corruptions=ALL,
             blocks = []
             for s in severities:
                 for k, start in enumerate(range(0, len(x), chunk)):
-                    sub_seed = int(seed) if len(x) <= chunk else int(np.random.SeedSequence([int(seed), k]).generate_state(1)[0])
+                    sub_seed = int(seed)
+                    if len(x) > chunk:  # one independent stream per chunk
+                        sub_seed = int(np.random.SeedSequence([int(seed), k]).generate_state(1)[0])
                     blocks.append(corrupt(x[start:start + chunk], name, s, sub_seed))
             np.save(tmp / f"{name}.npy", np.concatenate(blocks))
             timings[name] = round(time.perf_counter() - t0, 3)
@@ -595,7 +627,7 @@ def generate_style_set(base_x, base_y, out_root, seed: int = 0, corruptions=ALL,
             "chunk": int(chunk),
             "base_name": base_name,
             "base_sha256": base_sha256(x, y),
-            "base_count": int(len(x)),
+            "base_count": len(x),
             "image_shape": list(x.shape[1:]),
             "corruptions": list(corruptions),
             "severities": [int(s) for s in severities],
@@ -626,3 +658,25 @@ def load_style_set(root, name: str, severity: int):
     j = sev.index(severity)
     arr = np.load(path, mmap_mode="r")
     return arr[j * n:(j + 1) * n], np.load(root / "labels.npy")[j * n:(j + 1) * n]
+
+
+def main(argv=None) -> int:
+    """`python -m regbench.datasets.corruptions OUT [--seed S] [--cifar-npz F] [--corruptions a,b]`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Write a CIFAR-C-style set (CIFAR parameters) into OUT.")
+    ap.add_argument("out")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cifar-npz", default=None, help="npz with x_test/y_test (uint8 NHWC); default: digits")
+    ap.add_argument("--corruptions", default=",".join(ALL))
+    a = ap.parse_args(argv)
+    x, y, base = default_base(a.cifar_npz)
+    side = generate_style_set(x, y, a.out, a.seed, tuple(a.corruptions.split(",")), base_name=base)
+    print(f"{side['name']}: {len(x)} images x {len(side['corruptions'])} corruptions x 5 severities -> {a.out}")
+    for name, sec in side["seconds_per_corruption"].items():
+        print(f"  {name:18s} {sec:7.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

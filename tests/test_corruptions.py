@@ -91,7 +91,7 @@ def test_glass_blur_gather_equals_the_original_loop(tinted):
     sigma, delta, iters = C.PARAMS["glass_blur"][4]
     x = tinted / 255.0
     rng = np.random.default_rng([7, C.ALL.index("glass_blur"), 5])
-    n, h, w, _ = x.shape
+    n, h, _, _ = x.shape
     y = (np.clip(C._gauss(x, sigma), 0, 1) * 255).astype(np.uint8)
     hs = np.arange(h - delta, delta, -1)
     for _ in range(iters):
@@ -176,3 +176,25 @@ def test_cifar_images_severity_1_and_5():
         d1, d5 = mad(C.corrupt(x, name, 1, 0), x), mad(C.corrupt(x, name, 5, 0), x)
         assert d1 > 0 and d5 > 0
         assert (d5 < d1) if name in DECREASING else (d5 > d1), (name, d1, d5)
+
+
+def test_fast_clipped_zoom_matches_scipy_zoom(tinted):
+    x = (tinted / 255.0).astype(np.float32)
+    for z in list(C.PARAMS["zoom_blur"][4]) + [1.75, 2.25]:
+        a, b = C._clipped_zoom(x, z), C._clipped_zoom_scipy(x, z)
+        assert a.shape == b.shape == x.shape
+        assert np.abs(a - b).max() <= 1.2e-7, z
+
+
+def test_zoom_blur_matches_the_original_formula(tinted):
+    """(x + sum of clipped scipy zooms) / (k + 1) in float32, as make_cifar_c.py; ±1 level at most."""
+    x = (tinted / 255.0).astype(np.float32)
+    factors = C.PARAMS["zoom_blur"][4]
+    acc = np.zeros_like(x)
+    for z in factors:
+        acc += C._clipped_zoom_scipy(x, z)
+    want = (np.clip((x + acc) / (len(factors) + 1), 0, 1) * 255).astype(np.uint8)
+    got = C.corrupt(tinted, "zoom_blur", 5)
+    assert np.abs(got.astype(int) - want).max() <= 1 and (got == want).mean() > 0.999
+    k = C._disk(1.5, 0.1)
+    assert k.shape == (17, 17) and abs(k.sum() - 1) < 1e-6
