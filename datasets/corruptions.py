@@ -474,19 +474,18 @@ def _elastic_transform(x, c, rng):
     centre = np.float32([h, w]) // 2  # the original's (rows, cols) used as (x, y) points; square images
     sq = min(h, w) // 3
     pts1 = np.float32([centre + sq, [centre[0] + sq, centre[1] - sq], centre - sq])
-    pts2 = pts1[None] + rng.uniform(-jit, jit, size=(n, *pts1.shape)).astype(np.float32)
-    # forward affine M (2x3) with M @ [p, 1] = q per image; warpAffine samples src at M^-1 (dst)
-    A = np.hstack([pts1.astype(np.float64), np.ones((3, 1))])
-    M = np.linalg.solve(A[None], pts2.astype(np.float64)).transpose(0, 2, 1)  # (n, 2, 3)
-    full = np.concatenate([M, np.broadcast_to([[[0.0, 0.0, 1.0]]], (n, 1, 3))], axis=1)
-    Minv = np.linalg.inv(full)[:, :2]
+    out = np.empty_like(x)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    sx = Minv[:, 0, 0, None, None] * xx + Minv[:, 0, 1, None, None] * yy + Minv[:, 0, 2, None, None]
-    sy = Minv[:, 1, 0, None, None] * xx + Minv[:, 1, 1, None, None] * yy + Minv[:, 1, 2, None, None]
-    # 'mirror' inside each image; the batch/channel coordinates are integers, so never interpolated
-    nn, _, _, kk = np.meshgrid(np.arange(n), np.arange(h), np.arange(w), np.arange(ch), indexing="ij")
-    coords = [nn, np.broadcast_to(sy[..., None], x.shape), np.broadcast_to(sx[..., None], x.shape), kk]
-    out = ndimage.map_coordinates(x, [a.ravel() for a in coords], order=1, mode="mirror").reshape(x.shape)
+    for i in range(n):
+        pts2 = pts1 + rng.uniform(-jit, jit, size=pts1.shape).astype(np.float32)
+        # forward affine M (2x3) with M @ [p, 1] = q; warpAffine samples src at M^-1 (dst)
+        A = np.hstack([pts1.astype(np.float64), np.ones((3, 1))])
+        M = np.linalg.solve(A, pts2.astype(np.float64)).T
+        Minv = np.linalg.inv(np.vstack([M, [0, 0, 1]]))[:2]
+        sx = Minv[0, 0] * xx + Minv[0, 1] * yy + Minv[0, 2]
+        sy = Minv[1, 0] * xx + Minv[1, 1] * yy + Minv[1, 2]
+        for k in range(ch):
+            out[i, :, :, k] = ndimage.map_coordinates(x[i, :, :, k], [sy, sx], order=1, mode="mirror")
     dx = rng.uniform(-1, 1, size=(n, h, w))
     dy = rng.uniform(-1, 1, size=(n, h, w))
     if sigma > 0:
