@@ -61,6 +61,9 @@ class Splits:
     input_shape: tuple[int, ...]
     indices: dict[str, list[int]]  # sorted indices into the dataset's pool, per split
     split_hash: str
+    mean: torch.Tensor | None = None  # the train-split normalization, so shift sets are normalized alike
+    std: torch.Tensor | None = None
+    shift: object | None = None       # a ShiftSet (datasets/shift.py) evaluated after training, or None
 
     def save_indices(self, path) -> None:
         """Write {"dataset", "split_hash", "indices"} as JSON, atomically (provenance of a run)."""
@@ -154,6 +157,8 @@ def build_splits(name, x, y, indices, num_classes, input_shape) -> Splits:
         input_shape=tuple(input_shape),
         indices=indices,
         split_hash=split_hash(indices),
+        mean=mean,
+        std=std,
     )
 
 

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="learning-rate schedule (default: the dataset's recipe)")
     run.add_argument("--weight-decay", type=float, default=0.0,
                      help="weight decay shared by every method (default 0: baseline means no regularizer)")
+    run.add_argument("--shift", help="evaluate every final run on a shift set, e.g. digits_c_style "
+                                     "(15+4 CIFAR-C-style corruptions × 5 severities of the test split)")
     run.add_argument("--train-size", type=int, help="train on a stratified subset of this many samples")
     run.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, …")
     run.add_argument("--name", help="benchmark name (default: DATASET-MODEL)")

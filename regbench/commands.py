@@ -78,6 +78,9 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
     models.create_model(model, dataset.num_classes, dataset.input_shape)  # fails early on an unknown/unfit model
     for m in methods:
         _check_attach(m, hparams[m], model, dataset)
+    if args.shift:
+        from regbench.datasets import shift as shift_sets
+        shift_sets.check(args.shift, args.dataset)
     seeds = _parse_seeds(args.seeds)
     _check_device(args.device)
     recipe = {**GENERIC_RECIPE, **RECIPES.get(args.dataset, {})}
@@ -85,7 +88,7 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
         if getattr(args, option) is not None:
             recipe[option] = getattr(args, option)
     data_dir = Path(args.data_dir or default_data_dir).expanduser()
-    base = RunConfig(method="baseline", dataset=args.dataset, model=model, train_size=args.train_size,
+    base = RunConfig(method="baseline", dataset=args.dataset, model=model, train_size=args.train_size, shift=args.shift,
                      weight_decay=args.weight_decay, device=args.device, data_dir=str(data_dir), **recipe)
     name = args.name or f"{args.dataset}-{model}"
     if not _NAME_OK.match(name):
@@ -100,6 +103,11 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
         storage = open_storage(storage_url)
         command_line = command_line.replace(storage_url, safe_url(storage_url))  # the header must not leak it
     splits = dataset.load(data_dir, split_seed=base.split_seed, train_size=args.train_size)
+    if args.shift:
+        import dataclasses
+
+        from regbench.datasets import shift as shift_sets
+        splits = dataclasses.replace(splits, shift=shift_sets.load(args.shift, data_dir, splits))
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"

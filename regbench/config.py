@@ -36,6 +36,7 @@ class RunConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     split_seed: int = 0
     train_size: int | None = None
+    shift: str | None = None  # a shift set evaluated after training (keyed only when set: old keys stay valid)
     optimizer: str = "adamw"
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -72,7 +73,7 @@ class RunConfig:
         return cls(**json.loads(text))
 
     def keyed(self) -> dict[str, Any]:
-        return {k: v for k, v in self.to_dict().items() if k not in NOT_KEYED}
+        return {k: v for k, v in self.to_dict().items() if k not in NOT_KEYED and not (k == "shift" and v is None)}
 
     def key(self) -> str:
         """Stable identity of the run: sha256 of the canonical JSON of the keyed fields."""

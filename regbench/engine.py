@@ -220,14 +220,33 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
                 epochs.set_postfix(val=f"{row['val_acc']:.3f}", loss=f"{task_mean:.3f}")
             if on_epoch is not None:
                 on_epoch(epoch + 1, row)
+        shift_metrics = _evaluate_shift(model, splits.shift) if getattr(splits, "shift", None) is not None else {}
     finally:
         method.detach(model)
         capture.remove()
     seconds = time.perf_counter() - started
     final = dict(history[-1])
+    final.update(shift_metrics)
     final["seconds_per_epoch"] = sum(h["seconds"] for h in history) / len(history)
     return RunResult(metrics=final, history=history, seconds=seconds,
                      diagnostic_layers=[name for name, _ in diag_layers])
+
+
+def _evaluate_shift(model, shift) -> dict[str, float]:
+    """Accuracy of the final model on every (corruption, severity) block of a shift set, in eval mode, plus the mean
+    over the benchmark corruptions × severities and, separately, over the extra ones (CIFAR-C convention)."""
+    model.eval()
+    correct = (predict(model, shift.x).argmax(dim=1).cpu() == shift.y).float()
+    out, bench, extra = {}, [], []
+    for corruption, severity, start, stop in shift.blocks:
+        acc = float(correct[start:stop].mean())
+        out[f"shift/{corruption}/{severity}"] = acc
+        (bench if corruption in shift.benchmark else extra if corruption in shift.extra else []).append(acc)
+    if bench:
+        out["shift_acc"] = sum(bench) / len(bench)
+    if extra:
+        out["shift_extra_acc"] = sum(extra) / len(extra)
+    return out
 
 
 def _evaluate(model, splits, config, capture, diag_keys, erank_x) -> dict[str, float]:

@@ -40,7 +40,7 @@ class Plan:
         first = next(iter(self.configs.values()))[0]
         return {
             "benchmark": self.benchmark, "command": self.command, "seeds": self.seeds,
-            "dataset": first.dataset, "model": first.model, "epochs": first.epochs,
+            "dataset": first.dataset, "model": first.model, "epochs": first.epochs, "shift": first.shift,
             "methods": {m: {"group_key": cs[0].group_key(), "hparams": cs[0].hparams} for m, cs in self.configs.items()},
             **self.extra,
         }
