@@ -127,10 +127,12 @@ def leaderboard(storage, benchmark: str) -> str:
                      f"{_mean_std(mine.erank, 1, 1)} | "
                      f"{_mean_std(mine.seconds_per_epoch, 1, 3)} | {hp} |")
     lines += ["", "Mean ± sample standard deviation over seeds; test accuracy and gap at the last epoch "
-                  "(gap = train − test accuracy); ECE (15 bins) and NLL on the clean test set. With a shift set: "
-                  "mean accuracy over the 15 benchmark corruptions × 5 severities, over the 4 extra ones separately, "
-                  "and the mCE-style error relative to baseline (1.00 = as robust; lower is better). No significance test is applied in this table: read a Δ that is not clearly "
-                  "larger than its ± as unresolved."]
+                  "(gap = train − test accuracy); ECE (15 bins) and NLL on the clean test set."
+                  + (" Corruption columns: mean accuracy over the 15 benchmark corruptions × 5 severities, over the 4 "
+                     "extra ones separately, and the mCE-style error relative to baseline (1.00 = as robust; lower is "
+                     "better)." if shifted else "")
+                  + " No significance test is applied in this table: read a Δ that is not clearly larger than its ± as "
+                    "unresolved."]
     return "\n".join(lines) + "\n"
 
 
