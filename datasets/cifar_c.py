@@ -32,13 +32,8 @@ from regbench.errors import ConfigError, DataError
 
 from .base import atomic_write_bytes
 from .cifar import md5_file, verify
+from .corruptions import BENCHMARK, EXTRA  # one list of the 15 + 4 names for the reader and the generator
 
-BENCHMARK = (
-    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-    "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-    "jpeg_compression",
-)
-EXTRA = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 CORRUPTIONS = BENCHMARK + EXTRA
 SEVERITIES = (1, 2, 3, 4, 5)
 SIDECAR = "regbench_sidecar.json"  # the name datasets/corruptions.py uses too
