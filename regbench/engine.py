@@ -240,8 +240,10 @@ def _evaluate_shift(model, shift) -> dict[str, float]:
     out, bench, extra = {}, [], []
     for corruption, severity, start, stop in shift.blocks:
         acc = float(correct[start:stop].mean())
-        out[f"shift/{corruption}/{severity}"] = acc
-        (bench if corruption in shift.benchmark else extra if corruption in shift.extra else []).append(acc)
+        # The key says which family a block belongs to, so reports need no list of corruption names.
+        family = "shift" if corruption in shift.benchmark else "shift_extra"
+        out[f"{family}/{corruption}/{severity}"] = acc
+        (bench if family == "shift" else extra).append(acc)
     if bench:
         out["shift_acc"] = sum(bench) / len(bench)
     if extra:

@@ -75,12 +75,9 @@ def _relative_mce(df: pd.DataFrame, method: str) -> str:
     if ref.empty or mine.empty or not len(mine.shift_blocks.iloc[0]):
         return "–"
     e_ref, e_mine = errors(ref), errors(mine)
-    corruptions = sorted({k.split("/")[1] for k in e_mine})
-    extra = {"speckle_noise", "gaussian_blur", "spatter", "saturate"}
+    corruptions = sorted({k.split("/")[1] for k in e_mine})  # benchmark blocks only: extra ones are "shift_extra/"
     ratios = []
     for c in corruptions:
-        if c in extra:
-            continue
         keys = [k for k in e_mine if k.split("/")[1] == c and k in e_ref]
         denominator = sum(e_ref[k] for k in keys)
         if denominator > 0:

@@ -26,12 +26,35 @@ def test_shift_set_columns_end_to_end(tmp_path, data_dir):
         metrics = [json.loads(v) for (v,) in db.execute(
             "select value_json from trial_user_attributes where key='metrics'")]
     for m in metrics:
-        blocks = {k: v for k, v in m.items() if k.startswith("shift/")}
-        assert len(blocks) == 19 * 5
-        bench = [v for k, v in blocks.items() if k.split("/")[1] not in
-                 ("speckle_noise", "gaussian_blur", "spatter", "saturate")]
-        assert m["shift_acc"] == pytest.approx(sum(bench) / 75)
+        bench = {k: v for k, v in m.items() if k.startswith("shift/")}
+        extra = {k: v for k, v in m.items() if k.startswith("shift_extra/")}
+        assert len(bench) == 15 * 5 and len(extra) == 4 * 5
+        assert {k.split("/")[1] for k in extra} == {"speckle_noise", "gaussian_blur", "spatter", "saturate"}
+        assert m["shift_acc"] == pytest.approx(sum(bench.values()) / 75)
+        assert m["shift_extra_acc"] == pytest.approx(sum(extra.values()) / 20)
         assert 0 <= m["shift_acc"] <= 1 and 0 <= m["shift_extra_acc"] <= 1
     # the generated set is cached in the data dir with its sidecar, in the official layout
     sidecars = list((data_dir / "digits_c_style").glob("*/regbench_sidecar.json"))
     assert len(sidecars) == 1 and (sidecars[0].parent / "labels.npy").is_file()
+
+
+def test_relative_mce_is_the_mean_over_corruptions_of_summed_error_ratios():
+    import pandas as pd
+
+    from regbench.report import _relative_mce
+
+    def row(method, seed, accs):
+        return {"method": method, "seed": seed, "shift_blocks": accs}
+
+    # baseline errors: fog 0.2+0.4, snow 0.5+0.5; method: fog 0.1+0.2 (ratio 0.5), snow 0.5+1.0 (ratio 1.5)
+    base = {"shift/fog/1": 0.8, "shift/fog/5": 0.6, "shift/snow/1": 0.5, "shift/snow/5": 0.5}
+    mine = {"shift/fog/1": 0.9, "shift/fog/5": 0.8, "shift/snow/1": 0.5, "shift/snow/5": 0.0}
+    df = pd.DataFrame([row("baseline", 0, base), row("m", 0, mine)])
+    assert _relative_mce(df, "m") == "1.000"
+    mine_better_snow = dict(mine, **{"shift/snow/5": 0.75})  # snow errors 0.5+0.25 → ratio 0.75
+    df = pd.DataFrame([row("baseline", 0, base), row("m", 0, mine_better_snow)])
+    assert _relative_mce(df, "m") == f"{(0.5 + 0.75) / 2:.3f}"
+    # seeds are averaged before the ratio
+    df = pd.DataFrame([row("baseline", 0, base), row("baseline", 1, base),
+                       row("m", 0, mine_better_snow), row("m", 1, mine_better_snow)])
+    assert _relative_mce(df, "m") == "0.625"
