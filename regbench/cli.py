@@ -29,10 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="regbench", description="Benchmark entropy-based and classic regularizers with honest error bars.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", help="tune-free v1: run each method over seeds, mirror to MLflow, write a leaderboard",
-                         description="Train every method (plus baseline) over the same seeds on the same split, store "
-                                     "each run as an Optuna trial, mirror it to MLflow and write leaderboard.md. "
-                                     "Rerunning the same command resumes and trains only what is missing.")
+    run = sub.add_parser("run", help="tune each method, rerun the best over seeds, mirror to MLflow, write a leaderboard",
+                         description="Tune every method (plus baseline) under the same budget on the validation "
+                                     "split (--trials), rerun each one's best configuration over the same seeds, "
+                                     "store each run as an Optuna trial, mirror it to MLflow and write "
+                                     "leaderboard.md. Rerunning the same command resumes and trains only what is "
+                                     "missing.")
     run.add_argument("--methods", required=True, help="comma-separated method names, e.g. ses,shade "
                                                       "(baseline is always added); see `regbench list methods`")
     run.add_argument("--dataset", default="mnist1d", help="dataset name (default: mnist1d, embedded and offline)")
@@ -49,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shift", help="evaluate every final run on a shift set, e.g. digits_c_style "
                                      "(15+4 CIFAR-C-style corruptions × 5 severities of the test split)")
     run.add_argument("--train-size", type=int, help="train on a stratified subset of this many samples")
+    run.add_argument("--train-per-class", type=int, metavar="K",
+                     help="train on a stratified subset of K samples per class (instead of --train-size)")
+    run.add_argument("--augment", choices=["none", "crop_flip"],
+                     help="training augmentation: crop_flip = random crop of the 4-px black-padded image + "
+                          "horizontal flip (default: the dataset's; crop_flip for cifar10/cifar100, else none)")
     run.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, …")
     run.add_argument("--name", help="benchmark name (default: DATASET-MODEL)")
     run.add_argument("--out", help="output dir (default: runs/<benchmark name>)")
@@ -58,14 +65,58 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.HPARAM=VALUE",
                      help="override a method hparam, e.g. --set ses.beta=0.6 (repeatable)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
+    tune = run.add_argument_group("tuning (Optuna, on the validation split; test is never read while tuning)")
+    tune.add_argument("--trials", type=int, default=0,
+                      help="tuning trials per method over its search space, TPE seeded; the best on validation is "
+                           "rerun over --seeds (default 0: each method's defaults, no tuning)")
+    tune.add_argument("--budget-epochs", type=int, metavar="E",
+                      help="tune each method until E training epochs are spent (equal budget in epochs; with "
+                           "--trials, whichever ends first)")
+    tune.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median",
+                      help="stop poor tuning trials early on their per-epoch validation score (default median)")
+    tune.add_argument("--objective", choices=["val_acc", "val_nll"], default="val_acc",
+                      help="what tuning optimizes (default val_acc, maximized; val_nll is minimized)")
+    tune.add_argument("--tune-shared", action="store_true",
+                      help="also tune lr and weight decay, for every method including baseline")
+    tune.add_argument("--oracle", action="store_true",
+                      help="also evaluate tuning trials on test and add an ORACLE table (selected on test: "
+                           "optimistic, for reference only)")
+    tune.add_argument("--plan-only", action="store_true",
+                      help="store the benchmark's plan and exit; workers (`regbench worker`/`launch`) run it")
 
     ls = sub.add_parser("list", help="list methods (with hparams and search spaces), datasets or models")
     ls.add_argument("what", choices=["methods", "datasets", "models"])
+
+    st = sub.add_parser("status", help="per method: tuning and final runs done, running, failed, pruned, remaining")
+    st.add_argument("out", nargs="?", help="the output dir of a `regbench run` (or give --storage)")
+    st.add_argument("--storage", help="storage URL (default: sqlite:///OUT/regbench.db)")
+    st.add_argument("--name", help="benchmark name (default: the only one in the store)")
+
+    wk = sub.add_parser("worker", help="join a benchmark in a shared storage and run its trials until none is left",
+                        description="Claim and run trials of a planned benchmark (`regbench run ... --plan-only`, "
+                                    "or one being run) from any machine; workers coordinate through the storage.")
+    wk.add_argument("--storage", required=True, help="postgresql://USER@HOST/DB, sqlite:///PATH.db or journal:PATH.log")
+    wk.add_argument("--benchmark", required=True, help="the benchmark's name")
+    wk.add_argument("--data-dir", default=None, help="dataset cache (default: $REGBENCH_DATA or ~/.cache/regbench)")
+    wk.add_argument("--device", help="override the planned device (auto, cpu, cuda, cuda:N)")
+    wk.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
+
+    la = sub.add_parser("launch", help="start N workers through submitit (local processes or Slurm), then report")
+    la.add_argument("name", help="a benchmark planned in the storage")
+    la.add_argument("--workers", type=int, default=2, help="number of workers (default 2)")
+    la.add_argument("--storage", help="storage URL (default: sqlite:///runs/NAME/regbench.db)")
+    la.add_argument("--out", help="where the leaderboard and worker logs go (default runs/NAME)")
+    la.add_argument("--slurm", metavar="PARTITION", help="submit Slurm jobs to this partition instead of local "
+                                                           "processes")
+    la.add_argument("--timeout-min", type=int, default=24 * 60, help="per-worker time limit in minutes")
+    la.add_argument("--data-dir", default=None, help="dataset cache (default: $REGBENCH_DATA or ~/.cache/regbench)")
 
     rep = sub.add_parser("report", help="regenerate OUT/leaderboard.md from the store")
     rep.add_argument("out", help="the output dir of a previous `regbench run`")
     rep.add_argument("--storage", help="storage URL (default: sqlite:///OUT/regbench.db)")
     rep.add_argument("--name", help="benchmark name (default: the only one in the store)")
+    from regbench.data_commands import add_parser as add_data_parser
+    add_data_parser(sub)
     return p
 
 
@@ -79,6 +130,15 @@ def main(argv: list[str] | None = None) -> int:
             return commands.run_command(args, _default_data_dir(), shlex.join(["regbench", *argv]))
         if args.command == "list":
             return commands.list_command(args.what)
+        if args.command == "data":
+            from regbench.data_commands import data_command
+            return data_command(args, _default_data_dir())
+        if args.command == "status":
+            return commands.status_command(args)
+        if args.command == "worker":
+            return commands.worker_command(args, _default_data_dir())
+        if args.command == "launch":
+            return commands.launch_command(args, _default_data_dir())
         return commands.report_command(args)
     except RegbenchError as exc:
         print(f"regbench: error: {exc}", file=sys.stderr)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from regbench import registry
+from regbench import tracking as _tracking
 from regbench.config import GENERIC_RECIPE, RECIPES, RunConfig, parse_sets
 from regbench.errors import ConfigError, RegbenchError
 
@@ -74,6 +75,9 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
     overrides = parse_sets(args.sets, methods)
     hparams = {m: registry.method_class(m).resolve(overrides.get(m, {})) for m in methods}
     dataset = registry.dataset(args.dataset)
+    augment = args.augment or getattr(dataset, "default_augment", "none")
+    from regbench.datasets.base import check_augment
+    check_augment(augment, dataset.input_shape, args.dataset)  # e.g. crop_flip on 1-D signals: fail before any work
     model = args.model or dataset.default_model
     models.create_model(model, dataset.num_classes, dataset.input_shape)  # fails early on an unknown/unfit model
     for m in methods:
@@ -82,6 +86,7 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
         from regbench.datasets import shift as shift_sets
         shift_sets.check(args.shift, args.dataset)
     seeds = _parse_seeds(args.seeds)
+    protocol = _protocol(args)  # bad --trials/--budget-epochs/… fail before any storage is opened
     _check_device(args.device)
     recipe = {**GENERIC_RECIPE, **RECIPES.get(args.dataset, {})}
     for option in ("epochs", "batch_size", "lr", "optimizer", "schedule"):
@@ -89,6 +94,7 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
             recipe[option] = getattr(args, option)
     data_dir = Path(args.data_dir or default_data_dir).expanduser()
     base = RunConfig(method="baseline", dataset=args.dataset, model=model, train_size=args.train_size, shift=args.shift,
+                     train_per_class=args.train_per_class, augment=augment,
                      weight_decay=args.weight_decay, device=args.device, data_dir=str(data_dir), **recipe)
     name = args.name or f"{args.dataset}-{model}"
     if not _NAME_OK.match(name):
@@ -102,7 +108,11 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
         from regbench.store import open_storage, safe_url
         storage = open_storage(storage_url)
         command_line = command_line.replace(storage_url, safe_url(storage_url))  # the header must not leak it
-    splits = dataset.load(data_dir, split_seed=base.split_seed, train_size=args.train_size)
+    options = {"train_per_class": args.train_per_class, "augment": args.augment}  # only those given: old plugins
+    splits = dataset.load(data_dir, split_seed=base.split_seed, train_size=args.train_size,
+                          **{k: v for k, v in options.items() if v is not None})
+    # The split's hash is keyed: a run is identified by the exact indices it trained on (saved under OUT/splits/).
+    base = base.replace(split_hash=splits.split_hash, augment=getattr(splits, "augment", "none"))
     if args.shift:
         import dataclasses
 
@@ -116,74 +126,243 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot write to output dir {out}: {exc.strerror}; choose another --out") from None
 
-    from regbench import report, store, study, tracking
+    from regbench import study
     from regbench.store import OutputLock, default_storage_url, open_storage
 
-    progress = not args.quiet and sys.stderr.isatty()
-    say = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    bench = study.Benchmark(name=name, base=base, fixed={m: _typed_sets(m, overrides.get(m, {})) for m in methods},
+                            seeds=seeds, protocol=protocol, command=command_line)
+    study.check_search_spaces(bench)  # an invalid hparam from a search space fails here, before any write
     with OutputLock(out):
+        owned = storage is None
         if storage is None:
             storage_url = default_storage_url(out)
             storage = open_storage(storage_url)
         splits.save_indices(out / "splits" / f"{args.dataset}-{splits.split_hash[:12]}.json")
-        configs = {m: [base.replace(method=m, hparams=hparams[m], seed=s) for s in seeds] for m in methods}
-        plan = study.Plan(benchmark=name, command=command_line, configs=configs, seeds=seeds,
-                          extra={"split_hash": splits.split_hash, "storage": store.safe_url(storage_url)})
-        study.save_spec(storage, plan)
-        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri(out)
-        tracker = tracking.Tracker(tracking_uri, experiment=name)
-        total = len(methods) * len(seeds)
-        counter = {"done": 0}
-        import optuna
-
-        for method in methods:
-            st = optuna.create_study(study_name=store.final_study_name(name, method), storage=storage,
-                                     direction="maximize", load_if_exists=True)
-            counts = study.enqueue_missing(st, configs[method], owns_storage=args.storage is None)
-            counter["done"] += counts["done"]
-            if counts["done"]:
-                say(f"{method}: {counts['done']} of {len(seeds)} seeds already in the store, skipped")
-
-            def run_one(trial, cfg, st=st):
-                result = study.run_trial(st, trial, cfg, splits, progress=progress)
-                counter["done"] += 1
-                if result is None:
-                    say(f"[{counter['done']}/{total}] {cfg.method} seed {cfg.seed}: FAILED "
-                        f"({trial.user_attrs.get('fail_reason', '')})")
-                    return
-                _mirror_trial(tracker, st.study_name, trial.number, trial.user_attrs)
-                m = result.metrics
-                say(f"[{counter['done']}/{total}] {cfg.method} seed {cfg.seed}: test {m['test_acc']:.2%}, "
-                    f"val {m['val_acc']:.2%}, {result.seconds:.1f} s")
-
-            study.drain(st, run_one)
-        _mirror_missing(storage, tracker, name, plan)
-        path = report.write_leaderboard(storage, name, out)
-        tracker.log_artifact(None, path)
-        tracker.close()
+        bench.extra = {"split_hash": splits.split_hash, "storage": _safe(storage_url)}
+        study.save_spec(storage, bench)
+        if owned:  # we hold the output dir's lock, so a RUNNING trial in its store belongs to a dead process
+            study.fail_dead_trials(storage, study.study_names(bench))
+        if args.plan_only:
+            print(f"Planned benchmark {name!r} in {_safe(storage_url)}; join it with: regbench worker --storage "
+                  f"{_safe(storage_url)} --benchmark {name}  (or regbench launch {name} --workers N ...)")
+            return 0
+        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or _tracking.default_tracking_uri(out)
+        work(storage, bench, splits, tracking_uri, quiet=args.quiet)
+        path = _write_report(storage, name, out, tracking_uri)
     print(path.read_text())
     print(f"Leaderboard: {path}")
-    print(f"Store: {store.safe_url(storage_url)}")
-    print(f"MLflow UI: {tracking.ui_command(tracking_uri)}")
+    print(f"Store: {_safe(storage_url)}")
+    print(f"MLflow UI: {_tracking.ui_command(tracking_uri)}")
     return 0
 
 
-def _mirror_trial(tracker, study_name: str, number: int, attrs: dict) -> None:
-    import json
+def _safe(url: str) -> str:
+    from regbench.store import safe_url
 
-    tracker.log_trial(study_name, number, json.loads(attrs["config"]), attrs["config_key"], attrs["metrics"],
-                      attrs["history"], attrs.get("env", {}), started=attrs["timings"]["started"],
-                      seconds=attrs["timings"]["seconds"])
+    return safe_url(url)
 
 
-def _mirror_missing(storage, tracker, benchmark: str, plan) -> None:
-    """Mirror every finished run of this plan that MLflow lacks (e.g. after a crash between store and mirror)."""
-    from regbench import store
+def _typed_sets(method: str, overrides: dict) -> dict:
+    """--set values typed like the defaults (resolve does the typing and range checks), only the names given."""
+    resolved = registry.method_class(method).resolve(overrides)
+    return {k: resolved[k] for k in overrides}
 
-    for method in plan.configs:
-        for t in store.final_trials(storage, benchmark, method, plan.configs[method][0].group_key()):
-            _mirror_trial(tracker, store.final_study_name(benchmark, method), t.number, t.user_attrs)
-        tracker.parent(method, plan.configs[method][0].hparams)
+
+def _protocol(args):
+    from regbench.study import Protocol
+
+    return Protocol(trials=args.trials, budget_epochs=args.budget_epochs, pruner=args.pruner,
+                    objective=args.objective, tune_shared=args.tune_shared, oracle=args.oracle)
+
+
+def work(storage, bench, splits, tracking_uri: str | None, quiet: bool = False, wait: bool = True) -> None:
+    """Run this process's share of a benchmark's trials, one line each, mirrored to MLflow as they finish."""
+    from regbench import study, tracking
+
+    progress = not quiet and sys.stderr.isatty()
+    say = (lambda *_: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    tracker = tracking.Tracker(tracking_uri, experiment=bench.name) if tracking_uri else None
+
+    def on_trial(outcome: study.Outcome) -> None:
+        t = outcome.trial
+        if study.skipped(t):
+            return
+        what = (f"{outcome.method} tuning trial {t.number}" if outcome.kind == "tune"
+                else f"{outcome.method} seed {t.params.get('seed', '?')}")
+        spent = t.user_attrs.get("budget", {})
+        if t.state.name == "COMPLETE":
+            m = t.user_attrs["metrics"]
+            scores = ", ".join(f"{k.split('_')[0]} {m[k]:.2%}" for k in ("test_acc", "val_acc") if k in m)
+            say(f"{what}: {scores}, {spent.get('seconds', 0):.1f} s")
+        elif t.state.name == "PRUNED":
+            say(f"{what}: pruned after {spent.get('epochs', '?')} epochs")
+        else:
+            say(f"{what}: FAILED ({t.user_attrs.get('fail_reason', 'unknown')})")
+        if tracker is not None:
+            tracker.mirror(outcome.study.study_name, t)
+
+    runner = study.Runner(storage, bench, splits, progress=progress, on_trial=on_trial, wait=wait)
+    for method in bench.methods if not bench.protocol.tunes else []:
+        keys = {c.key() for c in runner.select(method)}
+        done = sum(t.state.name == "COMPLETE" and t.user_attrs.get("config_key") in keys
+                   for t in runner.final_study(method).get_trials(deepcopy=False))
+        if done:
+            say(f"{method}: {done} of {len(bench.seeds)} seeds already in the store, skipped")
+    runner.run()
+    if tracker is not None:
+        _mirror_all(storage, tracker, bench)
+        tracker.close()
+
+
+def _mirror_all(storage, tracker, bench) -> None:
+    """Mirror every trial of the benchmark that MLflow lacks (e.g. one run by another worker, or after a crash between
+    store and mirror), and give each method's parent run its selection and tuning curve."""
+    import optuna
+
+    from regbench import study
+
+    root = optuna.load_study(study_name=bench.name, storage=storage)
+    for method in bench.methods:
+        for name in [n for n in study.study_names(bench) if n.split(":")[1] == method]:
+            try:
+                st = optuna.load_study(study_name=name, storage=storage)
+            except KeyError:
+                continue
+            for t in st.get_trials(deepcopy=False):
+                if t.state.name in ("COMPLETE", "PRUNED", "FAIL") and not study.skipped(t):
+                    tracker.mirror(name, t)
+        selected = root.user_attrs.get(study.selection_attr(method, bench.ident(method)), {})
+        curve = []
+        if bench.tunes(method):
+            try:
+                tune = optuna.load_study(study_name=bench.tune_study_name(method), storage=storage)
+                curve = [(t.number, t.value) for t in tune.get_trials(deepcopy=False, states=(
+                    optuna.trial.TrialState.COMPLETE,))]
+            except KeyError:
+                pass
+        tracker.summarize(method, selected, curve, bench.protocol.direction)
+
+
+def _write_report(storage, name: str, out: Path, tracking_uri: str | None) -> Path:
+    from regbench import report, tracking
+
+    path = report.write_leaderboard(storage, name, out)
+    if tracking_uri:
+        tracker = tracking.Tracker(tracking_uri, experiment=name)
+        tracker.log_artifact(None, path, all_parents=True)
+        tracker.close()
+    return path
+
+
+def _load_benchmark(storage, name: str):
+    import optuna
+
+    from regbench import study
+    from regbench.store import load_spec
+
+    spec = load_spec(storage, name)
+    if spec is None or "base" not in spec:
+        names = [s for s in optuna.get_all_study_names(storage) if ":" not in s]
+        raise ConfigError(f"benchmark {name!r} does not exist in this storage (it holds: {', '.join(names) or 'none'}); "
+                          f"create it with `regbench run ... --storage URL --plan-only`")
+    return study.Benchmark.from_spec(spec)
+
+
+def load_splits(cfg: RunConfig, data_dir: Path):
+    """The splits (and shift set) a RunConfig trained on, rebuilt from the dataset (a worker on another machine)."""
+    import dataclasses
+
+    dataset = registry.dataset(cfg.dataset)
+    options = {"train_per_class": cfg.train_per_class, "augment": cfg.augment}
+    splits = dataset.load(data_dir, split_seed=cfg.split_seed, train_size=cfg.train_size,
+                          **{k: v for k, v in options.items() if v is not None})
+    if cfg.shift:
+        from regbench.datasets import shift as shift_sets
+        splits = dataclasses.replace(splits, shift=shift_sets.load(cfg.shift, data_dir, splits))
+    return splits
+
+
+def worker_command(args, default_data_dir: str) -> int:
+    """Join a benchmark planned in a shared storage: claim and run its trials until none is left."""
+    from regbench.store import open_storage
+
+    storage = open_storage(args.storage)
+    bench = _load_benchmark(storage, args.benchmark)
+    data_dir = Path(args.data_dir or default_data_dir).expanduser()
+    if args.device:
+        _check_device(args.device)
+        bench.base = bench.base.replace(device=args.device)
+    splits = load_splits(bench.base, data_dir)
+    want = bench.extra.get("split_hash")
+    if want and splits.split_hash != want:
+        raise ConfigError(f"this machine's {bench.base.dataset} data gives split {splits.split_hash[:12]}, the "
+                          f"benchmark was planned on {want[:12]}; point --data-dir at the same dataset files")
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    work(storage, bench, splits, tracking_uri, quiet=args.quiet)
+    print(f"worker: benchmark {bench.name!r} has no work left")
+    return 0
+
+
+def status_command(args) -> int:
+    """Per method: tuning and final runs done, running, failed, pruned and remaining."""
+    from regbench import study
+    from regbench.store import STORE_FILE, default_storage_url, open_storage
+
+    storage = _open_for_reading(args, STORE_FILE, default_storage_url, open_storage)
+    name = _only_benchmark(storage, args.name)
+    bench = _load_benchmark(storage, name)
+    print(f"benchmark {name}: {len(bench.methods)} methods, seeds {bench.seeds}, "
+          + (f"{bench.protocol.trials} tuning trials" if bench.protocol.trials else "no tuning")
+          + (f", {bench.protocol.budget_epochs} tuning epochs" if bench.protocol.budget_epochs else ""))
+    for row in study.progress(storage, bench):
+        print(row)
+    return 0
+
+
+def _open_for_reading(args, store_file, default_storage_url, open_storage):
+    if args.storage:
+        return open_storage(args.storage)
+    out = Path(args.out or ".")
+    if not (out / store_file).is_file():
+        raise ConfigError(f"{out} holds no store ({store_file}); pass the --out of a `regbench run` or --storage URL")
+    return open_storage(default_storage_url(out))
+
+
+def _only_benchmark(storage, name: str | None) -> str:
+    import optuna
+
+    if name is not None:
+        return name
+    names = [s for s in optuna.get_all_study_names(storage) if ":" not in s]
+    if len(names) != 1:
+        raise ConfigError(f"the store holds benchmarks {', '.join(names) or 'none'}; choose one with --name")
+    return names[0]
+
+
+def launch_command(args, default_data_dir: str) -> int:
+    """Start N workers through submitit (local processes, or Slurm jobs with --slurm), wait, write the leaderboard."""
+    from regbench import launch
+    from regbench.store import default_storage_url, open_storage
+
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    out = Path(args.out or Path("runs") / args.name)
+    storage_url = args.storage or default_storage_url(out)
+    storage = open_storage(storage_url)
+    _load_benchmark(storage, args.name)  # fails in one line before any job starts
+    data_dir = str(Path(args.data_dir or default_data_dir).expanduser())
+    jobs = launch.start_workers(storage_url, args.name, args.workers, out / "workers", data_dir,
+                                slurm_partition=args.slurm, timeout_min=args.timeout_min)
+    print(f"launched {len(jobs)} workers ({'slurm ' + args.slurm if args.slurm else 'local'}): "
+          f"{', '.join(str(j.job_id) for j in jobs)}; logs in {out / 'workers'}", flush=True)
+    failures = launch.wait(jobs)
+    if failures:
+        raise RegbenchError(f"{len(failures)} of {len(jobs)} workers failed: {failures[0]}; see {out / 'workers'}")
+    out.mkdir(parents=True, exist_ok=True)
+    path = _write_report(storage, args.name, out, os.environ.get("MLFLOW_TRACKING_URI"))
+    print(path.read_text())
+    print(f"Leaderboard: {path}")
+    return 0
 
 
 def _describe_space(cls) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 from regbench.errors import ConfigError
 
 NOT_KEYED = ("data_dir", "device", "eval_test")
+KEYED_WHEN_SET = ("shift", "train_per_class", "split_hash", "augment")
 
 # Per-dataset training recipes for the embedded sets (CLI options override them). mnist1d: AdamW + one-cycle, the
 # setting in which ../shared/reference/datasets.md §8 saw regularizers separate beyond seed noise.
@@ -36,6 +37,9 @@ class RunConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     split_seed: int = 0
     train_size: int | None = None
+    train_per_class: int | None = None  # K per class instead of train_size (keyed only when set)
+    split_hash: str | None = None  # sha256 of the split indices the run trained on (datasets/base.py; keyed when set)
+    augment: str | None = None  # training augmentation, e.g. "crop_flip"; None = none (keyed only when set)
     shift: str | None = None  # a shift set evaluated after training (keyed only when set: old keys stay valid)
     optimizer: str = "adamw"
     lr: float = 3e-3
@@ -61,6 +65,12 @@ class RunConfig:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if self.weight_decay < 0:
             raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.train_size is not None and self.train_per_class is not None:
+            raise ConfigError("give --train-size or --train-per-class, not both")
+        if self.train_per_class is not None and self.train_per_class < 1:
+            raise ConfigError(f"--train-per-class must be at least 1, got {self.train_per_class}")
+        if self.augment == "none":  # one spelling of "no augmentation", so it has one key
+            object.__setattr__(self, "augment", None)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -73,7 +83,9 @@ class RunConfig:
         return cls(**json.loads(text))
 
     def keyed(self) -> dict[str, Any]:
-        return {k: v for k, v in self.to_dict().items() if k not in NOT_KEYED and not (k == "shift" and v is None)}
+        # Fields added after stores existed are keyed only when set, so those stores' keys stay valid.
+        return {k: v for k, v in self.to_dict().items()
+                if k not in NOT_KEYED and not (k in KEYED_WHEN_SET and v is None)}
 
     def key(self) -> str:
         """Stable identity of the run: sha256 of the canonical JSON of the keyed fields."""

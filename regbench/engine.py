@@ -185,6 +185,13 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
     autocast = device.type == "cuda"
     erank_x = splits.x_val[:ERANK_BATCH]
 
+    # Augmentation draws from its own generator, on the batches' device, seeded from the run seed: two runs with one
+    # seed see identical batches, and the batch-order stream is the same with or without augmentation. SeedSequence
+    # derives a seed distinct from the batch-order generator's (one integer on two generators = correlated draws).
+    train_augment = getattr(splits, "train_augment", None)
+    augment_seed = int(np.random.SeedSequence([config.seed, 0xA5]).generate_state(1)[0])
+    augment_generator = torch.Generator(device=device).manual_seed(augment_seed)
+
     history: list[dict[str, float]] = []
     started, step = time.perf_counter(), 0
     epochs = range(config.epochs)
@@ -200,7 +207,10 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
             perm = torch.randperm(n, generator=generator).to(device)
             for b in range(steps_per_epoch):
                 idx = perm[b * batch:(b + 1) * batch]
-                task, reg = train_step(model, method, capture, optimizer, x_train[idx], y_train[idx],
+                xb = x_train[idx]
+                if train_augment is not None:  # training batches only: never val/test/erank/shift
+                    xb = train_augment(xb, augment_generator)
+                task, reg = train_step(model, method, capture, optimizer, xb, y_train[idx],
                                        step=step, epoch=epoch, autocast=autocast)
                 scheduler.step()
                 sum_task += task
@@ -236,10 +246,10 @@ def _evaluate_shift(model, shift) -> dict[str, float]:
     """Accuracy of the final model on every (corruption, severity) block of a shift set, in eval mode, plus the mean
     over the benchmark corruptions × severities and, separately, over the extra ones (CIFAR-C convention)."""
     model.eval()
-    correct = (predict(model, shift.x).argmax(dim=1).cpu() == shift.y).float()
     out, bench, extra = {}, [], []
-    for corruption, severity, start, stop in shift.blocks:
-        acc = float(correct[start:stop].mean())
+    for i, (corruption, severity) in enumerate(shift.blocks):
+        x, y = shift.block(i)  # one block normalized at a time: the whole set never sits in memory as float32
+        acc = accuracy(predict(model, x), y)
         # The key says which family a block belongs to, so reports need no list of corruption names.
         family = "shift" if corruption in shift.benchmark else "shift_extra"
         out[f"{family}/{corruption}/{severity}"] = acc
@@ -253,8 +263,10 @@ def _evaluate_shift(model, shift) -> dict[str, float]:
 
 def _evaluate(model, splits, config, capture, diag_keys, erank_x) -> dict[str, float]:
     model.eval()
+    val_logits = predict(model, splits.x_val)
     row = {"train_acc": accuracy(predict(model, splits.x_train), splits.y_train),
-           "val_acc": accuracy(predict(model, splits.x_val), splits.y_val)}
+           "val_acc": accuracy(val_logits, splits.y_val),
+           "val_nll": float(F.cross_entropy(val_logits.float(), splits.y_val.to(val_logits.device)))}
     if config.eval_test:
         test_logits = predict(model, splits.x_test)
         row["test_acc"] = accuracy(test_logits, splits.y_test)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from regbench.store import final_trials, load_spec
+from regbench.store import final_study_name, final_trials, load_spec, selection, spent, trials_of
 
 REFERENCE = "baseline"
 
@@ -21,7 +21,10 @@ def runs_frame(storage, benchmark: str, spec: dict) -> pd.DataFrame:
     """One row per completed final run of the spec's configurations (a tidy frame for stats and reports)."""
     rows, seeds = [], set(spec["seeds"])
     for method, info in spec["methods"].items():
-        for t in final_trials(storage, benchmark, method, info["group_key"]):
+        group_key = selection(storage, benchmark, method, info).get("group_key")
+        if group_key is None:  # still tuning: no finals yet
+            continue
+        for t in final_trials(storage, benchmark, method, group_key):
             if int(t.params["seed"]) not in seeds:  # the store may hold other seeds of the same config
                 continue
             m, layers = t.user_attrs["metrics"], t.user_attrs.get("diagnostic_layers", [])
@@ -96,6 +99,18 @@ def leaderboard(storage, benchmark: str) -> str:
              f"- command: `{spec['command']}`",
              f"- dataset `{spec['dataset']}`, model `{spec['model']}`, {spec['epochs']} epochs, "
              f"seeds {', '.join(map(str, spec['seeds']))} (shared by every method, so differences are paired)"]
+    proto = spec.get("protocol") or {}
+    tuned = bool(proto.get("trials") or proto.get("budget_epochs"))
+    if tuned:
+        budget = " and ".join(x for x in (f"{proto['trials']} trials" if proto.get("trials") else "",
+                                          f"{proto['budget_epochs']} epochs" if proto.get("budget_epochs") else "") if x)
+        lines.append(f"- tuning: every method got {budget} of Optuna TPE (seed {proto.get('sampler_seed', 0)}, "
+                     f"{proto.get('pruner', 'median')} pruner) over its search space"
+                     + (" plus the shared lr and weight decay" if proto.get("tune_shared") else "")
+                     + f", objective `{proto.get('objective', 'val_acc')}` on the validation split (test never read); "
+                       "the best trial was rerun over the seeds below")
+    else:
+        lines.append("- no tuning: every method ran with its defaults (and any `--set`)")
     if spec.get("shift"):
         lines.append(f"- shift set `{spec['shift']}`: generated CIFAR-C-style corruptions of the test split "
                      f"(\"-style\": not comparable with official CIFAR-C numbers)")
@@ -109,11 +124,20 @@ def leaderboard(storage, benchmark: str) -> str:
     shifted = not df.empty and df.shift_acc.notna().any()
     shift_head = " corruption acc % | extra corr. acc % | rel. mCE |" if shifted else ""
     lines += ["", "| method | seeds | test acc % | Δ test vs baseline (pp, paired) | gap (pp) | ECE % | NLL "
-                  f"|{shift_head} final erank | s/epoch | hparams |",
+                  f"|{shift_head} final erank | s/epoch | hparams; budget spent |",
               "|---|---|---|---|---|---|---|" + ("---|---|---|" if shifted else "") + "---|---|---|"]
+    budgets = {m: _budget(storage, benchmark, m, spec["methods"][m]) for m in methods}
     for method in methods:
         mine = df[df.method == method] if not df.empty else df
-        hp = ", ".join(f"{k}={v}" for k, v in spec["methods"][method]["hparams"].items()) or "–"
+        chosen = selection(storage, benchmark, method, spec["methods"][method])
+        info = spec["methods"][method]
+        hparams = chosen.get("hparams", info["hparams"])
+        shown = [k for k in hparams if k in set(info.get("space", [])) | set(info.get("fixed", {}))]
+        hp = _hparams_text({**{k: hparams[k] for k in (shown if "space" in info else hparams)},
+                            **chosen.get("shared", {})})
+        if info.get("space") == [] and proto and tuned:
+            hp = (hp if hp != "–" else "defaults") + " (nothing to tune)"
+        hp += f"; {budgets[method]}"
         if mine.empty:
             lines.append(f"| {method} | 0 | no finished runs | | | | |{' | | |' if shifted else ''} | | {hp} |")
             continue
@@ -128,9 +152,48 @@ def leaderboard(storage, benchmark: str) -> str:
                   + (" Corruption columns: mean accuracy over the 15 benchmark corruptions × 5 severities, over the 4 "
                      "extra ones separately, and the mCE-style error relative to baseline (1.00 = as robust; lower is "
                      "better)." if shifted else "")
-                  + " No significance test is applied in this table: read a Δ that is not clearly larger than its ± as "
+                  + " Budget: training epochs and wall time spent by the method, tuning trials included. "
+                  + "No significance test is applied in this table: read a Δ that is not clearly larger than its ± as "
                     "unresolved."]
+    if proto.get("oracle"):
+        lines += _oracle(storage, methods, spec)
     return "\n".join(lines) + "\n"
+
+
+def _hparams_text(hparams: dict) -> str:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    return ", ".join(f"{k}={fmt(v)}" for k, v in hparams.items()) or "–"
+
+
+def _budget(storage, benchmark: str, method: str, info: dict) -> str:
+    tuning = spent(trials_of(storage, info.get("tune_study")))
+    finals = spent(trials_of(storage, final_study_name(benchmark, method)))
+    epochs, seconds = tuning["epochs"] + finals["epochs"], tuning["seconds"] + finals["seconds"]
+    text = f"{epochs} epochs, {seconds / 60:.1f} min"
+    return text + (f" ({tuning['trials']} tuning trials)" if info.get("tune_study") else "")
+
+
+def _oracle(storage, methods: list[str], spec: dict) -> list[str]:
+    """ORACLE: each method's tuning trial with the best *test* accuracy. Selecting on test is optimistic and not a
+    valid comparison; it bounds how much the validation-based selection above may have missed."""
+    lines = ["", "## ORACLE (selected on test — optimistic, not a valid comparison)", "",
+             "| method | ORACLE test acc % | tuning trial | hparams |", "|---|---|---|---|"]
+    for method in methods:
+        done = [t for t in trials_of(storage, spec["methods"][method].get("tune_study"))
+                if t.state.name == "COMPLETE" and "test_acc" in t.user_attrs.get("metrics", {})]
+        if not done:
+            lines.append(f"| {method} | – | – | no tuning trial with a test score |")
+            continue
+        best = max(done, key=lambda t: t.user_attrs["metrics"]["test_acc"])
+        import json
+        cfg = json.loads(best.user_attrs["config"])
+        lines.append(f"| {method} | {best.user_attrs['metrics']['test_acc'] * 100:.2f} | {best.number} | "
+                     f"{_hparams_text(cfg['hparams'])} |")
+    lines.append("")
+    lines.append("ORACLE: one tuning run (seed 10000) per method, chosen by its test accuracy; never use it to rank "
+                 "methods.")
+    return lines
 
 
 def write_leaderboard(storage, benchmark: str, out_dir: Path) -> Path:

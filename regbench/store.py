@@ -54,7 +54,7 @@ def open_storage(url: str):
             if not folder.is_dir():
                 raise StorageError(f"cannot open storage {safe_url(url)!r}: folder {folder} does not exist")
         kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        return _rdb_storage(url, kwargs)
     except StorageError:
         raise
     except Exception as exc:  # sqlalchemy / driver errors: keep the first line, it names the cause
@@ -64,6 +64,34 @@ def open_storage(url: str):
                                f"pip install 'regbench[postgres]' (or the driver for that URL)") from None
         raise StorageError(f"cannot open storage {safe_url(url)!r}: {reason[:200]}; use sqlite:///PATH.db, "
                            f"postgresql://USER@HOST/DB or journal:PATH.log") from None
+
+
+HEARTBEAT_INTERVAL = 10  # seconds; a RUNNING trial with no heartbeat for GRACE_PERIOD is failed and retried once
+GRACE_PERIOD = 30
+
+
+def retry_callback():
+    """Optuna's own retry of a stale trial (same params and user attrs, queued again), at most once."""
+    import warnings
+
+    from optuna import storages
+
+    cls = getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
+    with warnings.catch_warnings():  # experimental/deprecated class warnings
+        warnings.simplefilter("ignore")
+        return cls(max_retry=1)
+
+
+def _rdb_storage(url: str, engine_kwargs: dict):
+    import inspect
+    import warnings
+
+    params = inspect.signature(optuna.storages.RDBStorage).parameters
+    name = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
+                                          grace_period=GRACE_PERIOD, **{name: retry_callback()})
 
 
 def final_study_name(benchmark: str, method: str) -> str:
@@ -85,7 +113,47 @@ def final_trials(storage, benchmark: str, method: str, group_key: str | None = N
     except KeyError:
         return []
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return [t for t in trials if group_key is None or t.user_attrs.get("group_key") == group_key]
+    seen, out = set(), []
+    for t in trials:  # a run is counted once even if two workers raced to it
+        if (group_key is None or t.user_attrs.get("group_key") == group_key) and t.user_attrs.get("config_key") \
+                not in seen:
+            seen.add(t.user_attrs.get("config_key"))
+            out.append(t)
+    return out
+
+
+def selection(storage, benchmark: str, method: str, info: dict) -> dict:
+    """The configuration a method's finals run (its group key, hparams and where it came from), as recorded by the
+    protocol; older specs carry the group key themselves."""
+    if "group_key" in info:
+        return {"group_key": info["group_key"], "hparams": info.get("hparams", {}), "shared": {}}
+    study = optuna.load_study(study_name=benchmark, storage=storage)
+    return study.user_attrs.get(f"selected:{method}:{info.get('ident')}") or {}
+
+
+def trials_of(storage, study_name: str | None) -> list:
+    if not study_name:
+        return []
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
+    except KeyError:
+        return []
+
+
+def spent(trials) -> dict:
+    """Trials, epochs and seconds spent by these trials (skipped ones never trained and cost nothing)."""
+    out = {"trials": 0, "epochs": 0, "seconds": 0.0}
+    for t in trials:
+        reason = str(t.user_attrs.get("fail_reason", ""))
+        if t.state in (TrialState.WAITING, TrialState.RUNNING) or reason.startswith("skipped:"):
+            continue
+        budget = t.user_attrs.get("budget")
+        if budget is None and "metrics" in t.user_attrs:  # runs stored before budgets were recorded
+            budget = {"epochs": len(t.user_attrs.get("history", [])), "seconds": t.user_attrs["timings"]["seconds"]}
+        out["trials"] += 1
+        out["epochs"] += int((budget or {}).get("epochs", 0))
+        out["seconds"] += float((budget or {}).get("seconds", 0.0))
+    return out
 
 
 class OutputLock:

@@ -1,18 +1,32 @@
-"""The protocol (DESIGN.md §4): every training run is one Optuna trial in the store.
+"""The protocol (DESIGN.md §4): tune every method under one budget, select on validation, rerun the winner over seeds.
 
-Final seed runs are trials of the ``<benchmark>:<method>:final`` study, enqueued with their seed as the fixed param
-and the whole RunConfig (plus its key) as user attributes. A run whose key already has a COMPLETE or WAITING trial
-is not enqueued again, so rerunning the same command trains nothing new; ``study.ask()`` claims the waiting trials,
-which is what lets several workers share one storage later. The benchmark's spec (what the last command asked for)
-is kept on the ``<benchmark>`` study so reports are made from the store alone.
+Every training run is one Optuna trial in the store:
+
+* ``<benchmark>`` holds the spec (what the last command asked for) and, per method, the selected configuration.
+* ``<benchmark>:<method>:tune:<ident>`` is the method's tuning study: TPE (seeded) over the method's declared search
+  space (plus the shared lr and weight decay with ``tune_shared``), objective = a validation metric, per-epoch reports
+  for the pruner. Test data is never read here (``eval_test`` is off unless an oracle table was asked for). ``ident``
+  hashes everything the tuning depends on, so changing a setting starts a new study instead of mixing results.
+* ``<benchmark>:<method>:final`` holds the final seed runs, enqueued with their seed as a fixed param and the whole
+  RunConfig as user attributes; seeds are shared across methods so comparisons are paired.
+
+Work is claimed through the storage, so any number of processes (``regbench run``, ``regbench worker``) can share one
+benchmark. Equal budget and "each run once" are enforced when a trial is claimed, not when it is planned, because two
+workers can plan the same thing at the same moment: a tuning trial whose lower-numbered siblings already spent the
+budget, or a final run whose config another trial already holds, ends at once as FAIL with a ``skipped:`` reason and
+is counted nowhere. A dead worker's trial goes stale (heartbeat) and is retried once with the same params (Optuna's
+retry callback); a diverged run (NaN/inf loss) is FAIL with its reason, counts against the budget and is not retried.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -22,29 +36,192 @@ from optuna.trial import TrialState
 import regbench
 from regbench import registry
 from regbench.config import RunConfig
-from regbench.store import SPEC_ATTR
+from regbench.errors import ConfigError, RegbenchError
+from regbench.store import SPEC_ATTR, final_study_name, retry_callback
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+optuna.logging.set_verbosity(optuna.logging.ERROR)  # we print our own one line per trial
+
+TUNE_SEED = 10_000              # training seed of every tuning trial: distinct from the final seeds 0..N-1
+OBJECTIVES = {"val_acc": "maximize", "val_nll": "minimize"}
+PRUNERS = ("none", "median", "hyperband")
+SHARED_PREFIX = "shared."       # shared training hparams in a tuning trial's params: shared.lr, shared.weight_decay
+SKIPPED = "skipped:"            # fail_reason prefix of trials that never trained (budget reached, duplicate, no work)
+DIVERGED = "diverged:"
+POLL_SECONDS = 2.0              # how often a worker with nothing to claim looks again
+
+
+class _Skip(Exception):
+    """Ends a claimed trial that must not train (its fail_reason says why)."""
+
+
+@dataclass(frozen=True)
+class Protocol:
+    trials: int = 0                     # tuning trials per method; 0 with no epoch budget = defaults only
+    budget_epochs: int | None = None    # or: tune until this many training epochs are spent per method
+    pruner: str = "median"
+    objective: str = "val_acc"
+    tune_shared: bool = False           # also tune lr and weight decay, for every method including baseline
+    oracle: bool = False                # also evaluate tuning trials on test, for an oracle table labelled as such
+    sampler_seed: int = 0
+
+    def __post_init__(self):
+        if self.trials < 0:
+            raise ConfigError(f"--trials must be >= 0 (0 = defaults only), got {self.trials}")
+        if self.budget_epochs is not None and self.budget_epochs < 1:
+            raise ConfigError(f"--budget-epochs must be at least 1, got {self.budget_epochs}")
+        if self.pruner not in PRUNERS:
+            raise ConfigError(f"unknown pruner {self.pruner!r}; choose one of: {', '.join(PRUNERS)}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {self.objective!r}; choose one of: {', '.join(OBJECTIVES)}")
+
+    @property
+    def tunes(self) -> bool:
+        return self.trials > 0 or self.budget_epochs is not None
+
+    @property
+    def direction(self) -> str:
+        return OBJECTIVES[self.objective]
+
 
 @dataclass
-class Plan:
-    """What one ``regbench run`` asked for: a config per (method, seed), all sharing dataset, split and recipe."""
+class Benchmark:
+    """What one ``regbench run`` asked for; stored as the spec so workers and reports need nothing else."""
 
-    benchmark: str
-    command: str
-    configs: dict[str, list[RunConfig]]          # method -> one config per seed
+    name: str
+    base: RunConfig                         # the shared recipe, dataset and split (method/hparams/seed are set per run)
+    fixed: dict[str, dict]                  # method -> hparams fixed by --set (typed), never tuned
     seeds: list[int]
+    protocol: Protocol = field(default_factory=Protocol)
+    command: str = ""
     extra: dict = field(default_factory=dict)
+    _space_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.fixed)
+
+    def ident(self, method: str) -> str:
+        """Hash of everything a method's tuning depends on (not the seeds, not the trial count: those may grow)."""
+        keyed = self.base.replace(method=method, hparams={}, seed=0).keyed()
+        proto = {k: v for k, v in asdict(self.protocol).items() if k not in ("trials", "budget_epochs", "oracle")}
+        blob = json.dumps({"run": keyed, "fixed": self.fixed[method], "protocol": proto}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def tunes(self, method: str) -> bool:
+        """Tuning a method with nothing to search (baseline without --tune-shared) would repeat one run: skip it."""
+        if not self.protocol.tunes:
+            return False
+        if method not in self._space_cache:
+            self._space_cache[method] = space_keys(self, method)
+        return bool(self._space_cache[method])
+
+    def tune_study_name(self, method: str) -> str:
+        return f"{self.name}:{method}:tune:{self.ident(method)}"
+
+    def default_hparams(self, method: str) -> dict:
+        return registry.method_class(method).resolve(self.fixed[method])
+
+    def final_configs(self, method: str, hparams: dict, shared: dict) -> list[RunConfig]:
+        return [self.base.replace(method=method, hparams=hparams, seed=s, eval_test=True, **shared)
+                for s in self.seeds]
 
     def spec(self) -> dict:
-        first = next(iter(self.configs.values()))[0]
         return {
-            "benchmark": self.benchmark, "command": self.command, "seeds": self.seeds,
-            "dataset": first.dataset, "model": first.model, "epochs": first.epochs, "shift": first.shift,
-            "methods": {m: {"group_key": cs[0].group_key(), "hparams": cs[0].hparams} for m, cs in self.configs.items()},
+            "benchmark": self.name, "command": self.command, "seeds": self.seeds, "base": self.base.to_json(),
+            "protocol": asdict(self.protocol), "dataset": self.base.dataset, "model": self.base.model,
+            "epochs": self.base.epochs, "shift": self.base.shift,
+            "methods": {m: {"fixed": self.fixed[m], "ident": self.ident(m), "hparams": self.default_hparams(m),
+                            "tune_study": self.tune_study_name(m) if self.tunes(m) else None,
+                            "space": space_keys(self, m)}
+                        for m in self.methods},
             **self.extra,
         }
 
+    @classmethod
+    def from_spec(cls, spec: dict) -> "Benchmark":
+        return cls(name=spec["benchmark"], base=RunConfig.from_json(spec["base"]),
+                   fixed={m: info["fixed"] for m, info in spec["methods"].items()}, seeds=list(spec["seeds"]),
+                   protocol=Protocol(**spec["protocol"]), command=spec.get("command", ""),
+                   extra={k: spec[k] for k in ("split_hash", "storage") if k in spec})
+
+
+# ---- search spaces ------------------------------------------------------------------------------------------------
+
+class _FixedTrial:
+    """A trial seen through --set: a fixed hparam returns its value without being suggested, so the sampler only
+    searches what is free (a value outside the declared range or choices is still allowed, as the user asked)."""
+
+    def __init__(self, trial, fixed: dict):
+        self._trial, self._fixed = trial, fixed
+
+    def _suggest(self, kind, name, *args, **kwargs):
+        if name in self._fixed:
+            return self._fixed[name]
+        return getattr(self._trial, kind)(name, *args, **kwargs)
+
+    def suggest_float(self, name, *a, **k):
+        return self._suggest("suggest_float", name, *a, **k)
+
+    def suggest_int(self, name, *a, **k):
+        return self._suggest("suggest_int", name, *a, **k)
+
+    def suggest_categorical(self, name, *a, **k):
+        return self._suggest("suggest_categorical", name, *a, **k)
+
+
+def suggest(bench: Benchmark, method: str, trial) -> tuple[dict, dict]:
+    """(method hparams, shared recipe changes) for one tuning trial; raises HparamError on an invalid value."""
+    cls = registry.method_class(method)
+    sampled = cls.search_space(_FixedTrial(trial, bench.fixed[method]))
+    hparams = cls.resolve({**sampled, **bench.fixed[method]})
+    shared = {}
+    if bench.protocol.tune_shared:
+        lr = bench.base.lr
+        shared["lr"] = trial.suggest_float(f"{SHARED_PREFIX}lr", lr / 10, lr * 10, log=True)
+        shared["weight_decay"] = trial.suggest_float(f"{SHARED_PREFIX}weight_decay", 1e-6, 1e-2, log=True)
+    return hparams, shared
+
+
+def space_keys(bench: Benchmark, method: str) -> list[str]:
+    """The params a tuning trial of ``method`` searches (the method's space minus --set names, plus shared ones)."""
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    suggest(bench, method, trial)
+    return list(trial.distributions)
+
+
+def check_search_spaces(bench: Benchmark, draws: int = 16) -> None:
+    """Sample each space a few times in memory before anything is written, so a space that yields an invalid hparam
+    (with these --set values) fails in one line instead of mid-sweep."""
+    if not bench.protocol.tunes:
+        return
+    for method in bench.methods:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for _ in range(draws):
+            trial = study.ask()
+            try:
+                suggest(bench, method, trial)
+            except RegbenchError as exc:
+                raise ConfigError(f"the search space of {method!r} yields an invalid hparam ({exc}); fix the "
+                                  f"method's search_space or fix that hparam with --set") from None
+            study.tell(trial, 0.0)
+
+
+def _sampler(bench: Benchmark) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.TPESampler(seed=bench.protocol.sampler_seed)
+
+
+def _pruner(bench: Benchmark) -> optuna.pruners.BasePruner:
+    epochs = bench.base.epochs
+    if bench.protocol.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+    if bench.protocol.pruner == "median":
+        # The first few trials and the first third of training are never pruned: one-cycle and cosine schedules
+        # rank configurations unreliably early on.
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=max(1, epochs // 3))
+    return optuna.pruners.NopPruner()
+
+
+# ---- the store ----------------------------------------------------------------------------------------------------
 
 def environment(device: str) -> dict:
     """Provenance recorded with every run (benchopt-style): versions, device, git commit."""
@@ -66,86 +243,346 @@ def environment(device: str) -> dict:
     return env
 
 
-def _fail(study: optuna.Study, trial_id: int, reason: str) -> None:
-    study._storage.set_trial_user_attr(trial_id, "fail_reason", reason)
-    study._storage.set_trial_state_values(trial_id, TrialState.FAIL)
+def save_spec(storage, bench: Benchmark) -> None:
+    study = optuna.create_study(study_name=bench.name, storage=storage, load_if_exists=True)
+    study.set_user_attr(SPEC_ATTR, bench.spec())
 
 
-def enqueue_missing(study: optuna.Study, configs: list[RunConfig], owns_storage: bool) -> dict[str, int]:
-    """Enqueue each config not already done or waiting. Returns counts for the user."""
+def selection_attr(method: str, ident: str) -> str:
+    return f"selected:{method}:{ident}"
+
+
+def skipped(trial) -> bool:
+    return trial.state == TrialState.FAIL and str(trial.user_attrs.get("fail_reason", "")).startswith(SKIPPED)
+
+
+def diverged(trial) -> bool:
+    return trial.state == TrialState.FAIL and str(trial.user_attrs.get("fail_reason", "")).startswith(DIVERGED)
+
+
+def tuning_spent(trials, planned_epochs: int, below: int | None = None) -> tuple[int, int]:
+    """(trials, epochs) a tuning study has spent or committed: finished, pruned, diverged, running and queued trials
+    count; skipped and interrupted ones do not (an interrupted trial is retried, and the retry counts)."""
+    n = epochs = 0
+    for t in trials:
+        if below is not None and t.number >= below:
+            continue
+        if t.state == TrialState.FAIL and not diverged(t):
+            continue
+        n += 1
+        epochs += int(t.user_attrs.get("budget", {}).get("epochs", planned_epochs))
+    return n, epochs
+
+
+def budget_left(protocol: Protocol, spent: tuple[int, int]) -> bool:
+    n, epochs = spent
+    if protocol.trials and n >= protocol.trials:
+        return False
+    return protocol.budget_epochs is None or epochs < protocol.budget_epochs
+
+
+def fail_dead_trials(storage, study_names) -> int:
+    """Fail every RUNNING trial of these studies as interrupted and queue its retry. Only for a caller that knows no
+    other process is working (the output-dir lock of a local store); shared storages rely on the heartbeat."""
+    callback, n = retry_callback(), 0
+    for name in study_names:
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            continue
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: its process died")
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            callback(study, storage.get_trial(t._trial_id))
+            n += 1
+    return n
+
+
+def _fail_stale(study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optuna.storages.fail_stale_trials(study)
+
+
+# ---- running ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Outcome:
+    """What happened to one claimed trial, for the caller's progress line and its MLflow mirror."""
+
+    study: optuna.Study
+    trial: optuna.trial.FrozenTrial
+    kind: str            # "tune" | "final"
+    method: str
+
+
+class Runner:
+    """Claims and runs this benchmark's trials from the storage until none is left (one process's share)."""
+
+    def __init__(self, storage, bench: Benchmark, splits, progress: bool = False,
+                 on_trial: Callable[[Outcome], None] | None = None, wait: bool = True):
+        self.storage, self.bench, self.splits = storage, bench, splits
+        self.progress, self.on_trial, self.wait = progress, on_trial or (lambda _o: None), wait
+        self._studies: dict[str, optuna.Study] = {}
+
+    # studies are created lazily and cached; load_if_exists makes concurrent creation safe
+    def _study(self, name: str, direction: str = "maximize", tuning: bool = False) -> optuna.Study:
+        if name not in self._studies:
+            kwargs = {"sampler": _sampler(self.bench), "pruner": _pruner(self.bench)} if tuning else {}
+            self._studies[name] = optuna.create_study(study_name=name, storage=self.storage, direction=direction,
+                                                      load_if_exists=True, **kwargs)
+        return self._studies[name]
+
+    def tune_study(self, method: str) -> optuna.Study:
+        return self._study(self.bench.tune_study_name(method), self.bench.protocol.direction, tuning=True)
+
+    def final_study(self, method: str) -> optuna.Study:
+        return self._study(final_study_name(self.bench.name, method))
+
+    def run(self) -> None:
+        """Work method by method (tuning, then its finals); when nothing is claimable but others are still running,
+        wait for them (a worker) or return (``wait=False``)."""
+        pending = list(self.bench.methods)
+        while pending:
+            progressed = False
+            for method in list(pending):
+                state = self.step(method)
+                if state == "done":
+                    pending.remove(method)
+                elif state == "ran":
+                    progressed = True
+                    break
+            if pending and not progressed:
+                if not self.wait:
+                    return
+                time.sleep(POLL_SECONDS)
+
+    def step(self, method: str) -> str:
+        """Run at most one trial of ``method``: "ran", "wait" (others hold its remaining work) or "done"."""
+        if self.bench.tunes(method):
+            tune = self.tune_study(method)
+            _fail_stale(tune)
+            trials = tune.get_trials(deepcopy=False)
+            if budget_left(self.bench.protocol, tuning_spent(trials, self.bench.base.epochs)) or any(
+                    t.state == TrialState.WAITING for t in trials):
+                self._run_one(tune, self._tune_objective(tune, method), "tune", method)
+                return "ran"
+            if any(t.state == TrialState.RUNNING for t in trials):
+                return "wait"
+        final = self.final_study(method)
+        _fail_stale(final)
+        configs = self.select(method)
+        waiting = enqueue_missing(final, configs)
+        if waiting:
+            self._run_one(final, self._final_objective(final), "final", method)
+            return "ran"
+        keys = {c.key() for c in configs}
+        if any(t.user_attrs.get("config_key") in keys for t in final.get_trials(deepcopy=False,
+                                                                                  states=(TrialState.RUNNING,))):
+            return "wait"
+        return "done"
+
+    def select(self, method: str) -> list[RunConfig]:
+        """The final configs of the method's selected configuration: its best tuning trial on validation (defaults
+        when nothing was tuned or no tuning trial completed), recorded on the benchmark study for the reports."""
+        bench = self.bench
+        info = {"hparams": bench.default_hparams(method), "shared": {}, "tune_trial": None, "value": None}
+        if bench.tunes(method):
+            tune = self.tune_study(method)
+            done = tune.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if done:
+                best = tune.best_trial
+                cfg = RunConfig.from_json(best.user_attrs["config"])
+                info = {"hparams": cfg.hparams, "shared": {k: getattr(cfg, k) for k in ("lr", "weight_decay")
+                                                           if bench.protocol.tune_shared},
+                        "tune_trial": best.number, "value": best.value}
+            else:
+                info["note"] = "no tuning trial completed; the defaults were run"
+        configs = bench.final_configs(method, info["hparams"], info["shared"])
+        info["group_key"] = configs[0].group_key()
+        root = self._study(bench.name)
+        attr = selection_attr(method, bench.ident(method))
+        if root.user_attrs.get(attr) != info:
+            root.set_user_attr(attr, info)
+        return configs
+
+    def _run_one(self, study: optuna.Study, objective, kind: str, method: str) -> None:
+        from regbench import engine
+
+        ran: list[int] = []
+
+        def wrapped(trial):
+            ran.append(trial._trial_id)
+            return objective(trial)
+
+        study.optimize(wrapped, n_trials=1, catch=(engine.Diverged, _Skip))
+        if ran:
+            self.on_trial(Outcome(study, self.storage.get_trial(ran[0]), kind, method))
+
+    def _tune_objective(self, study: optuna.Study, method: str):
+        bench = self.bench
+
+        def objective(trial):
+            spent = tuning_spent(study.get_trials(deepcopy=False), bench.base.epochs, below=trial.number)
+            if not budget_left(bench.protocol, spent):
+                trial.set_user_attr("fail_reason", f"{SKIPPED} the tuning budget was already spent by other trials")
+                raise _Skip()
+            hparams, shared = suggest(bench, method, trial)
+            cfg = bench.base.replace(method=method, hparams=hparams, seed=TUNE_SEED, eval_test=bench.protocol.oracle,
+                                     **shared)
+            for key, value in (("config", cfg.to_json()), ("config_key", cfg.key()), ("kind", "tune"),
+                               ("method", method)):
+                trial.set_user_attr(key, value)
+            return self._train(trial, cfg, prune=True)
+        return objective
+
+    def _final_objective(self, study: optuna.Study):
+        def objective(trial):
+            if "config" not in trial.user_attrs:  # another worker claimed the last queued run first
+                trial.set_user_attr("fail_reason", f"{SKIPPED} no queued run left to claim")
+                raise _Skip()
+            key = trial.user_attrs["config_key"]
+            for other in study.get_trials(deepcopy=False):
+                if other.number == trial.number or other.user_attrs.get("config_key") != key:
+                    continue
+                if other.state == TrialState.COMPLETE or (
+                        other.number < trial.number and other.state in (TrialState.RUNNING, TrialState.WAITING)):
+                    trial.set_user_attr("fail_reason", f"{SKIPPED} duplicate of trial {other.number}")
+                    raise _Skip()
+            cfg = RunConfig.from_json(trial.user_attrs["config"])
+            trial.suggest_int("seed", 0, 2**31 - 1)  # records the enqueued seed as the trial's param
+            return self._train(trial, cfg, prune=False)
+        return objective
+
+    def _train(self, trial, cfg: RunConfig, prune: bool) -> float:
+        from regbench import engine
+
+        objective = self.bench.protocol.objective
+        device = str(engine.resolve_device(cfg.device))
+        trial.set_user_attr("env", environment(device))
+        trial.set_user_attr("split_hash", self.splits.split_hash)
+        epochs_done = [0]
+
+        def on_epoch(epoch, row):
+            epochs_done[0] = epoch
+            trial.report(row[objective], epoch)
+            if prune and trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {epoch} ({objective} {row[objective]:.4f})")
+
+        method = registry.build_method(cfg.method, cfg.hparams)
+        started = time.time()
+
+        def spend():
+            trial.set_user_attr("budget", {"epochs": epochs_done[0], "seconds": time.time() - started})
+
+        try:
+            result = engine.train(cfg, self.splits, method, on_epoch=on_epoch, progress=self.progress)
+        except optuna.TrialPruned:
+            spend()
+            raise
+        except engine.Diverged as exc:
+            spend()
+            trial.set_user_attr("fail_reason", f"{DIVERGED} {exc}")
+            raise
+        except BaseException:
+            spend()
+            trial.set_user_attr("fail_reason", "interrupted")
+            raise
+        spend()
+        trial.set_user_attr("metrics", result.metrics)
+        trial.set_user_attr("history", result.history)
+        trial.set_user_attr("diagnostic_layers", result.diagnostic_layers)
+        trial.set_user_attr("timings", {"seconds": result.seconds, "started": started,
+                                        "seconds_per_epoch": result.metrics["seconds_per_epoch"]})
+        return result.metrics[objective]
+
+
+def enqueue_missing(study: optuna.Study, configs: list[RunConfig]) -> int:
+    """Queue each config that is not done, queued, running or diverged; returns how many are waiting to be run."""
     by_key: dict[str, list] = {}
     for t in study.get_trials(deepcopy=False):
         by_key.setdefault(t.user_attrs.get("config_key"), []).append(t)
-    counts = {"done": 0, "queued": 0, "failed": 0}
+    waiting = 0
     for cfg in configs:
-        trials = by_key.get(cfg.key(), [])
-        states = [t.state for t in trials]
-        if TrialState.COMPLETE in states:
-            counts["done"] += 1
-            continue
+        states = {t.state for t in by_key.get(cfg.key(), [])}
         if TrialState.WAITING in states:
-            counts["queued"] += 1
+            waiting += 1
+        if states & {TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING}:
             continue
-        if owns_storage:  # we hold the output-dir lock, so a RUNNING trial here belongs to a dead process
-            for t in trials:
-                if t.state == TrialState.RUNNING:
-                    _fail(study, t._trial_id, "interrupted")
         # A diverged run is deterministic: retrying it would diverge again and waste the budget.
-        if any(t.state == TrialState.FAIL and str(t.user_attrs.get("fail_reason", "")).startswith("diverged")
-               for t in trials):
-            counts["failed"] += 1
+        if any(diverged(t) for t in by_key.get(cfg.key(), [])):
             continue
         study.enqueue_trial({"seed": cfg.seed}, user_attrs={
-            "config": cfg.to_json(), "config_key": cfg.key(), "group_key": cfg.group_key(), "method": cfg.method})
-        counts["queued"] += 1
+            "config": cfg.to_json(), "config_key": cfg.key(), "group_key": cfg.group_key(), "method": cfg.method,
+            "kind": "final"})
+        waiting += 1
+    return waiting
+
+
+def study_names(bench: Benchmark) -> list[str]:
+    names = [final_study_name(bench.name, m) for m in bench.methods]
+    names += [bench.tune_study_name(m) for m in bench.methods if bench.tunes(m)]
+    return names
+
+
+def _seed(trial) -> int | None:
+    return json.loads(trial.user_attrs["config"])["seed"] if "config" in trial.user_attrs else None
+
+
+def _counts(trials) -> dict[str, int]:
+    counts = {"done": 0, "running": 0, "failed": 0, "pruned": 0, "queued": 0}
+    for t in trials:
+        if skipped(t):
+            continue
+        key = {TrialState.COMPLETE: "done", TrialState.RUNNING: "running", TrialState.FAIL: "failed",
+               TrialState.PRUNED: "pruned", TrialState.WAITING: "queued"}[t.state]
+        counts[key] += 1
     return counts
 
 
-def drain(study: optuna.Study, run_one: Callable[[optuna.trial.Trial, RunConfig], dict | None]) -> int:
-    """Claim and run waiting trials until none is left; returns how many this process ran."""
-    ran = 0
-    while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        trial = study.ask()
-        if "config" not in trial.user_attrs:  # another worker took the last waiting trial first
-            trial.set_user_attr("fail_reason", "no work left (lost the race for a queued run)")
-            study.tell(trial, state=TrialState.FAIL)
-            break
-        cfg = RunConfig.from_json(trial.user_attrs["config"])
-        trial.suggest_int("seed", 0, 2**31 - 1)  # records the enqueued seed as the trial's param
-        run_one(trial, cfg)
-        ran += 1
-    return ran
-
-
-def run_trial(study: optuna.Study, trial: optuna.trial.Trial, cfg: RunConfig, splits, progress: bool = False):
-    """Train one config as one trial; a diverged run is FAIL with its reason, an interrupted one FAIL 'interrupted'."""
-    from regbench import engine
-
-    device = str(engine.resolve_device(cfg.device))
-    trial.set_user_attr("env", environment(device))
-    trial.set_user_attr("split_hash", splits.split_hash)
-    method = registry.build_method(cfg.method, cfg.hparams)
-    started = time.time()
-    try:
-        result = engine.train(cfg, splits, method, on_epoch=lambda e, row: trial.report(row["val_acc"], e),
-                              progress=progress)
-    except engine.Diverged as exc:
-        trial.set_user_attr("fail_reason", f"diverged: {exc}")
-        study.tell(trial, state=TrialState.FAIL)
-        return None
-    except BaseException:
-        trial.set_user_attr("fail_reason", "interrupted")
-        study.tell(trial, state=TrialState.FAIL)
-        raise
-    trial.set_user_attr("metrics", result.metrics)
-    trial.set_user_attr("history", result.history)
-    trial.set_user_attr("diagnostic_layers", result.diagnostic_layers)
-    trial.set_user_attr("timings", {"seconds": result.seconds, "started": started,
-                                    "seconds_per_epoch": result.metrics["seconds_per_epoch"]})
-    study.tell(trial, result.metrics["val_acc"])
-    return result
-
-
-def save_spec(storage, plan: Plan) -> None:
-    study = optuna.create_study(study_name=plan.benchmark, storage=storage, load_if_exists=True)
-    study.set_user_attr(SPEC_ATTR, plan.spec())
+def progress(storage, bench: Benchmark) -> list[str]:
+    """One line per method: tuning and final runs done, running, failed, pruned, remaining (for `regbench status`).
+    Failed counts every failed attempt (an interrupted trial that was retried shows once here and once as its
+    retry)."""
+    lines = []
+    root = optuna.load_study(study_name=bench.name, storage=storage)
+    for method in bench.methods:
+        parts = []
+        if bench.protocol.tunes and not bench.tunes(method):
+            parts.append("nothing to tune")
+        if bench.tunes(method):
+            try:
+                trials = optuna.load_study(study_name=bench.tune_study_name(method), storage=storage).get_trials(
+                    deepcopy=False)
+            except KeyError:
+                trials = []
+            c = _counts(trials)
+            n, epochs = tuning_spent(trials, bench.base.epochs)
+            p = bench.protocol
+            left = []
+            if p.trials:
+                left.append(f"{max(p.trials - n, 0)} trials")
+            if p.budget_epochs:
+                left.append(f"{max(p.budget_epochs - epochs, 0)} epochs")
+            parts.append(f"tuning {c['done']} done, {c['running']} running, {c['pruned']} pruned, {c['failed']} "
+                         f"failed, {' / '.join(left)} remaining")
+        selected = root.user_attrs.get(selection_attr(method, bench.ident(method)))
+        if bench.tunes(method) and selected is None:
+            parts.append(f"finals: {len(bench.seeds)} seeds wait for tuning")
+        else:
+            group = selected["group_key"] if selected else bench.final_configs(
+                method, bench.default_hparams(method), {})[0].group_key()
+            try:
+                trials = optuna.load_study(study_name=final_study_name(bench.name, method),
+                                           storage=storage).get_trials(deepcopy=False)
+            except KeyError:
+                trials = []
+            trials = [t for t in trials if t.user_attrs.get("group_key") == group and _seed(t) in bench.seeds]
+            c = _counts(trials)
+            seeds_done = {_seed(t) for t in trials if t.state == TrialState.COMPLETE}
+            lost = {_seed(t) for t in trials if diverged(t)}
+            remaining = len(set(bench.seeds) - seeds_done - lost)
+            parts.append(f"finals {len(seeds_done)} done, {c['running']} running, {c['failed']} failed, "
+                         f"{remaining} remaining")
+        lines.append(f"  {method}: " + "; ".join(parts))
+    return lines

@@ -60,23 +60,73 @@ class Tracker:
             self._parents[method] = run.info.run_id
         return self._parents[method]
 
-    def has_run(self, config_key: str) -> bool:
-        return self._find(f"tags.`regbench.config_key` = '{config_key}'") is not None
+    def has_run(self, uid: str) -> bool:
+        return self._find(f"tags.`regbench.uid` = '{uid}'") is not None
+
+    def mirror(self, study_name: str, trial) -> None:
+        """Mirror one finished Optuna trial (tuning or final) as a child of its method's parent run; pruned and
+        failed trials are mirrored too, tagged with their state and reason."""
+        import json
+        import time
+
+        attrs = trial.user_attrs
+        if "config" not in attrs:
+            return
+        config = json.loads(attrs["config"])
+        history = attrs.get("history") or [{"epoch": e, "objective": v} for e, v in
+                                           sorted(trial.intermediate_values.items())]
+        started = attrs.get("timings", {}).get("started") or (trial.datetime_start.timestamp()
+                                                               if trial.datetime_start else time.time())
+        seconds = attrs.get("timings", {}).get("seconds") or attrs.get("budget", {}).get("seconds", 0.0)
+        status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(trial.state.name, "FAILED")
+        self.log_trial(study_name, trial.number, config, attrs["config_key"], attrs.get("metrics", {}), history,
+                       attrs.get("env", {}), started=started, seconds=seconds, status=status,
+                       kind=attrs.get("kind", "final"), state=trial.state.name.lower(),
+                       reason=attrs.get("fail_reason"))
+
+    def summarize(self, method: str, selected: dict, curve: list[tuple[int, float]], direction: str) -> None:
+        """The parent run holds the selected configuration and the tuning curve (value and best-so-far per trial)."""
+        from mlflow.entities import Metric, Param
+
+        if not selected and not curve:
+            return
+        run_id = self.parent(method)
+        existing = self.client.get_run(run_id).data.params
+        params = [Param(_key(f"selected.{k}"), str(v)) for k, v in selected.get("hparams", {}).items()]
+        params += [Param(_key(f"selected.{k}"), str(v)) for k, v in selected.get("shared", {}).items()]
+        params += [Param("selected.tune_trial", str(selected.get("tune_trial")))]
+        params = [p for p in params if p.key not in existing]  # MLflow params are write-once
+        now = int(__import__("time").time() * 1000)
+        metrics, best = [], None
+        for number, value in sorted(curve):
+            better = best is None or (value > best if direction == "maximize" else value < best)
+            best = value if better else best
+            metrics += [Metric("tuning/value", float(value), now, number), Metric("tuning/best", float(best), now,
+                                                                                   number)]
+        if params:
+            self.client.log_batch(run_id, params=params[:100])
+        if metrics and "tuning/value" not in self.client.get_run(run_id).data.metrics:
+            for i in range(0, len(metrics), 1000):
+                self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
 
     def log_trial(self, study_name: str, trial_number: int, config: dict, config_key: str, metrics: dict,
-                  history: list[dict], env: dict, started: float, seconds: float, status: str = "FINISHED") -> None:
+                  history: list[dict], env: dict, started: float, seconds: float, status: str = "FINISHED",
+                  kind: str = "final", state: str = "complete", reason: str | None = None) -> None:
         """Mirror one finished run; ``started`` (epoch seconds) and ``seconds`` give the UI its real duration."""
-        if self.has_run(config_key):
+        uid = f"{study_name}#{trial_number}"
+        if self.has_run(uid):
             return
         from mlflow.entities import Metric, Param
 
         method = config["method"]
         start_ms, end_ms = int(started * 1000), int((started + seconds) * 1000)
         self._ends[method] = max(self._ends.get(method, 0), end_ms)
-        parent = self.parent(method, config.get("hparams"), start_ms)
-        run = self.client.create_run(self.experiment_id, run_name=f"{method} seed {config['seed']}",
-                                     start_time=start_ms, tags={
+        parent = self.parent(method, config.get("hparams") if kind == "final" else None, start_ms)
+        run_name = f"{method} seed {config['seed']}" if kind == "final" else f"{method} tuning {trial_number}"
+        run = self.client.create_run(self.experiment_id, run_name=run_name, start_time=start_ms, tags={
             "mlflow.parentRunId": parent, "regbench.method": method, "regbench.config_key": config_key,
+            "regbench.uid": uid, "regbench.kind": kind, "regbench.state": state,
+            **({"regbench.fail_reason": reason[:500]} if reason else {}),
             "regbench.study": study_name, "regbench.trial": str(trial_number), "regbench.seed": str(config["seed"]),
             **{f"env.{k}": str(v) for k, v in env.items()}})
         params = [Param(_key(f"hparams.{k}"), str(v)) for k, v in config.get("hparams", {}).items()]
@@ -91,8 +141,14 @@ class Tracker:
             self.client.log_batch(run.info.run_id, metrics=series[i:i + 1000])
         self.client.set_terminated(run.info.run_id, status=status, end_time=end_ms)
 
-    def log_artifact(self, method: str | None, path: Path) -> None:
-        """Attach a file (the leaderboard) to a method's parent run, or to every parent when method is None."""
+    def log_artifact(self, method: str | None, path: Path, all_parents: bool = False) -> None:
+        """Attach a file (the leaderboard) to a method's parent run, or to every parent when method is None
+        (``all_parents``: every parent run of the experiment, also those another process created)."""
+        if all_parents:
+            runs = self.client.search_runs([self.experiment_id], filter_string="tags.`regbench.parent` != ''",
+                                           max_results=1000)
+            for run in runs:
+                self._parents.setdefault(run.data.tags["regbench.parent"], run.info.run_id)
         targets = [self.parent(method)] if method else list(self._parents.values())
         for run_id in targets:
             self.client.log_artifact(run_id, str(path))
