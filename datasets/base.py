@@ -14,15 +14,17 @@ import json
 import os
 import pathlib
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from regbench.errors import DataError
+from regbench.errors import ConfigError, DataError
 
 SPLIT_NAMES = ("train", "val", "test")
+AUGMENTS = ("none", "crop_flip")  # training-batch augmentations a dataset can be loaded with
 
 
 def split_hash(indices: dict[str, list[int]]) -> str:
@@ -64,6 +66,9 @@ class Splits:
     mean: torch.Tensor | None = None  # the train-split normalization, so shift sets are normalized alike
     std: torch.Tensor | None = None
     shift: object | None = None       # a ShiftSet (datasets/shift.py) evaluated after training, or None
+    augment: str = "none"             # name of the training augmentation (one of AUGMENTS)
+    # f(normalized batch, torch.Generator) -> batch, applied by the engine to training batches only; None = no-op
+    train_augment: Callable | None = None
 
     def save_indices(self, path) -> None:
         """Write {"dataset", "split_hash", "indices"} as JSON, atomically (provenance of a run)."""
@@ -77,12 +82,45 @@ class Dataset:
     name: str = ""
     description: str = ""
     default_model: str = ""
+    default_augment: str = "none"  # what `load` uses when no augment is asked for (CIFAR: "crop_flip")
     num_classes: int = 0
     input_shape: tuple = ()
 
-    def load(self, data_dir: pathlib.Path, split_seed: int = 0, train_size: int | None = None) -> Splits:
-        """Return the splits for `split_seed`; `train_size` keeps a stratified subset of train."""
+    def load(self, data_dir: pathlib.Path, split_seed: int = 0, train_size: int | None = None, *,
+             train_per_class: int | None = None, augment: str | None = None) -> Splits:
+        """Return the splits for `split_seed`.
+
+        `train_size` (N in all) or `train_per_class` (K per class) keeps a stratified, nested subset of
+        train, drawn after val/test are held out; `augment` (one of AUGMENTS, None = `default_augment`)
+        names the augmentation the engine applies to training batches.
+        """
         raise NotImplementedError
+
+
+def check_augment(augment: str, input_shape, dataset: str) -> None:
+    """One-line ConfigError unless `augment` is known and fits inputs of `input_shape`."""
+    if augment not in AUGMENTS:
+        raise ConfigError(f"unknown augmentation {augment!r}; choose one of: {', '.join(AUGMENTS)}")
+    if augment == "crop_flip" and len(input_shape) != 3:
+        raise ConfigError(f"--augment crop_flip needs image inputs (C, H, W), but dataset {dataset!r} has inputs "
+                          f"of shape {tuple(input_shape)}; use --augment none")
+
+
+def augment_fn(augment: str, mean: torch.Tensor, std: torch.Tensor) -> Callable | None:
+    """The training-batch transform for `augment`, bound to this split's normalization.
+
+    torchvision's CIFAR recipe pads the *raw* image with black (0) before normalizing, so on our
+    normalized tensors the border must be the normalized black, (0 - mean) / std per channel, not 0
+    (which would be the train mean).
+    """
+    if augment == "none":
+        return None
+    from functools import partial
+
+    from .cifar import augment as crop_flip  # lazy: cifar imports this module
+
+    fill = (-mean / std).reshape(-1)
+    return partial(crop_flip, fill=fill)
 
 
 def stratified_split(
@@ -122,15 +160,40 @@ def stratified_subset(indices, labels, size: int, num_classes: int, seed: int = 
             f"train_size must be between {num_classes} (one per class) and {len(indices)} "
             f"(the full train split); got {size}"
         )
-    labels = np.asarray(labels)[indices]
+    rank, count = _class_ranks(np.asarray(labels)[indices], seed)
+    keys = (rank + 0.5) / count
+    chosen = indices[np.argsort(keys, kind="stable")[:size]]
+    return sorted(int(i) for i in chosen)
+
+
+def stratified_subset_per_class(indices, labels, per_class: int, seed: int = 0) -> list[int]:
+    """The first `per_class` samples of every class of `indices` in the same seeded per-class order as
+    `stratified_subset`, so K per class ⊂ K' per class (K < K') for one seed: nested, like train sizes.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    rank, count = _class_ranks(np.asarray(labels)[indices], seed)
+    smallest = int(count.min()) if len(count) else 0
+    if not 1 <= per_class <= smallest:
+        raise DataError(f"train_per_class must be between 1 and {smallest} (the smallest class of the train "
+                        f"split has {smallest} samples); got {per_class}")
+    return sorted(int(i) for i in indices[rank < per_class])
+
+
+def _class_ranks(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample: its rank in a seeded shuffle of its class, and its class's size.
+
+    One permutation per class, drawn in class order from one seeded generator, so the ranks do not
+    depend on how many samples are kept later (what makes the subsets nested).
+    """
     rng = np.random.default_rng(seed)
-    keys = np.empty(len(indices))
+    rank = np.empty(len(labels), dtype=np.int64)
+    count = np.empty(len(labels), dtype=np.int64)
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
         order = rng.permutation(len(members))
-        keys[members[order]] = (np.arange(len(members)) + 0.5) / len(members)
-    chosen = indices[np.argsort(keys, kind="stable")[:size]]
-    return sorted(int(i) for i in chosen)
+        rank[members[order]] = np.arange(len(members))
+        count[members] = len(members)
+    return rank, count
 
 
 def build_splits(name, x, y, indices, num_classes, input_shape) -> Splits:
@@ -139,14 +202,19 @@ def build_splits(name, x, y, indices, num_classes, input_shape) -> Splits:
     Mean and std are per channel and computed on the train split only (the data the model
     trains on), so no val/test information leaks into preprocessing.
     """
-    x = torch.as_tensor(x, dtype=torch.float32)
     y = torch.as_tensor(y, dtype=torch.int64)
     parts = {k: torch.as_tensor(indices[k], dtype=torch.int64) for k in SPLIT_NAMES}
-    xtr = x[parts["train"]]
-    dims = [0] + list(range(2, x.ndim))
-    mean = xtr.mean(dim=dims, keepdim=True)
-    std = xtr.std(dim=dims, keepdim=True).clamp_min(1e-8)
-    xs = {k: ((x[v] - mean) / std).contiguous() for k, v in parts.items()}
+
+    def cut(k):  # slice the (uint8) pool first, then convert: the whole pool is never float32 twice (CIFAR: 737 MB)
+        part = x[parts[k]] if isinstance(x, torch.Tensor) else np.asarray(x)[parts[k].numpy()]
+        return torch.as_tensor(part, dtype=torch.float32).contiguous()
+
+    xs = {k: cut(k) for k in SPLIT_NAMES}  # fresh copies (fancy indexing), so normalizing in place is safe
+    dims = [0] + list(range(2, xs["train"].ndim))
+    mean = xs["train"].mean(dim=dims, keepdim=True)
+    std = xs["train"].std(dim=dims, keepdim=True).clamp_min(1e-8)
+    for v in xs.values():
+        v.sub_(mean).div_(std)
     ys = {k: y[v].contiguous() for k, v in parts.items()}
     return Splits(
         name=name,
@@ -162,9 +230,20 @@ def build_splits(name, x, y, indices, num_classes, input_shape) -> Splits:
     )
 
 
-def make_splits(name, x, y, base_indices, num_classes, input_shape, split_seed, train_size) -> Splits:
-    """Apply the optional `train_size` subset (val/test untouched), then `build_splits`."""
+def make_splits(name, x, y, base_indices, num_classes, input_shape, split_seed, train_size,
+                train_per_class: int | None = None, augment: str = "none") -> Splits:
+    """Apply the optional low-data subset to train (val/test untouched), `build_splits`, attach the augmentation.
+
+    `base_indices` already hold val and test out, so every train size is tuned and tested on the same
+    val/test sets (issue 5, low-data splits).
+    """
+    check_augment(augment, input_shape, name)
+    if train_size is not None and train_per_class is not None:
+        raise ConfigError("give --train-size or --train-per-class, not both")
     indices = dict(base_indices)
     if train_size is not None:
         indices["train"] = stratified_subset(indices["train"], y, int(train_size), num_classes, split_seed)
-    return build_splits(name, x, y, indices, num_classes, input_shape)
+    elif train_per_class is not None:
+        indices["train"] = stratified_subset_per_class(indices["train"], y, int(train_per_class), split_seed)
+    splits = build_splits(name, x, y, indices, num_classes, input_shape)
+    return replace(splits, augment=augment, train_augment=augment_fn(augment, splits.mean, splits.std))

@@ -15,12 +15,16 @@ check is never partly used: all files are verified and parsed before any array i
 
 Pool: the training images (file order, batches 1..5 for CIFAR-10) followed by the official test
 images. Test = the official test set (fixed); val = a stratified, seeded 10 % of the training
-images (5,000); train = the rest (45,000). Pixels are kept as uint8 until `build_splits`
+images (5,000); train = the rest (45,000). So the test split is the official test set in file order, which
+is also the order of every 10,000-image block of official CIFAR-10-C / CIFAR-100-C (datasets/shift.py checks
+the labels block by block). Pixels are kept as uint8 until `build_splits`
 normalizes them per channel with train statistics.
 
-Augmentation: `augment(x, generator)` is the standard CIFAR recipe (random 32x32 crop of the image
-zero-padded by 4 px, then a horizontal flip with probability 1/2), as batched tensor ops; datasets
-expose it as `train_augment` (None when built with `augmentation=False`) for the training loop to call.
+Augmentation: `augment(x, generator, fill=...)` is the standard CIFAR recipe (random 32x32 crop of the
+image padded by 4 px of black, then a horizontal flip with probability 1/2), as batched tensor ops.
+CIFAR's `default_augment` is "crop_flip" ("none" when built with `augmentation=False`); `load` binds it
+to the normalized black of the train split as `Splits.train_augment`, which the engine applies to
+training batches only.
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ import uuid
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from regbench.errors import DataError
 
@@ -230,19 +233,24 @@ def load_arrays(data_dir: pathlib.Path, name: str, md5s: dict[str, str] | None =
 
 # --- augmentation ----------------------------------------------------------------------------
 
-def augment(x: torch.Tensor, generator: torch.Generator, pad: int = PAD) -> torch.Tensor:
-    """Random crop of the zero-padded image (offset 0..2*pad per axis) + horizontal flip (p = 1/2).
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = PAD, fill=0.0) -> torch.Tensor:
+    """Random crop of the padded image (offset 0..2*pad per axis) + horizontal flip (p = 1/2).
 
     `x` is (N, C, H, W); one draw per image from `generator` (on the generator's device), so a
-    seeded generator gives the same batch every time. Zero padding is applied to the normalized
-    input, i.e. pads with the train mean.
+    seeded generator gives the same batch every time. The border is `fill`: a scalar or one value
+    per channel, in the units of `x`. torchvision pads the raw image with black (0) and normalizes
+    afterwards, so on a normalized batch pass fill = (0 - mean) / std (what `Splits.train_augment`
+    binds, datasets/base.py `augment_fn`); the default 0 is black only for raw pixels.
     """
     n, c, h, w = x.shape
     gdev = generator.device
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gdev).to(x.device)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gdev).to(x.device)
     flip = torch.rand(n, generator=generator, device=gdev).to(x.device) < 0.5
-    padded = F.pad(x, (pad, pad, pad, pad)).reshape(n, c, -1)  # (N, C, (H+2p)*(W+2p))
+    fill = torch.as_tensor(fill, dtype=x.dtype, device=x.device).reshape(-1, 1, 1).expand(c, 1, 1)
+    padded = fill.expand(n, c, h + 2 * pad, w + 2 * pad).clone()  # F.pad takes one scalar, not one per channel
+    padded[:, :, pad:pad + h, pad:pad + w] = x
+    padded = padded.reshape(n, c, -1)  # (N, C, (H+2p)*(W+2p))
     rows = dy[:, None] + torch.arange(h, device=x.device)  # (N, H) rows of the window
     cols = dx[:, None] + torch.arange(w, device=x.device)  # (N, W) columns of the window
     cols = torch.where(flip[:, None], cols.flip(1), cols)  # mirrored window = reversed columns
@@ -255,21 +263,26 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = PAD) -> torc
 
 class _CIFAR(Dataset):
     default_model = "resnet18"
+    default_augment = "crop_flip"  # the standard CIFAR training recipe; `--augment none` turns it off
     input_shape = (3, 32, 32)
 
     def __init__(self, augmentation: bool = True, md5s: dict[str, str] | None = None,
                  archive_md5: str | None = None):
-        self.train_augment = augment if augmentation else None
+        # augmentation=False makes "none" this instance's default; load(augment=...) still overrides it.
+        self.default_augment = "crop_flip" if augmentation else "none"
+        self.train_augment = augment if augmentation else None  # the recipe; Splits bind it to normalized black
         self.md5s, self.archive_md5 = md5s, archive_md5
 
-    def load(self, data_dir: pathlib.Path, split_seed: int = 0, train_size: int | None = None) -> Splits:
+    def load(self, data_dir: pathlib.Path, split_seed: int = 0, train_size: int | None = None, *,
+             train_per_class: int | None = None, augment: str | None = None) -> Splits:
         x_tr, y_tr, x_te, y_te = load_arrays(data_dir, self.name, self.md5s, self.archive_md5)
         x = np.concatenate([x_tr, x_te])
         y = np.concatenate([y_tr, y_te])
         test = range(len(y_tr), len(y))
         n_val = round(VAL_FRACTION * len(y_tr))
         indices = stratified_split(y, n_val, seed=split_seed, test_indices=test)
-        return make_splits(self.name, x, y, indices, self.num_classes, self.input_shape, split_seed, train_size)
+        return make_splits(self.name, x, y, indices, self.num_classes, self.input_shape, split_seed, train_size,
+                           train_per_class, augment or self.default_augment)
 
 
 class CIFAR10(_CIFAR):

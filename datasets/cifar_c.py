@@ -12,6 +12,10 @@ md5 map is read unverified), opens it memory-mapped (no pickles:
 is read into memory until the caller touches it. A verified file is remembered by (path, size,
 mtime) for the life of the process, so repeated loads do not re-hash 150 MB files.
 
+`official_folder(data_dir, dataset)` returns DATA_DIR/CIFAR-10-C/ (CIFAR-100-C/), extracting it first from the
+Zenodo tar (`ARCHIVES`: name, md5, size, URL) when only the tar is there; offline and absent, it is a one-line
+DataError naming the tar, its size, md5, URL and where to put it.
+
 `write_cifar_c_layout` writes the same layout (for locally generated "CIFAR-10-C-style" sets) with
 each file written atomically, plus a JSON sidecar `regbench_sidecar.json` (the name that
 `corruptions.generate_style_set` uses) recording the caller's metadata, the severity order and
@@ -31,8 +35,11 @@ import numpy as np
 from regbench.errors import ConfigError, DataError
 
 from .base import atomic_write_bytes
-from .cifar import md5_file, verify
-from .corruptions import BENCHMARK, EXTRA  # one list of the 15 + 4 names for the reader and the generator
+from .cifar import extract_archive, md5_file, verify
+from .corruptions import (  # one list of the 15 + 4 names for the reader and the generator
+    BENCHMARK,
+    EXTRA,
+)
 
 CORRUPTIONS = BENCHMARK + EXTRA
 SEVERITIES = (1, 2, 3, 4, 5)
@@ -41,6 +48,13 @@ FOLDERS = {"cifar10": "CIFAR-10-C", "cifar100": "CIFAR-100-C"}
 URLS = {
     "cifar10": "https://zenodo.org/records/2535967/files/CIFAR-10-C.tar (md5 56bf5dcef84df0e2308c6dcbcbbd8499)",
     "cifar100": "https://zenodo.org/records/3555552/files/CIFAR-100-C.tar (md5 11f0ed0f1191edbf9fa23466ae6021d3)",
+}
+# The Zenodo tar of each set: file name, md5, size in bytes, download URL (datasets.md §5, CIFAR-10-C table).
+ARCHIVES = {
+    "cifar10": ("CIFAR-10-C.tar", "56bf5dcef84df0e2308c6dcbcbbd8499", 2_918_471_680,
+                "https://zenodo.org/records/2535967/files/CIFAR-10-C.tar?download=1"),
+    "cifar100": ("CIFAR-100-C.tar", "11f0ed0f1191edbf9fa23466ae6021d3", 2_918_473_216,
+                 "https://zenodo.org/records/3555552/files/CIFAR-100-C.tar?download=1"),
 }
 
 MD5 = {
@@ -241,3 +255,26 @@ def write_cifar_c_layout(root, arrays_by_corruption: dict[str, np.ndarray], labe
     doc = {**(sidecar or {}), "md5": md5s, "severities": severities}
     atomic_write_bytes(root / SIDECAR, json.dumps(doc, sort_keys=True, indent=1).encode("utf-8"))
     return md5s
+
+
+def official_folder(data_dir, dataset: str = "cifar10") -> pathlib.Path:
+    """DATA_DIR/CIFAR-10-C/ (or CIFAR-100-C/), ready for `load_cifar_c`.
+
+    If only the Zenodo tar is in DATA_DIR, its md5 is checked and it is extracted first (into a temp folder that is
+    renamed into place, as for CIFAR-10). Nothing goes online: a missing set is a one-line DataError naming the tar,
+    its size, md5 and URL and where to put it. The tables are read at call time, so tests can point them at tiny files.
+    """
+    if dataset not in ARCHIVES:
+        raise ConfigError(f"unknown CIFAR-C dataset {dataset!r}; choose from: {', '.join(ARCHIVES)}")
+    data_dir = pathlib.Path(data_dir)
+    folder = data_dir / FOLDERS[dataset]
+    if folder.is_dir():
+        return folder
+    name, md5, size, url = ARCHIVES[dataset]
+    tar = data_dir / name
+    if not tar.is_file():
+        raise DataError(f"missing {folder}/ and its archive {tar} ({size:,} B, md5 {md5}); download {url} "
+                        f"and put it in {data_dir} (or extract it there)")
+    verify(tar, md5)
+    extract_archive(tar, data_dir, FOLDERS[dataset])
+    return folder

@@ -42,7 +42,9 @@ class Digits(Dataset):
     num_classes = 10
     input_shape = (3, 32, 32)
 
-    def load(self, data_dir: pathlib.Path, split_seed: int = 0, train_size: int | None = None) -> Splits:
+    def load(self, data_dir: pathlib.Path, split_seed: int = 0, train_size: int | None = None, *,
+             train_per_class: int | None = None, augment: str | None = None) -> Splits:
         x, y = images32()
         indices = stratified_split(y, N_VAL, N_TEST, seed=split_seed)
-        return make_splits(self.name, x, y, indices, self.num_classes, self.input_shape, split_seed, train_size)
+        return make_splits(self.name, x, y, indices, self.num_classes, self.input_shape, split_seed, train_size,
+                           train_per_class, augment or self.default_augment)

@@ -85,10 +85,12 @@ class MNIST1D(Dataset):
     num_classes = 10
     input_shape = (1, 40)
 
-    def load(self, data_dir: pathlib.Path, split_seed: int = 0, train_size: int | None = None) -> Splits:
+    def load(self, data_dir: pathlib.Path, split_seed: int = 0, train_size: int | None = None, *,
+             train_per_class: int | None = None, augment: str | None = None) -> Splits:
         a = load_arrays(data_dir)
         x = np.concatenate([a["x"], a["x_test"]]).astype(np.float32)[:, None, :]
         y = np.concatenate([a["y"], a["y_test"]]).astype(np.int64)
         test = range(len(a["y"]), len(y))
         indices = stratified_split(y, N_VAL, seed=split_seed, test_indices=test)
-        return make_splits(self.name, x, y, indices, self.num_classes, self.input_shape, split_seed, train_size)
+        return make_splits(self.name, x, y, indices, self.num_classes, self.input_shape, split_seed, train_size,
+                           train_per_class, augment or self.default_augment)

@@ -425,12 +425,14 @@ def _to_nchw(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
 
 
-def _splits_with_fixed_test(name, x, y, n_test, split_seed, train_size, ds) -> Splits:
+def _splits_with_fixed_test(name, x, y, n_test, split_seed, train_size, ds, train_per_class=None,
+                            augment=None) -> Splits:
     n_train_pool = len(y) - n_test
     test = range(n_train_pool, len(y))
     n_val = min(MNIST_M_VAL, n_train_pool // 5)
     indices = stratified_split(y, n_val, seed=split_seed, test_indices=test)
-    return make_splits(name, _to_nchw(x), y, indices, ds.num_classes, ds.input_shape, split_seed, train_size)
+    return make_splits(name, _to_nchw(x), y, indices, ds.num_classes, ds.input_shape, split_seed, train_size,
+                       train_per_class, augment or ds.default_augment)
 
 
 class MNISTM(Dataset):
@@ -445,11 +447,13 @@ class MNISTM(Dataset):
     def __init__(self, archive_md5: str | None = MNIST_M_MD5):
         self.archive_md5 = archive_md5
 
-    def load(self, data_dir: pathlib.Path, split_seed: int = 0, train_size: int | None = None) -> Splits:
+    def load(self, data_dir: pathlib.Path, split_seed: int = 0, train_size: int | None = None, *,
+             train_per_class: int | None = None, augment: str | None = None) -> Splits:
         a = load_mnist_m(data_dir, self.archive_md5)
         x = np.concatenate([a["x_train"], a["x_test"]])
         y = np.concatenate([a["y_train"], a["y_test"]])
-        return _splits_with_fixed_test(self.name, x, y, len(a["y_test"]), split_seed, train_size, self)
+        return _splits_with_fixed_test(self.name, x, y, len(a["y_test"]), split_seed, train_size, self,
+                                       train_per_class, augment)
 
 
 class MNISTMStyle(Dataset):
@@ -465,10 +469,12 @@ class MNISTMStyle(Dataset):
     def __init__(self, seed: int = GENERATOR_SEED, mnist_md5s: dict | None = None):
         self.seed, self.mnist_md5s = seed, mnist_md5s
 
-    def load(self, data_dir: pathlib.Path, split_seed: int = 0, train_size: int | None = None) -> Splits:
+    def load(self, data_dir: pathlib.Path, split_seed: int = 0, train_size: int | None = None, *,
+             train_per_class: int | None = None, augment: str | None = None) -> Splits:
         a = mnist_m_style_arrays(data_dir, self.seed, self.mnist_md5s)
         if a["n_test"]:
-            return _splits_with_fixed_test(self.name, a["x"], a["y"], a["n_test"], split_seed, train_size, self)
+            return _splits_with_fixed_test(self.name, a["x"], a["y"], a["n_test"], split_seed, train_size, self,
+                                           train_per_class, augment)
         indices = stratified_split(a["y"], MNIST5K_VAL, MNIST5K_TEST, seed=split_seed)
         return make_splits(self.name, _to_nchw(a["x"]), a["y"], indices, self.num_classes, self.input_shape,
-                           split_seed, train_size)
+                           split_seed, train_size, train_per_class, augment or self.default_augment)

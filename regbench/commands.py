@@ -131,7 +131,8 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
 
     bench = study.Benchmark(name=name, base=base, fixed={m: _typed_sets(m, overrides.get(m, {})) for m in methods},
                             seeds=seeds, protocol=protocol, command=command_line)
-    study.check_search_spaces(bench)  # an invalid hparam from a search space fails here, before any write
+    # An invalid hparam from a search space fails here, before any write.
+    study.check_search_spaces(bench, check=lambda m, hp: _check_attach(m, hp, model, dataset))
     with OutputLock(out):
         owned = storage is None
         if storage is None:
@@ -273,7 +274,8 @@ def load_splits(cfg: RunConfig, data_dir: Path):
     import dataclasses
 
     dataset = registry.dataset(cfg.dataset)
-    options = {"train_per_class": cfg.train_per_class, "augment": cfg.augment}
+    # augment None in a stored config means none (also for configs older than the field), never the dataset default
+    options = {"train_per_class": cfg.train_per_class, "augment": cfg.augment or "none"}
     splits = dataset.load(data_dir, split_seed=cfg.split_seed, train_size=cfg.train_size,
                           **{k: v for k, v in options.items() if v is not None})
     if cfg.shift:

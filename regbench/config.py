@@ -79,7 +79,7 @@ class RunConfig:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str) -> "RunConfig":
+    def from_json(cls, text: str) -> RunConfig:
         return cls(**json.loads(text))
 
     def keyed(self) -> dict[str, Any]:
@@ -98,7 +98,7 @@ class RunConfig:
                           separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def replace(self, **changes) -> "RunConfig":
+    def replace(self, **changes) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -21,7 +21,14 @@ from torch import nn
 from regbench import models
 from regbench.config import RunConfig
 from regbench.methods.base import Method, StepContext
-from regbench.metrics import accuracy, calibration, as_matrix, effective_rank, generalization_gap, predict
+from regbench.metrics import (
+    accuracy,
+    as_matrix,
+    calibration,
+    effective_rank,
+    generalization_gap,
+    predict,
+)
 
 ERANK_BATCH = 512  # fixed held-out batch for the effective-rank diagnostic (methods.md §5.1)
 

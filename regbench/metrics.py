@@ -19,8 +19,18 @@ from regbench.spectral import (
     spectrum_entropy,
 )
 
-__all__ = ["predict", "accuracy", "generalization_gap", "calibration", "expected_calibration_error", "covariance_eigenvalues", "spectrum_entropy",
-           "spectral_entropy", "as_matrix", "effective_rank"]
+__all__ = [
+    "accuracy",
+    "as_matrix",
+    "calibration",
+    "covariance_eigenvalues",
+    "effective_rank",
+    "expected_calibration_error",
+    "generalization_gap",
+    "predict",
+    "spectral_entropy",
+    "spectrum_entropy",
+]
 
 
 @torch.no_grad()

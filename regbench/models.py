@@ -17,12 +17,19 @@ import math
 from collections import OrderedDict
 
 import timm
-import torch.nn as nn
+from torch import nn
 
 from regbench.errors import ConfigError, UnknownNameError
 
-__all__ = ["create_model", "list_models", "select_layers", "default_layer_rule", "feature_layers", "classifier_layer",
-           "LAYER_RULES"]
+__all__ = [
+    "LAYER_RULES",
+    "classifier_layer",
+    "create_model",
+    "default_layer_rule",
+    "feature_layers",
+    "list_models",
+    "select_layers",
+]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Finds methods and datasets through entry points: one mechanism for built-in and third-party plugins."""
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from importlib.metadata import entry_points
 
 from regbench.errors import RegbenchError, UnknownNameError
@@ -10,7 +10,7 @@ METHOD_GROUP = "regbench.methods"
 DATASET_GROUP = "regbench.datasets"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _group(group: str) -> dict:
     return {ep.name: ep for ep in entry_points(group=group)}
 
@@ -56,7 +56,7 @@ def dataset(name: str):
     return _load(DATASET_GROUP, "dataset", name)()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _composite(name: str):
     from regbench.methods.composite import SEPARATOR, compose
 

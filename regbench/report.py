@@ -12,7 +12,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from regbench.store import final_study_name, final_trials, load_spec, selection, spent, trials_of
+from regbench.store import (
+    final_study_name,
+    final_trials,
+    load_spec,
+    selection,
+    spent,
+    trials_of,
+)
 
 REFERENCE = "baseline"
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import optuna
 from filelock import FileLock, Timeout
-
 from optuna.trial import TrialState
 
 from regbench.errors import StorageError

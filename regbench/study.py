@@ -26,9 +26,9 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import optuna
 from optuna.trial import TrialState
@@ -138,7 +138,7 @@ class Benchmark:
         }
 
     @classmethod
-    def from_spec(cls, spec: dict) -> "Benchmark":
+    def from_spec(cls, spec: dict) -> Benchmark:
         return cls(name=spec["benchmark"], base=RunConfig.from_json(spec["base"]),
                    fixed={m: info["fixed"] for m, info in spec["methods"].items()}, seeds=list(spec["seeds"]),
                    protocol=Protocol(**spec["protocol"]), command=spec.get("command", ""),
@@ -189,17 +189,23 @@ def space_keys(bench: Benchmark, method: str) -> list[str]:
     return list(trial.distributions)
 
 
-def check_search_spaces(bench: Benchmark, draws: int = 16) -> None:
+def check_search_spaces(bench: Benchmark, check: Callable[[str, dict], None] | None = None, draws: int = 16) -> None:
     """Sample each space a few times in memory before anything is written, so a space that yields an invalid hparam
-    (with these --set values) fails in one line instead of mid-sweep."""
+    (with these --set values), or one the model rejects (``check``: a dry-run attach), fails in one line instead of
+    mid-sweep."""
     if not bench.protocol.tunes:
         return
     for method in bench.methods:
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        seen = set()
         for _ in range(draws):
             trial = study.ask()
             try:
-                suggest(bench, method, trial)
+                hparams, _ = suggest(bench, method, trial)
+                key = json.dumps(hparams, sort_keys=True, default=str)
+                if check is not None and key not in seen:
+                    seen.add(key)
+                    check(method, hparams)
             except RegbenchError as exc:
                 raise ConfigError(f"the search space of {method!r} yields an invalid hparam ({exc}); fix the "
                                   f"method's search_space or fix that hparam with --set") from None

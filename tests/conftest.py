@@ -3,8 +3,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from helpers import TINY
+
 from regbench.cli import main
 
 
@@ -30,3 +30,15 @@ def tiny_run(tmp_path_factory, data_dir):
         if saved is not None:
             os.environ["MLFLOW_TRACKING_URI"] = saved
     return out, buf.getvalue()
+
+
+@pytest.fixture
+def postgres_url():
+    """The real PostgreSQL that .ci/run starts. Skipped with a reason where none was started, except under
+    REGBENCH_REQUIRE_SERVICES=1 (CI), where a missing server fails the test instead."""
+    url = os.environ.get("REGBENCH_TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("REGBENCH_REQUIRE_SERVICES") == "1":
+            pytest.fail("REGBENCH_REQUIRE_SERVICES=1 but REGBENCH_TEST_POSTGRES_URL is not set: PostgreSQL did not start")
+        pytest.skip("set REGBENCH_TEST_POSTGRES_URL (.ci/run starts a PostgreSQL for this)")
+    return url

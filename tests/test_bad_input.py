@@ -57,8 +57,20 @@ BAD = {
     "shift set of another dataset": (["--methods", "ses", "--shift", "digits_c_style"],
                                      "shift set 'digits_c_style' is built from dataset 'digits', not 'mnist1d'"),
     "mnist_m archive missing": (["--methods", "shade", "--dataset", "mnist_m"], "MNIST-M is missing: put the official"),
+    "cifar10_c on mnist1d": (["--methods", "ses", "--shift", "cifar10_c"],
+                             "shift set 'cifar10_c' is built from dataset 'cifar10', not 'mnist1d'; pass --dataset cifar10"),
+    "cifar100 style set on cifar10": (["--methods", "ses", "--dataset", "cifar10", "--model", "cnn", "--shift",
+                                       "cifar100_c_style"],
+                                      "shift set 'cifar100_c_style' is built from dataset 'cifar100', not 'cifar10'"),
     "composite part range": (["--methods", "ses+shade", "--set", "ses+shade.ses.beta=2"],
                              "ses.beta=2.0 is outside (0, 1)"),
+    "crop_flip on 1-D signals": (["--methods", "ses", "--augment", "crop_flip"],
+                                 "--augment crop_flip needs image inputs (C, H, W), but dataset 'mnist1d'"),
+    "train size and per class": (["--methods", "ses", "--train-size", "300", "--train-per-class", "5"],
+                                 "give --train-size or --train-per-class, not both"),
+    "train per class 0": (["--methods", "ses", "--train-per-class", "0"], "--train-per-class must be at least 1"),
+    "train per class too many": (["--methods", "ses", "--train-per-class", "10000"],
+                                 "train_per_class must be between 1 and"),
 }
 
 

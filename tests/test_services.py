@@ -17,8 +17,7 @@ from helpers import regbench_cli
 POSTGRES = os.environ.get("REGBENCH_TEST_POSTGRES_URL")
 
 
-@pytest.mark.skipif(not POSTGRES, reason="set REGBENCH_TEST_POSTGRES_URL (.ci/run starts a PostgreSQL for this)")
-def test_postgresql_store_runs_and_resumes(tmp_path, data_dir):
+def test_postgresql_store_runs_and_resumes(tmp_path, data_dir, postgres_url):
     name = f"pg-{uuid.uuid4().hex[:8]}"
     args = ["run", "--methods", "ses", "--epochs", "1", "--seeds", "2", "--quiet", "--storage", POSTGRES,
             "--name", name, "--out", str(tmp_path / "out"), "--data-dir", str(data_dir)]
