@@ -216,6 +216,25 @@ def test_diverging_trials_fail_with_their_reason_and_the_sweep_completes(tmp_pat
     assert all(json.loads(t.user_attrs["config"])["hparams"]["blowup"] is False for t in finals)
     assert "| toy_unstable | 2 |" in stdout and "6 tuning trials" in stdout
 
+    # MLflow mirrors every trial: tuning trials as children tagged with their state, the parent holds the selection
+    # and the tuning curve.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("digits-mlp")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    children = [r for r in runs if r.data.tags.get("regbench.method") == "toy_unstable"
+                and "regbench.parent" not in r.data.tags]
+    tuned = [r for r in children if r.data.tags["regbench.kind"] == "tune"]
+    assert len(tuned) == 6 and len([r for r in children if r.data.tags["regbench.kind"] == "final"]) == 2
+    failed = [r for r in tuned if r.data.tags["regbench.state"] == "fail"]
+    assert len(failed) == len(blown) and all(r.info.status == "FAILED" for r in failed)
+    assert all(r.data.tags["regbench.fail_reason"].startswith("diverged") for r in failed)
+    [parent] = [r for r in runs if r.data.tags.get("regbench.parent") == "toy_unstable"]
+    assert parent.data.params["selected.blowup"] == "False"
+    curve = client.get_metric_history(parent.info.run_id, "tuning/value")
+    assert len(curve) == 6 - len(blown)
+
 
 SWEEP = ["run", "--methods", "ses,shade", "--trials", "3", "--seeds", "2", "--dataset", "digits", "--model", "mlp",
          "--epochs", "2", "--quiet", "--pruner", "none"]  # 3 + 2 (ses) + 3 + 2 (shade) + 2 (baseline) = 12 runs

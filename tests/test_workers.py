@@ -70,3 +70,21 @@ def test_launch_of_a_benchmark_that_does_not_exist(tmp_path):
                        "--out", str(out), cwd=tmp_path)
     assert res.returncode == 2 and "benchmark 'ghost' does not exist" in res.stderr
     assert not (out / "workers").exists()
+
+
+def test_two_workers_share_a_journal_file_storage(tmp_path):
+    journal = f"journal:{tmp_path / 'bench.log'}"
+    plan = ["--methods", "shade", "--trials", "2", "--seeds", "2", "--dataset", "digits", "--model", "mlp",
+            "--epochs", "1", "--quiet", "--pruner", "none", "--name", "jr", "--out", str(tmp_path / "out"),
+            "--storage", journal, "--plan-only"]
+    assert regbench_cli("run", *plan, cwd=tmp_path).returncode == 0
+    script = Path(sys.executable).parent / "regbench"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    procs = [subprocess.Popen([str(script), "worker", "--storage", journal, "--benchmark", "jr", "--quiet"], env=env,
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:
+        _, stderr = p.communicate(timeout=600)
+        assert p.returncode == 0, stderr
+    from regbench.store import open_storage
+    check_sweep(open_storage(journal), "jr", ["baseline", "shade"], 2, [0, 1])
