@@ -237,7 +237,9 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
                 epochs.set_postfix(val=f"{row['val_acc']:.3f}", loss=f"{task_mean:.3f}")
             if on_epoch is not None:
                 on_epoch(epoch + 1, row)
-        shift_metrics = _evaluate_shift(model, splits.shift) if getattr(splits, "shift", None) is not None else {}
+        # A shift set is built from the test split: a tuning run (eval_test off) must not read it either.
+        shifted = getattr(splits, "shift", None) is not None and config.eval_test
+        shift_metrics = _evaluate_shift(model, splits.shift) if shifted else {}
     finally:
         method.detach(model)
         capture.remove()
@@ -286,7 +288,9 @@ def _evaluate(model, splits, config, capture, diag_keys, erank_x) -> dict[str, f
         predict(model, erank_x, batch_size=len(erank_x))
     capture.active = False
     for key in diag_keys:
-        row[f"erank/{key}"] = effective_rank(as_matrix(capture.store[key]).float())
+        h = as_matrix(capture.store[key]).float()
+        row[f"erank/{key}"] = effective_rank(h)
+        row[f"width/{key}"] = h.shape[1]  # d of the layer: SES's target erank is d^β (eq. 5), drawn in the report
     capture.clear()
     capture.wanted = train_wanted
     return row

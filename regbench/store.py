@@ -81,6 +81,13 @@ def retry_callback():
         return cls(max_retry=1)
 
 
+def _retry_stale(study, trial) -> None:
+    """Record why a stale trial failed, then queue its retry (a copy of the trial as it was, without that reason)."""
+    study._storage.set_trial_user_attr(trial._trial_id, "fail_reason",
+                                       f"interrupted: no heartbeat for {GRACE_PERIOD} s (its worker died)")
+    retry_callback()(study, trial)
+
+
 def _rdb_storage(url: str, engine_kwargs: dict):
     import inspect
     import warnings
@@ -90,7 +97,7 @@ def _rdb_storage(url: str, engine_kwargs: dict):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
-                                          grace_period=GRACE_PERIOD, **{name: retry_callback()})
+                                          grace_period=GRACE_PERIOD, **{name: _retry_stale})
 
 
 def final_study_name(benchmark: str, method: str) -> str:

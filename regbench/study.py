@@ -296,10 +296,10 @@ def fail_dead_trials(storage, study_names) -> int:
             study = optuna.load_study(study_name=name, storage=storage)
         except KeyError:
             continue
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        for t in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
             storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: its process died")
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            callback(study, storage.get_trial(t._trial_id))
+            callback(study, t)  # the retry copies the trial as it was before it failed (no fail_reason)
             n += 1
     return n
 
@@ -587,7 +587,8 @@ def progress(storage, bench: Benchmark) -> list[str]:
             c = _counts(trials)
             seeds_done = {_seed(t) for t in trials if t.state == TrialState.COMPLETE}
             lost = {_seed(t) for t in trials if diverged(t)}
-            remaining = len(set(bench.seeds) - seeds_done - lost)
+            busy = {_seed(t) for t in trials if t.state == TrialState.RUNNING}
+            remaining = len(set(bench.seeds) - seeds_done - lost - busy)
             parts.append(f"finals {len(seeds_done)} done, {c['running']} running, {c['failed']} failed, "
                          f"{remaining} remaining")
         lines.append(f"  {method}: " + "; ".join(parts))

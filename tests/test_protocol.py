@@ -59,11 +59,18 @@ def check_sweep(storage: str, bench: str, methods: list[str], n_trials: int, see
     for method in methods:
         if method != "baseline":
             tune = trials(storage, tune_study(storage, bench, method))
-            counted = [t for t in tune if not str(t.user_attrs.get("fail_reason", "")).startswith(
-                ("skipped:", "interrupted"))]
+            # Budget: every trial that trained (complete, pruned or diverged); interrupted ones were retried and
+            # skipped ones never trained.
+            counted = [t for t in tune if t.state != TrialState.FAIL
+                       or str(t.user_attrs.get("fail_reason", "")).startswith("diverged")]
             assert len(counted) == n_trials, (method, [(t.number, t.state, t.user_attrs.get("fail_reason"))
                                                        for t in tune])
             assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in tune)
+            for t in tune:
+                if t.state == TrialState.FAIL and not t.user_attrs.get("fail_reason", "").startswith(
+                        ("diverged", "skipped")):  # interrupted → retried once with the same params
+                    retries = [r for r in tune if r.system_attrs.get("failed_trial") == t.number]
+                    assert len(retries) <= 1 and all(r.params == t.params for r in retries)
         selected = [v for k, v in root.user_attrs.items() if k.startswith(f"selected:{method}:")]
         assert len(selected) == 1
         finals = [t for t in trials(storage, f"{bench}:{method}:final")
@@ -257,6 +264,36 @@ def test_sigkill_at_a_random_moment_then_rerun_gives_every_run_exactly_once(tmp_
     check_sweep(storage_of(out), "digits-mlp", ["baseline", "ses", "shade"], 3, [0, 1])
     for method in ("baseline", "ses", "shade"):
         assert f"| {method} | 2 |" in again.stdout, f"kill seed {seed} after {delay:.1f} s"
+
+
+def test_sigkill_during_a_tuning_trial_retries_it_once_with_the_same_params(tmp_path):
+    out = tmp_path / "out"
+    args = [*SWEEP, "--methods", "ses", "--out", str(out)]
+    script = Path(sys.executable).parent / "regbench"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([str(script), *args], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    storage, deadline, running = storage_of(out), time.time() + 300, []
+    while time.time() < deadline and not running:
+        time.sleep(0.1)
+        try:
+            names = [n for n in (study_names(storage) if (out / "regbench.db").exists() else [])
+                     if ":ses:tune:" in n]
+            running = [t for n in names for t in trials(storage, n)
+                       if t.state == TrialState.RUNNING and t.number == 1]
+        except Exception:  # noqa: BLE001 - the store may be mid-creation (tables not there yet)
+            continue
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL and running
+    again = regbench_cli(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    check_sweep(storage, "digits-mlp", ["baseline", "ses"], 3, [0, 1])
+    tune = trials(storage, tune_study(storage, "digits-mlp", "ses"))
+    [dead] = [t for t in tune if t.number == 1]
+    assert dead.state == TrialState.FAIL and dead.user_attrs["fail_reason"].startswith("interrupted")
+    [retry] = [t for t in tune if t.system_attrs.get("failed_trial") == 1]
+    assert retry.state == TrialState.COMPLETE and retry.params == dead.params
+    assert "fail_reason" not in retry.user_attrs
 
 
 @pytest.mark.parametrize("args, expected", [
