@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--storage", help="storage URL (default: sqlite:///OUT/regbench.db)")
     st.add_argument("--name", help="benchmark name (default: the only one in the store)")
 
+    sy = sub.add_parser("sync-mlflow", help="mirror to MLflow every run of a benchmark that it lacks (e.g. after "
+                                             "the server was down)")
+    sy.add_argument("out", nargs="?", help="the output dir of a `regbench run` (or give --storage)")
+    sy.add_argument("--storage", help="storage URL (default: sqlite:///OUT/regbench.db)")
+    sy.add_argument("--name", help="benchmark name (default: the only one in the store)")
+
     wk = sub.add_parser("worker", help="join a benchmark in a shared storage and run its trials until none is left",
                         description="Claim and run trials of a planned benchmark (`regbench run ... --plan-only`, "
                                     "or one being run) from any machine; workers coordinate through the storage.")
@@ -111,18 +117,32 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--timeout-min", type=int, default=24 * 60, help="per-worker time limit in minutes")
     la.add_argument("--data-dir", default=None, help="dataset cache (default: $REGBENCH_DATA or ~/.cache/regbench)")
 
-    rep = sub.add_parser("report", help="regenerate OUT/leaderboard.md from the store")
-    rep.add_argument("out", help="the output dir of a previous `regbench run`")
-    rep.add_argument("--storage", help="storage URL (default: sqlite:///OUT/regbench.db)")
+    rep = sub.add_parser("report", help="regenerate OUT/leaderboard.md and OUT/figures/ from the store; with "
+                                        "several OUTs and --summary, rank the methods across them")
+    rep.add_argument("out", nargs="+", help="the output dir of a previous `regbench run` (several with --summary)")
+    rep.add_argument("--storage", help="storage URL (default: sqlite:///OUT/regbench.db; one OUT only)")
     rep.add_argument("--name", help="benchmark name (default: the only one in the store)")
+    rep.add_argument("--margin", type=float, default=0.5, metavar="PP",
+                     help="equivalence margin in percentage points for the TOST verdict (default 0.5)")
+    rep.add_argument("--summary", metavar="DIR", help="also rank methods across the OUTs' benchmarks (Friedman, "
+                                                      "Nemenyi CD diagram) into DIR/summary.md")
+    exp = sub.add_parser("export", help="write the tidy table of final runs to OUT/results.csv or .parquet")
+    exp.add_argument("out", help="the output dir of a previous `regbench run`")
+    exp.add_argument("--format", choices=["csv", "parquet"], default="csv", help="csv (default) or parquet "
+                                                                                 "(needs pyarrow)")
+    exp.add_argument("--storage", help="storage URL (default: sqlite:///OUT/regbench.db)")
+    exp.add_argument("--name", help="benchmark name (default: the only one in the store)")
     from regbench.data_commands import add_parser as add_data_parser
     add_data_parser(sub)
+    from regbench.suites import add_parser as add_suite_parser
+    add_suite_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    _stop_on_sigterm()
     from regbench import commands
 
     try:
@@ -135,17 +155,42 @@ def main(argv: list[str] | None = None) -> int:
             return data_command(args, _default_data_dir())
         if args.command == "status":
             return commands.status_command(args)
+        if args.command == "sync-mlflow":
+            return commands.sync_mlflow_command(args)
         if args.command == "worker":
             return commands.worker_command(args, _default_data_dir())
         if args.command == "launch":
             return commands.launch_command(args, _default_data_dir())
+        if args.command == "suite":
+            from regbench.suites import suite_command
+            return suite_command(args)
+        if args.command == "export":
+            return commands.export_command(args)
         return commands.report_command(args)
     except RegbenchError as exc:
         print(f"regbench: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Terminated:
+        print("regbench: terminated (SIGTERM); rerun the same command to resume where it stopped", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("regbench: interrupted; rerun the same command to resume where it stopped", file=sys.stderr)
         return 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler pre-empting the job) unwinds exactly like Ctrl-C: the running trial is recorded as
+    interrupted (and rerun when the command is rerun) and the store stays consistent."""
+
+
+def _stop_on_sigterm() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        def handler(_signum, _frame):
+            raise Terminated()
+        signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":

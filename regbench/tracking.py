@@ -141,7 +141,7 @@ class Tracker:
             self.client.log_batch(run.info.run_id, metrics=series[i:i + 1000])
         self.client.set_terminated(run.info.run_id, status=status, end_time=end_ms)
 
-    def log_artifact(self, method: str | None, path: Path, all_parents: bool = False) -> None:
+    def log_artifact(self, method: str | None, path: Path, all_parents: bool = False, subdir: str | None = None) -> None:
         """Attach a file (the leaderboard) to a method's parent run, or to every parent when method is None
         (``all_parents``: every parent run of the experiment, also those another process created)."""
         if all_parents:
@@ -151,7 +151,7 @@ class Tracker:
                 self._parents.setdefault(run.data.tags["regbench.parent"], run.info.run_id)
         targets = [self.parent(method)] if method else list(self._parents.values())
         for run_id in targets:
-            self.client.log_artifact(run_id, str(path))
+            self.client.log_artifact(run_id, str(path), subdir)
 
     def close(self) -> None:
         # Parents untouched by this session keep their times, so a rerun that trains nothing changes nothing.
@@ -160,3 +160,60 @@ class Tracker:
                 self.client.set_terminated(run_id, end_time=self._ends[method])
             elif method in self._created:
                 self.client.set_terminated(run_id)
+
+
+def unreachable(uri: str, timeout: float = 3.0) -> str | None:
+    """Why an MLflow tracking server cannot be reached (None when it answers /health, or for a local store)."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            return None if response.status == 200 else f"/health answered {response.status}"
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
+
+
+class SafeTracker:
+    """The mirror must never stop training (the store of record is Optuna's storage): the first MLflow error is
+    reported once, then mirroring stops for this process; `regbench sync-mlflow OUT` mirrors what is missing later."""
+
+    def __init__(self, uri: str, experiment: str, warn):
+        import os
+
+        # MLflow retries a dead server with backoff for minutes by default; a mirror should give up fast.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.uri, self._warn, self._tracker = uri, warn, None
+        reason = unreachable(uri)
+        if reason is None:
+            try:
+                self._tracker = Tracker(uri, experiment)
+            except Exception as exc:  # noqa: BLE001 - any MLflow failure must only cost the mirror
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if reason is not None:
+            self._disable(reason)
+
+    def _disable(self, reason: str) -> None:
+        self._tracker = None
+        self._warn(f"regbench: warning: MLflow at {self.uri} is unreachable ({reason[:160]}); training goes on and "
+                   f"the store keeps every run; mirror them later with `regbench sync-mlflow OUT`")
+
+    @property
+    def active(self) -> bool:
+        return self._tracker is not None
+
+    def __getattr__(self, name):
+        method = getattr(self._tracker, name) if self._tracker is not None else None
+
+        def call(*args, **kwargs):
+            if self._tracker is None:
+                return None
+            try:
+                return method(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001
+                self._disable(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                return None
+        return call

@@ -57,7 +57,7 @@ def check_sweep(storage: str, bench: str, methods: list[str], n_trials: int, see
     selected configuration; skipped trials never trained."""
     root = optuna.load_study(study_name=bench, storage=storage)
     for method in methods:
-        if method != "baseline":
+        if method != "baseline" and n_trials:
             tune = trials(storage, tune_study(storage, bench, method))
             # Budget: every trial that trained (complete, pruned or diverged); interrupted ones were retried and
             # skipped ones never trained.
@@ -321,3 +321,29 @@ def test_worker_for_a_missing_benchmark_and_unreachable_storage(tmp_path):
     dead = regbench_cli("worker", "--storage", "postgresql://nobody@127.0.0.1:1/none", "--benchmark", "x",
                         cwd=tmp_path)
     assert dead.returncode == 2 and "cannot open storage" in dead.stderr and "Traceback" not in dead.stderr
+
+
+def test_sigterm_stops_with_143_and_one_line_then_the_rerun_finishes(tmp_path):
+    out = tmp_path / "out"
+    args = [*SWEEP, "--methods", "shade", "--trials", "0", "--out", str(out)]
+    script = Path(sys.executable).parent / "regbench"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([str(script), *args], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    storage, deadline, running = storage_of(out), time.time() + 300, False
+    while time.time() < deadline and not running:
+        time.sleep(0.1)
+        try:
+            running = any(t.state == TrialState.RUNNING for t in trials(storage, "digits-mlp:shade:final"))
+        except Exception:  # noqa: BLE001 - the store may be mid-creation
+            continue
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert running and proc.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == ("regbench: terminated (SIGTERM); rerun the same command to resume "
+                                               "where it stopped")
+    stopped = [t for t in trials(storage, "digits-mlp:shade:final") if t.state == TrialState.FAIL]
+    assert len(stopped) == 1 and stopped[0].user_attrs["fail_reason"] == "interrupted"
+    again = regbench_cli(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    check_sweep(storage, "digits-mlp", ["baseline", "shade"], 0, [0, 1])

@@ -85,3 +85,25 @@ def test_runs_are_mirrored_to_a_real_mlflow_server(mlflow_server, tmp_path, data
     parent = client.get_run(shade.data.tags["mlflow.parentRunId"])
     assert "leaderboard.md" in [a.path for a in client.list_artifacts(parent.info.run_id)]
     assert not (tmp_path / "out" / "mlflow.db").exists()
+
+
+def test_mlflow_down_warns_once_keeps_training_then_sync_mirrors_everything(mlflow_server, tmp_path, data_dir):
+    dead = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    out = tmp_path / "out"
+    ran = regbench_cli("run", "--methods", "shade", "--epochs", "1", "--seeds", "2", "--quiet", "--name", "down",
+                       "--out", str(out), "--data-dir", str(data_dir), env_extra={"MLFLOW_TRACKING_URI": dead},
+                       cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    warnings = [line for line in ran.stderr.splitlines() if "MLflow at" in line]
+    assert len(warnings) >= 1 and "sync-mlflow" in warnings[0] and "Traceback" not in ran.stderr
+    assert "| shade | 2 |" in ran.stdout  # trained and reported from the store
+    synced = regbench_cli("sync-mlflow", str(out), env_extra={"MLFLOW_TRACKING_URI": mlflow_server}, cwd=tmp_path)
+    assert synced.returncode == 0, synced.stderr
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("down").experiment_id])
+    seeds = sorted(r.data.tags["regbench.seed"] for r in runs if r.data.tags.get("regbench.kind") == "final")
+    assert seeds == ["0", "0", "1", "1"]  # baseline and shade, seeds 0 and 1
+    again = regbench_cli("sync-mlflow", str(out), env_extra={"MLFLOW_TRACKING_URI": mlflow_server}, cwd=tmp_path)
+    assert again.returncode == 0 and "0 runs mirrored" in again.stdout  # nothing twice
+    still_dead = regbench_cli("sync-mlflow", str(out), env_extra={"MLFLOW_TRACKING_URI": dead}, cwd=tmp_path)
+    assert still_dead.returncode == 2 and "unreachable" in still_dead.stderr
