@@ -182,14 +182,22 @@ def work(storage, bench, splits, tracking_uri: str | None, quiet: bool = False, 
 
     progress = not quiet and sys.stderr.isatty()
     say = (lambda *_: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    tracker = tracking.Tracker(tracking_uri, experiment=bench.name) if tracking_uri else None
+    warn = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - warnings show even with --quiet
+    tracker = tracking.SafeTracker(tracking_uri, bench.name, warn) if tracking_uri else None
+
+    # "[k/total]" counts the runs this process trained; the total is known unless tuning is budgeted in epochs.
+    planned = None if bench.protocol.budget_epochs else sum(
+        (bench.protocol.trials if bench.tunes(m) else 0) + len(bench.seeds) for m in bench.methods)
+    counter = [0]
 
     def on_trial(outcome: study.Outcome) -> None:
         t = outcome.trial
         if study.skipped(t):
             return
+        counter[0] += 1
         what = (f"{outcome.method} tuning trial {t.number}" if outcome.kind == "tune"
                 else f"{outcome.method} seed {t.params.get('seed', '?')}")
+        what = f"[{counter[0]}{f'/{planned}' if planned else ''}] {what}"
         spent = t.user_attrs.get("budget", {})
         if t.state.name == "COMPLETE":
             m = t.user_attrs["metrics"]
@@ -210,7 +218,7 @@ def work(storage, bench, splits, tracking_uri: str | None, quiet: bool = False, 
         if done:
             say(f"{method}: {done} of {len(bench.seeds)} seeds already in the store, skipped")
     runner.run()
-    if tracker is not None:
+    if tracker is not None and tracker.active:
         _mirror_all(storage, tracker, bench)
         tracker.close()
 
@@ -247,12 +255,14 @@ def _mirror_all(storage, tracker, bench) -> None:
 def _write_report(storage, name: str, out: Path, tracking_uri: str | None) -> Path:
     from regbench import report, tracking
 
-    path = report.write_leaderboard(storage, name, out)
-    if tracking_uri:
-        tracker = tracking.Tracker(tracking_uri, experiment=name)
-        tracker.log_artifact(None, path, all_parents=True)
+    paths = report.write_report(storage, name, out)
+    if tracking_uri:  # the leaderboard and its figures go to every method's parent run
+        tracker = tracking.SafeTracker(tracking_uri, name, lambda msg: print(msg, file=sys.stderr, flush=True))
+        for artifact in paths:
+            tracker.log_artifact(None, artifact, all_parents=True, subdir="figures" if artifact.suffix == ".png"
+                                 else None)
         tracker.close()
-    return path
+    return paths[0]
 
 
 def _load_benchmark(storage, name: str):
@@ -302,6 +312,30 @@ def worker_command(args, default_data_dir: str) -> int:
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
     work(storage, bench, splits, tracking_uri, quiet=args.quiet)
     print(f"worker: benchmark {bench.name!r} has no work left")
+    return 0
+
+
+def sync_mlflow_command(args) -> int:
+    """Mirror every trial of a benchmark that MLflow lacks (after the server was down during a run)."""
+    from regbench import tracking
+    from regbench.store import STORE_FILE, default_storage_url, open_storage
+
+    storage = _open_for_reading(args, STORE_FILE, default_storage_url, open_storage)
+    name = _only_benchmark(storage, args.name)
+    bench = _load_benchmark(storage, name)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or (tracking.default_tracking_uri(Path(args.out)) if args.out
+                                                     else None)
+    if uri is None:
+        raise ConfigError("no MLflow to sync to: set MLFLOW_TRACKING_URI or pass the run's OUT dir")
+    reason = tracking.unreachable(uri)
+    if reason is not None:
+        raise ConfigError(f"MLflow at {uri} is unreachable ({reason}); start it, then run sync-mlflow again")
+    tracker = tracking.Tracker(uri, experiment=name)
+    before = len(tracker.client.search_runs([tracker.experiment_id], max_results=5000))
+    _mirror_all(storage, tracker, bench)
+    tracker.close()
+    after = len(tracker.client.search_runs([tracker.experiment_id], max_results=5000))
+    print(f"sync-mlflow: {after - before} runs mirrored to {uri} (experiment {name!r}, {after} runs in all)")
     return 0
 
 
@@ -412,23 +446,69 @@ def list_command(what: str) -> int:
     return 0
 
 
-def report_command(args) -> int:
+def _report_store(out: Path, storage_url: str | None, name: str | None, several: bool = False):
+    """The store of an output dir (or --storage) and the benchmark(s) to report (``several``: every benchmark of the
+    store when no --name); one clear line when either is missing."""
     import optuna
 
-    from regbench import report
     from regbench.store import STORE_FILE, default_storage_url, open_storage
 
-    out = Path(args.out)
-    if not args.storage and not (out / STORE_FILE).is_file():
+    if not storage_url and not (out / STORE_FILE).is_file():
         raise ConfigError(f"{out} holds no store ({STORE_FILE}); pass the --out of a `regbench run` or --storage URL")
-    storage = open_storage(args.storage or default_storage_url(out))
-    name = args.name
-    if name is None:
+    storage = open_storage(storage_url or default_storage_url(out))
+    if several and name is None:
         names = [s for s in optuna.get_all_study_names(storage) if ":" not in s]
-        if len(names) != 1:
-            raise ConfigError(f"the store holds benchmarks {', '.join(names) or 'none'}; choose one with --name")
+        if not names:
+            raise ConfigError(f"{out} holds no benchmark; run `regbench run` there first")
+        return storage, names
+    return storage, [_only_benchmark(storage, name)]
+
+
+def report_command(args) -> int:
+    """Regenerate each OUT's leaderboard and figures from its store; with --summary, rank across them."""
+    from regbench import report
+
+    outs = [Path(o) for o in args.out]
+    if args.storage and len(outs) > 1:
+        raise ConfigError("--storage names one store: give one OUT with it, or drop --storage to read each OUT's own")
+    if len(outs) > 1 and not args.summary:
+        raise ConfigError(f"{len(outs)} output dirs given: add --summary DIR to rank methods across them")
+    if not args.margin > 0:
+        raise ConfigError(f"--margin {args.margin} must be > 0 (percentage points, e.g. 0.5)")
+    frames, tracking_uri = [], os.environ.get("MLFLOW_TRACKING_URI")
+    stores = [(out, *_report_store(out, args.storage, args.name, several=bool(args.summary))) for out in outs]
+    for out, storage, names in stores:  # all checked above, before anything is written
+        if args.summary and len(names) > 1:  # a store of several benchmarks: all join the summary, none overwrites
+            frames += [report.export_frame(storage, n) for n in names]  # OUT/leaderboard.md (pick one with --name)
+            print(f"{out}: {len(names)} benchmarks ({', '.join(names)}) go into the summary; regenerate one's "
+                  f"leaderboard with --name")
+            continue
         name = names[0]
-    path = report.write_leaderboard(storage, name, out)
-    print(path.read_text())
-    print(f"Leaderboard: {path}")
+        paths = report.write_report(storage, name, out, margin_pp=args.margin)
+        uri = tracking_uri or (_tracking.default_tracking_uri(out) if (out / "mlflow.db").is_file() else None)
+        if uri:
+            tracker = _tracking.Tracker(uri, experiment=name)
+            for artifact in paths:
+                tracker.log_artifact(None, artifact, all_parents=True,
+                                     subdir="figures" if artifact.suffix == ".png" else None)
+            tracker.close()
+        frames.append(report.export_frame(storage, name))
+        if not args.summary:
+            print(paths[0].read_text())
+        print(f"Leaderboard: {paths[0]} ({len(paths) - 1} figures in {out / 'figures'})")
+    if args.summary:
+        paths = report.write_summary(frames, Path(args.summary))
+        print(paths[0].read_text())
+        print(f"Summary: {paths[0]}")
+    return 0
+
+
+def export_command(args) -> int:
+    """OUT/results.csv (or .parquet): one row per final run, for pandas."""
+    from regbench import report
+
+    out = Path(args.out)
+    storage, (name,) = _report_store(out, args.storage, args.name)
+    path = report.write_export(storage, name, out, args.format)
+    print(f"Wrote {path}")
     return 0
