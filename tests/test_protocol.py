@@ -347,3 +347,22 @@ def test_sigterm_stops_with_143_and_one_line_then_the_rerun_finishes(tmp_path):
     again = regbench_cli(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     check_sweep(storage, "digits-mlp", ["baseline", "shade"], 0, [0, 1])
+
+
+def test_oracle_table_is_written_only_on_request_and_labelled(tmp_path):
+    out = tmp_path / "out"
+    code, stdout, _ = run_main("run", "--methods", "shade", "--trials", "2", "--seeds", "1", "--oracle",
+                               "--pruner", "none", "--out", str(out), *FAST)
+    assert code == 0
+    tune = trials(storage_of(out), tune_study(storage_of(out), "digits-mlp", "shade"))
+    best_on_test = max(t.user_attrs["metrics"]["test_acc"] for t in tune)
+    assert "ORACLE (selected on test" in stdout
+    row = next(line for line in stdout.splitlines() if line.startswith("| shade |") and "ORACLE" not in line
+               and line.count("|") == 5)
+    assert f"{best_on_test * 100:.2f}" in row
+    code, plain, _ = run_main("run", "--methods", "shade", "--trials", "2", "--seeds", "1", "--pruner", "none",
+                              "--out", str(tmp_path / "plain"), *FAST)
+    assert code == 0 and "ORACLE" not in plain
+    plain_tune = trials(storage_of(tmp_path / "plain"), tune_study(storage_of(tmp_path / "plain"), "digits-mlp",
+                                                                     "shade"))
+    assert all("test_acc" not in t.user_attrs["metrics"] for t in plain_tune)
