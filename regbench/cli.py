@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.HPARAM=VALUE",
                      help="override a method hparam, e.g. --set ses.beta=0.6 (repeatable)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
+    _checkpoint_arguments(run, "OUT/checkpoints")
     tune = run.add_argument_group("tuning (Optuna, on the validation split; test is never read while tuning)")
     tune.add_argument("--trials", type=int, default=0,
                       help="tuning trials per method over its search space, TPE seeded; the best on validation is "
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--data-dir", default=None, help="dataset cache (default: $REGBENCH_DATA or ~/.cache/regbench)")
     wk.add_argument("--device", help="override the planned device (auto, cpu, cuda, cuda:N)")
     wk.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
+    wk.add_argument("--checkpoint-dir", help="where this worker's mid-run checkpoints go (default: "
+                    "regbench-checkpoints next to the --data-dir); local to this machine")
+    _checkpoint_arguments(wk, "--checkpoint-dir")
 
     la = sub.add_parser("launch", help="start N workers through submitit (local processes or Slurm), then report")
     la.add_argument("name", help="a benchmark planned in the storage")
@@ -137,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     from regbench.suites import add_parser as add_suite_parser
     add_suite_parser(sub)
     return p
+
+
+def _checkpoint_arguments(parser, where: str) -> None:
+    parser.add_argument("--checkpoint-every-seconds", type=float, default=60.0, metavar="S",
+                        help=f"save a running run's checkpoint to {where} at the end of an epoch once S seconds have "
+                             f"passed since the last save (default 60; 0 = every epoch); a killed run resumes from it")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep the checkpoints of finished runs (default: removed when a run finishes)")
 
 
 def main(argv: list[str] | None = None) -> int:

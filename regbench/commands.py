@@ -87,6 +87,7 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
         shift_sets.check(args.shift, args.dataset)
     seeds = _parse_seeds(args.seeds)
     protocol = _protocol(args)  # bad --trials/--budget-epochs/… fail before any storage is opened
+    _checkpoint_options(args, Path("."))
     _check_device(args.device)
     recipe = {**GENERIC_RECIPE, **RECIPES.get(args.dataset, {})}
     for option in ("epochs", "batch_size", "lr", "optimizer", "schedule"):
@@ -148,7 +149,9 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
                   f"{_safe(storage_url)} --benchmark {name}  (or regbench launch {name} --workers N ...)")
             return 0
         tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or _tracking.default_tracking_uri(out)
-        work(storage, bench, splits, tracking_uri, quiet=args.quiet)
+        # Checkpoints live with the store: a rerun of this command (the retry of a killed trial) finds them.
+        work(storage, bench, splits, tracking_uri, quiet=args.quiet,
+             checkpoints=_checkpoint_options(args, out / "checkpoints"))
         path = _write_report(storage, name, out, tracking_uri)
     print(path.read_text())
     print(f"Leaderboard: {path}")
@@ -169,6 +172,15 @@ def _typed_sets(method: str, overrides: dict) -> dict:
     return {k: resolved[k] for k in overrides}
 
 
+def _checkpoint_options(args, directory: Path) -> dict:
+    """Mid-run checkpoint settings for study.Runner (issue 10, item 1), checked before anything is written."""
+    seconds = getattr(args, "checkpoint_every_seconds", 60.0)
+    if not seconds >= 0:  # also NaN
+        raise ConfigError(f"--checkpoint-every-seconds must be >= 0 (0 = after every epoch), got {seconds}")
+    return {"checkpoint_dir": directory, "checkpoint_seconds": seconds,
+            "keep_checkpoints": bool(getattr(args, "keep_checkpoints", False))}
+
+
 def _protocol(args):
     from regbench.study import Protocol
 
@@ -176,8 +188,10 @@ def _protocol(args):
                     objective=args.objective, tune_shared=args.tune_shared, oracle=args.oracle)
 
 
-def work(storage, bench, splits, tracking_uri: str | None, quiet: bool = False, wait: bool = True) -> None:
-    """Run this process's share of a benchmark's trials, one line each, mirrored to MLflow as they finish."""
+def work(storage, bench, splits, tracking_uri: str | None, quiet: bool = False, wait: bool = True,
+         checkpoints: dict | None = None) -> None:
+    """Run this process's share of a benchmark's trials, one line each, mirrored to MLflow as they finish.
+    ``checkpoints``: Runner's checkpoint_dir / checkpoint_seconds / keep_checkpoints (see _checkpoint_options)."""
     from regbench import study, tracking
 
     progress = not quiet and sys.stderr.isatty()
@@ -210,7 +224,8 @@ def work(storage, bench, splits, tracking_uri: str | None, quiet: bool = False, 
         if tracker is not None:
             tracker.mirror(outcome.study.study_name, t)
 
-    runner = study.Runner(storage, bench, splits, progress=progress, on_trial=on_trial, wait=wait)
+    runner = study.Runner(storage, bench, splits, progress=progress, on_trial=on_trial, wait=wait,
+                          **(checkpoints or {}))
     for method in bench.methods if not bench.protocol.tunes else []:
         keys = {c.key() for c in runner.select(method)}
         done = sum(t.state.name == "COMPLETE" and t.user_attrs.get("config_key") in keys
@@ -298,9 +313,12 @@ def worker_command(args, default_data_dir: str) -> int:
     """Join a benchmark planned in a shared storage: claim and run its trials until none is left."""
     from regbench.store import open_storage
 
+    data_dir = Path(args.data_dir or default_data_dir).expanduser()
+    # A worker's checkpoints are local to its machine: a trial retried by a worker on another machine starts over.
+    checkpoint_dir = Path(getattr(args, "checkpoint_dir", None) or data_dir.parent / "regbench-checkpoints")
+    checkpoints = _checkpoint_options(args, checkpoint_dir.expanduser())
     storage = open_storage(args.storage)
     bench = _load_benchmark(storage, args.benchmark)
-    data_dir = Path(args.data_dir or default_data_dir).expanduser()
     if args.device:
         _check_device(args.device)
         bench.base = bench.base.replace(device=args.device)
@@ -310,7 +328,7 @@ def worker_command(args, default_data_dir: str) -> int:
         raise ConfigError(f"this machine's {bench.base.dataset} data gives split {splits.split_hash[:12]}, the "
                           f"benchmark was planned on {want[:12]}; point --data-dir at the same dataset files")
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    work(storage, bench, splits, tracking_uri, quiet=args.quiet)
+    work(storage, bench, splits, tracking_uri, quiet=args.quiet, checkpoints=checkpoints)
     print(f"worker: benchmark {bench.name!r} has no work left")
     return 0
 

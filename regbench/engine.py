@@ -12,12 +12,14 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regbench import checkpoint as _checkpoint
 from regbench import models
 from regbench.config import RunConfig
 from regbench.methods.base import Method, StepContext
@@ -43,6 +45,7 @@ class RunResult:
     history: list[dict[str, float]]         # one dict per epoch
     seconds: float
     diagnostic_layers: list[str] = field(default_factory=list)
+    resumed_from_epoch: int = 0             # epochs restored from a mid-run checkpoint (0 = trained from scratch)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -169,8 +172,15 @@ def train_step(model: nn.Module, method: Method, capture: ActivationCapture, opt
 
 
 def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, dict], None] | None = None,
-          progress: bool = False) -> RunResult:
-    """Train ``config`` on ``splits`` with ``method`` attached; returns final metrics and per-epoch history."""
+          progress: bool = False, checkpoint: Path | None = None, checkpoint_every: int = 1,
+          checkpoint_seconds: float = 60.0, keep_checkpoint: bool = False) -> RunResult:
+    """Train ``config`` on ``splits`` with ``method`` attached; returns final metrics and per-epoch history.
+
+    With ``checkpoint`` (a file path, see regbench/checkpoint.py) the run resumes from that file when it holds this
+    run's state, and saves it at the end of every ``checkpoint_every``-th epoch once ``checkpoint_seconds`` have
+    passed since the last save (0 = every such epoch), so short runs never pay for it. The file is removed when the
+    run finishes or diverges (a rerun would diverge again), unless ``keep_checkpoint``; an exception from
+    ``on_epoch`` or an interrupt leaves it for the retry."""
     device = resolve_device(config.device)
     generator = seed_everything(config.seed)
     model = models.create_model(config.model, splits.num_classes, splits.input_shape,
@@ -200,12 +210,39 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
     augment_generator = torch.Generator(device=device).manual_seed(augment_seed)
 
     history: list[dict[str, float]] = []
-    started, step = time.perf_counter(), 0
-    epochs = range(config.epochs)
+    started, step, start_epoch = time.perf_counter(), 0, 0
+    generators = {"batch_order": generator, "augment": augment_generator}
+    if checkpoint is not None:
+        state = _checkpoint.load(checkpoint, config.key(), device)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            for name, gen in generators.items():
+                gen.set_state(state["generators"][name].cpu())  # a generator's state is a CPU byte tensor
+            method.load_state_dict(state["method"])
+            _checkpoint.set_rng_state(state["rng"])
+            history, step, start_epoch = list(state["history"]), int(state["step"]), int(state["epoch"])
+    last_save = time.perf_counter()
+
+    def save_checkpoint(epoch_done: int) -> None:
+        _checkpoint.save(checkpoint, {
+            "config_key": config.key(), "device_type": device.type, "epoch": epoch_done, "step": step,
+            "history": history, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "method": method.state_dict(), "rng": _checkpoint.rng_state(),
+            "generators": {name: gen.get_state() for name, gen in generators.items()}})
+
+    epochs = range(start_epoch, config.epochs)
     if progress:
         from tqdm.auto import tqdm
-        epochs = tqdm(epochs, desc=f"{config.method} seed {config.seed}", leave=False, unit="ep")
+        epochs = tqdm(epochs, desc=f"{config.method} seed {config.seed}", leave=False, unit="ep",
+                      initial=start_epoch, total=config.epochs)
     try:
+        # The restored epochs are reported again: a retried trial is a new Optuna trial with no intermediate values,
+        # and its pruner (and the epoch budget the caller counts) must see the whole curve, not just its tail.
+        for row in history:
+            if on_epoch is not None:
+                on_epoch(int(row["epoch"]), row)
         for epoch in epochs:
             model.train()
             t0 = time.perf_counter()
@@ -233,6 +270,12 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
                        lr=float(optimizer.param_groups[0]["lr"]))
             row.update(method.diagnostics())
             history.append(row)
+            # Saved before on_epoch: a prune or an interrupt there must not lose the epoch just trained.
+            last = epoch + 1 == config.epochs
+            if checkpoint is not None and (epoch + 1) % max(checkpoint_every, 1) == 0 and (
+                    (keep_checkpoint and last) or (not last and time.perf_counter() - last_save >= checkpoint_seconds)):
+                save_checkpoint(epoch + 1)
+                last_save = time.perf_counter()
             if progress:
                 epochs.set_postfix(val=f"{row['val_acc']:.3f}", loss=f"{task_mean:.3f}")
             if on_epoch is not None:
@@ -240,15 +283,21 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
         # A shift set is built from the test split: a tuning run (eval_test off) must not read it either.
         shifted = getattr(splits, "shift", None) is not None and config.eval_test
         shift_metrics = _evaluate_shift(model, splits.shift) if shifted else {}
+    except Diverged:
+        if not keep_checkpoint:
+            _checkpoint.remove(checkpoint)
+        raise
     finally:
         method.detach(model)
         capture.remove()
+    if not keep_checkpoint:
+        _checkpoint.remove(checkpoint)
     seconds = time.perf_counter() - started
     final = dict(history[-1])
     final.update(shift_metrics)
     final["seconds_per_epoch"] = sum(h["seconds"] for h in history) / len(history)
     return RunResult(metrics=final, history=history, seconds=seconds,
-                     diagnostic_layers=[name for name, _ in diag_layers])
+                     diagnostic_layers=[name for name, _ in diag_layers], resumed_from_epoch=start_epoch)
 
 
 def _evaluate_shift(model, shift) -> dict[str, float]:

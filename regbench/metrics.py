@@ -70,13 +70,23 @@ def expected_calibration_error(logits: Tensor, targets: Tensor, bins: int = ECE_
     return float((acc_sum - conf_sum).abs().sum() / len(conf))
 
 
-def calibration(logits: Tensor, targets: Tensor) -> dict[str, float]:
-    """ECE (15 bins), negative log-likelihood and the multi-class Brier score (mean Σ_k (p_k − 1[y=k])²)."""
+def calibration(logits: Tensor, targets: Tensor) -> dict:
+    """ECE (15 bins), negative log-likelihood, the multi-class Brier score (mean Σ_k (p_k − 1[y=k])²) and the
+    reliability diagram's bins (Guo et al. 2017, Fig. 1): per confidence bin the sample count, the number correct
+    and the confidence sum (rounded), so a report can redraw the diagram and recompute ECE from the store."""
     logits, targets = logits.double(), targets.to(logits.device)
     nll = torch.nn.functional.cross_entropy(logits, targets)
     onehot = torch.nn.functional.one_hot(targets, logits.shape[1]).double()
     brier = (torch.softmax(logits, dim=1) - onehot).pow(2).sum(dim=1).mean()
-    return {"ece": expected_calibration_error(logits, targets), "nll": float(nll), "brier": float(brier)}
+    conf, pred = torch.softmax(logits, dim=1).max(dim=1)
+    index = (torch.ceil(conf * ECE_BINS).long() - 1).clamp(0, ECE_BINS - 1)  # the bins of expected_calibration_error
+    count = torch.bincount(index, minlength=ECE_BINS)
+    correct = torch.bincount(index, weights=(pred == targets).double(), minlength=ECE_BINS)
+    conf_sum = torch.bincount(index, weights=conf, minlength=ECE_BINS)
+    reliability = {"count": count.tolist(), "correct": [round(v) for v in correct.tolist()],
+                   "conf_sum": [round(v, 4) for v in conf_sum.tolist()]}
+    return {"ece": expected_calibration_error(logits, targets), "nll": float(nll), "brier": float(brier),
+            "reliability": reliability}
 
 
 def effective_rank(h: Tensor) -> float:

@@ -1,17 +1,23 @@
-"""Leaderboard v1, generated from the store only (DESIGN.md §2): no torch, no training, no MLflow.
+"""Leaderboards, figures and the tidy export, generated from the store only (DESIGN.md §2): no torch, no training,
+no MLflow.
 
-``leaderboard(storage, benchmark)`` reads the benchmark's spec and its final trials and returns markdown: one row per
-method with mean ± std over seeds of test accuracy, generalization gap, final effective rank and seconds per epoch,
-and the paired difference to ``baseline``.
+``write_report(storage, benchmark, out_dir)`` writes ``leaderboard.md`` and its figures (``figures/*.png``, drawn by
+:mod:`regbench.figures`): one row per method with mean ± 95 % CI over seeds, the difference to ``baseline`` with its
+CI, Holm-adjusted p, Hedges' g and a verdict from :func:`regbench.stats.compare`, then robustness and calibration
+sections when the runs have them. ``export_frame`` is the tidy table of ``regbench export``; ``write_summary`` ranks
+methods over several benchmarks (:func:`regbench.stats.rank_across`, Demšar 2006).
 """
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 from pathlib import Path
 
 import pandas as pd
 
+from regbench import stats
+from regbench.errors import ConfigError, RegbenchError
 from regbench.store import (
     final_study_name,
     final_trials,
@@ -47,31 +53,64 @@ def runs_frame(storage, benchmark: str, spec: dict) -> pd.DataFrame:
                 "regbench": t.user_attrs.get("env", {}).get("regbench", "?"),
                 "git_commit": t.user_attrs.get("env", {}).get("git_commit", ""),
                 "device": t.user_attrs.get("env", {}).get("device", "?"),
+                "dataset": spec["dataset"], "model": spec["model"], "train_size": _train_size(t, spec),
+                "config": json.loads(t.user_attrs.get("config", "{}")), "metrics": m, "layers": layers,
+                "history": t.user_attrs.get("history", []),
             })
     return pd.DataFrame(rows)
 
 
-def _mean_std(values: pd.Series, scale: float = 1.0, digits: int = 2) -> str:
+def _train_size(trial, spec: dict):
+    """Training samples of a run, when the command fixed them (--train-size or K per class); None = the full split."""
+    cfg = json.loads(trial.user_attrs.get("config", "{}"))
+    if cfg.get("train_size"):
+        return int(cfg["train_size"])
+    if cfg.get("train_per_class") and spec.get("num_classes"):
+        return int(cfg["train_per_class"]) * int(spec["num_classes"])
+    return None
+
+
+def _mean_ci(values: pd.Series, scale: float = 1.0, digits: int = 2) -> str:
+    """Mean ± half-width of its 95 % t-interval over seeds (the same interval stats.compare gives)."""
     v = values.dropna() * scale
     if v.empty:
         return "–"
     if len(v) < 2:
         return f"{v.mean():.{digits}f}"
-    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+    low, high = stats._ci(v.to_numpy(), 0.05)
+    if low is None or not math.isfinite(low):  # every seed equal: no spread, the interval is the point
+        return f"{v.mean():.{digits}f} ± 0"
+    return f"{v.mean():.{digits}f} ± {(high - low) / 2:.{digits}f}"
 
 
-def _delta(df: pd.DataFrame, method: str) -> str:
-    """Paired by seed: mean ± std of (method − baseline) test accuracy in percentage points."""
-    if method == REFERENCE:
+def _num(value, fmt: str = "{:.2f}") -> str:
+    """None → "–", inf → "> 1000" (seeds needed beyond stats.MAX_SEEDS), else formatted."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float) and math.isinf(value):
+        return f"> {stats.MAX_SEEDS}"
+    return fmt.format(value)
+
+
+def _p(p) -> str:
+    return "–" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def _mark(p, alpha: float = 0.05) -> str:
+    if p is None:
+        return "–"
+    return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < alpha else "ns"
+
+
+def _delta_cell(row) -> str:
+    if row.verdict == "reference":
         return "—"
-    ref = df[df.method == REFERENCE].set_index("seed")["test_acc"]
-    mine = df[df.method == method].set_index("seed")["test_acc"]
-    paired = (mine - ref).dropna()
-    if paired.empty:
-        return "n/a (no baseline run with the same seed)"
-    sign = "+" if paired.mean() >= 0 else ""
-    text = f"{sign}{paired.mean() * 100:.2f}"
-    return text + (f" ± {paired.std(ddof=1) * 100:.2f}" if len(paired) > 1 else "")
+    if row.delta is None:
+        return "–"
+    text = f"{row.delta * 100:+.2f}"
+    if row.delta_ci_low is not None:
+        text += f" [{row.delta_ci_low * 100:+.2f}, {row.delta_ci_high * 100:+.2f}]"
+    return text
 
 
 def _relative_mce(df: pd.DataFrame, method: str) -> str:
@@ -95,17 +134,21 @@ def _relative_mce(df: pd.DataFrame, method: str) -> str:
     return f"{sum(ratios) / len(ratios):.3f}" if ratios else "–"
 
 
-def leaderboard(storage, benchmark: str) -> str:
+def leaderboard(storage, benchmark: str, margin_pp: float = 0.5, figures_dir: Path | None = None,
+                figure_paths: list | None = None) -> str:
+    """The leaderboard markdown; with ``figures_dir`` the figures are drawn there too (paths appended to
+    ``figure_paths``) and embedded by relative path."""
     spec = load_spec(storage, benchmark)
     if spec is None:
-        from regbench.errors import RegbenchError
         raise RegbenchError(f"no benchmark named {benchmark!r} in this store; run `regbench run` first")
+    if not margin_pp > 0:
+        raise ConfigError(f"--margin {margin_pp} must be > 0 (percentage points of accuracy, e.g. 0.5)")
     df = runs_frame(storage, benchmark, spec)
     methods = list(spec["methods"])
     lines = [f"# Leaderboard: {benchmark}", "",
              f"- command: `{spec['command']}`",
-             f"- dataset `{spec['dataset']}`, model `{spec['model']}`, {spec['epochs']} epochs, "
-             f"seeds {', '.join(map(str, spec['seeds']))} (shared by every method, so differences are paired)"]
+             (f"- dataset `{spec['dataset']}`, model `{spec['model']}`, {spec['epochs']} epochs, "
+             f"seeds {', '.join(map(str, spec['seeds']))} (shared by every method, so differences are paired)")]
     proto = spec.get("protocol") or {}
     tuned = bool(proto.get("trials") or proto.get("budget_epochs"))
     if tuned:
@@ -119,8 +162,11 @@ def leaderboard(storage, benchmark: str) -> str:
     else:
         lines.append("- no tuning: every method ran with its defaults (and any `--set`)")
     if spec.get("shift"):
-        lines.append(f"- shift set `{spec['shift']}`: generated CIFAR-C-style corruptions of the test split "
-                     f"(\"-style\": not comparable with official CIFAR-C numbers)")
+        if spec["shift"].endswith("_style"):
+            lines.append(f"- shift set `{spec['shift']}`: generated CIFAR-C-style corruptions of the test split "
+                         f"(\"-style\": not comparable with official CIFAR-C numbers)")
+        else:
+            lines.append(f"- shift set `{spec['shift']}`: the official corruption files (md5-checked)")
     if not df.empty:
         finished = max(df.finished)
         lines.append(f"- regbench {df.regbench.iloc[-1]}, torch {df.torch.iloc[-1]}, device {df.device.iloc[-1]}, "
@@ -128,12 +174,17 @@ def leaderboard(storage, benchmark: str) -> str:
                      f"{finished.replace(microsecond=0) if isinstance(finished, dt.datetime) else finished}")
         lines.append(f"- final effective rank (SES eq. 4) of `{df.erank_layer.iloc[-1]}` on 512 validation samples, "
                      f"last epoch")
+    margin = margin_pp / 100
+    table = (stats.compare(df, "test_acc", reference=REFERENCE, margin=margin).set_index("method")
+             if not df.empty and REFERENCE in set(df.method) else None)
     shifted = not df.empty and df.shift_acc.notna().any()
     shift_head = " corruption acc % | extra corr. acc % | rel. mCE |" if shifted else ""
-    lines += ["", "| method | seeds | test acc % | Δ test vs baseline (pp, paired) | gap (pp) | ECE % | NLL "
-                  f"|{shift_head} final erank | s/epoch | hparams; budget spent |",
-              "|---|---|---|---|---|---|---|" + ("---|---|---|" if shifted else "") + "---|---|---|"]
+    lines += ["", ("| method | seeds | test acc % | Δ test vs baseline (pp) [95 % CI] | p (Holm) | sig. | Hedges' g | "
+                  "verdict | seeds for 80 % power | gap (pp) | ECE % | NLL "
+                  f"|{shift_head} final erank | s/epoch | hparams; budget spent |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if shifted else "") + "---|---|---|"]
     budgets = {m: _budget(storage, benchmark, m, spec["methods"][m]) for m in methods}
+    notes = []
     for method in methods:
         mine = df[df.method == method] if not df.empty else df
         chosen = selection(storage, benchmark, method, spec["methods"][method])
@@ -146,25 +197,197 @@ def leaderboard(storage, benchmark: str) -> str:
             hp = (hp if hp != "–" else "defaults") + " (nothing to tune)"
         hp += f"; {budgets[method]}"
         if mine.empty:
-            lines.append(f"| {method} | 0 | no finished runs | | | | |{' | | |' if shifted else ''} | | {hp} |")
+            lines.append(f"| {method} | 0 | no finished runs | | | | | | | | | |{' | | |' if shifted else ''} | "
+                         f"| {hp} |")
             continue
-        lines.append(f"| {method} | {len(mine)} | {_mean_std(mine.test_acc, 100)} | {_delta(df, method)} | "
-                     f"{_mean_std(mine.gap, 100)} | {_mean_std(mine.ece, 100)} | {_mean_std(mine.nll, 1, 3)} | "
-                     + (f"{_mean_std(mine.shift_acc, 100)} | {_mean_std(mine.shift_extra_acc, 100)} | "
+        if table is not None and method in table.index:
+            r = table.loc[method]
+            r = r.rename(method)
+            test = (f"{_delta_cell(r)} | {_p(r.p_holm)} | {_mark(r.p_holm)} | {_num(r.hedges_g, '{:+.2f}')} | "
+                    f"{r.verdict} | {_num(r.seeds_needed, '{}')}")
+            if r.note:
+                notes.append(f"- {method}: {r.note}")
+        else:
+            test = "n/a (no baseline runs) | – | – | – | – | –"
+        lines.append(f"| {method} | {len(mine)} | {_mean_ci(mine.test_acc, 100)} | {test} | "
+                     f"{_mean_ci(mine.gap, 100)} | {_mean_ci(mine.ece, 100)} | {_mean_ci(mine.nll, 1, 3)} | "
+                     + (f"{_mean_ci(mine.shift_acc, 100)} | {_mean_ci(mine.shift_extra_acc, 100)} | "
                         f"{_relative_mce(df, method)} | " if shifted else "") +
-                     f"{_mean_std(mine.erank, 1, 1)} | "
-                     f"{_mean_std(mine.seconds_per_epoch, 1, 3)} | {hp} |")
-    lines += ["", "Mean ± sample standard deviation over seeds; test accuracy and gap at the last epoch "
-                  "(gap = train − test accuracy); ECE (15 bins) and NLL on the clean test set."
-                  + (" Corruption columns: mean accuracy over the 15 benchmark corruptions × 5 severities, over the 4 "
-                     "extra ones separately, and the mCE-style error relative to baseline (1.00 = as robust; lower is "
-                     "better)." if shifted else "")
-                  + " Budget: training epochs and wall time spent by the method, tuning trials included. "
-                  + "No significance test is applied in this table: read a Δ that is not clearly larger than its ± as "
-                    "unresolved."]
+                     f"{_mean_ci(mine.erank, 1, 1)} | "
+                     f"{_mean_ci(mine.seconds_per_epoch, 1, 3)} | {hp} |")
+    lines += ["", *_legend(table, margin_pp, shifted)]
+    if notes:
+        lines += ["", "Notes from the tests:", *notes]
+    if not df.empty and df.ece.notna().any():
+        lines += _calibration(df, methods)
+    if shifted:
+        lines += _robustness(df, methods)
+    if figures_dir is not None and not df.empty:
+        lines += _figures(df, table, spec, storage, benchmark, Path(figures_dir), figure_paths)
     if proto.get("oracle"):
         lines += _oracle(storage, methods, spec)
     return "\n".join(lines) + "\n"
+
+
+def _legend(table, margin_pp: float, shifted: bool) -> list[str]:
+    tests = sorted(set(table.test.dropna())) if table is not None else []
+    how = {"paired t": "a paired t-test on the per-seed differences (same seeds, so the seed's noise cancels)",
+           "Welch t": "Welch's t-test (seeds not shared with baseline)"}
+    used = "; ".join(how.get(t, t) for t in tests) or "none could be made"
+    return [
+        "Mean ± half-width of the 95 % t-interval over seeds; test accuracy and gap at the last epoch (gap = train − "
+        "test accuracy); ECE (15 bins) and NLL on the clean test set. Δ: mean difference to baseline in percentage "
+        f"points with its 95 % interval. Test: {used}; p is Holm-adjusted over the methods of this table. sig.: "
+        "\\*\\*\\* p < 0.001, \\*\\* p < 0.01, \\* p < 0.05, ns not significant, – no test possible. Hedges' g: "
+        "bias-corrected standardized difference (|g| ≈ 0.2 small, 0.8 large). Verdict: better/worse when the "
+        f"Holm-adjusted p < 0.05; else equivalent when the TOST equivalence test shows |Δ| < {margin_pp:g} pp "
+        "(`regbench report --margin PP`); else inconclusive (more seeds needed). Seeds for 80 % power: per method, "
+        "to detect the observed effect at α = 0.05."
+        + (" Corruption columns: mean accuracy over the 15 benchmark corruptions × 5 severities, over the 4 "
+           "extra ones separately, and the mCE-style error relative to baseline (1.00 = as robust; lower is "
+           "better)." if shifted else "")
+        + " Budget: training epochs and wall time spent by the method, tuning trials included."]
+
+
+def _figures(df: pd.DataFrame, table, spec: dict, storage, benchmark: str, folder: Path,
+             written: list | None) -> list[str]:
+    """Draw every figure the runs allow and return the markdown that embeds them (paths relative to OUT)."""
+    from regbench import figures
+
+    written = written if written is not None else []
+    lines = ["", "## Figures", ""]
+
+    def embed(path: Path, caption: str):
+        written.append(path)
+        lines.extend([f"![{caption}](figures/{path.name})", "", f"*{caption}*", ""])
+
+    if table is not None:
+        summary = table.reset_index()[["method", "mean", "ci_low", "ci_high"]]
+        runs = df[["method", "seed"]].assign(value=df.test_acc)
+        embed(figures.seed_points(runs, summary, folder / "test_acc_seeds.png"),
+              "Test accuracy per seed (dots), mean (bar) and 95 % t-interval (whisker) per method.")
+    history, targets = _erank_history(df)
+    if not history.empty:
+        caption = ("Effective rank (SES eq. 4) of each diagnostic layer over epochs, mean over seeds with a bootstrap "
+                   "95 % band")
+        betas = any("beta" in k.split(".")[-1] for c in df.config for k in c.get("hparams", {}))
+        caption += (f"; dashed: the SES target d^β of {', '.join(sorted(set(targets.method)))} (d = layer width)."
+                    if not targets.empty else
+                    "; no SES target drawn: this store predates recording layer widths." if betas else
+                    "; no method here sets an SES target (β).")
+        embed(figures.erank_curves(history, targets, folder / "erank.png"), caption)
+    bins = _reliability_bins(df)
+    if not bins.empty:
+        embed(figures.reliability(bins, folder / "reliability.png"),
+              "Reliability diagram on the clean test set, seeds pooled: accuracy per confidence bin (blue) against "
+              "the diagonal of perfect calibration; red hatching = gap to the bin's mean confidence (above the bar: "
+              "over-confident, inside it: under-confident); the title's ECE is over the pooled seeds.")
+    blocks = _blocks(df)
+    if not blocks.empty:
+        embed(figures.corruption_heatmap(blocks, folder / "corruptions.png"),
+              "Accuracy (%) per corruption × severity, mean over seeds, one panel per method.")
+    curve = _learning_curve_frame(storage, spec)
+    if not curve.empty:
+        embed(figures.learning_curve(curve, folder / "learning_curve.png"),
+              f"Test accuracy vs training samples over the benchmarks of this store on {spec['dataset']}/"
+              f"{spec['model']} ({', '.join(str(n) for n in sorted(curve.train_size.unique()))} samples).")
+    return lines if written else []
+
+
+def _erank_history(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Long frame (method, seed, epoch, layer, erank) from the stored histories, and SES targets d^β for methods
+    that set a β and hook the diagnostic layers (layers "auto"), d = the layer's width stored by the engine."""
+    rows, targets = [], {}
+    for run in df.itertuples():
+        hp = run.config.get("hparams", {})
+        beta = next((v for k, v in hp.items() if k == "beta" or k.endswith(".beta")), None)
+        hooks_all = all(v == "auto" for k, v in hp.items() if k == "layers" or k.endswith(".layers"))
+        for h in run.history:
+            for layer in run.layers:
+                if f"erank/{layer}" in h:
+                    rows.append({"method": run.method, "seed": run.seed, "epoch": h["epoch"], "layer": layer,
+                                 "erank": h[f"erank/{layer}"]})
+                if beta is not None and hooks_all and h.get(f"width/{layer}"):
+                    targets[(run.method, layer)] = float(h[f"width/{layer}"]) ** float(beta)
+    return (pd.DataFrame(rows),
+            pd.DataFrame([{"method": m, "layer": lay, "target": t} for (m, lay), t in targets.items()],
+                         columns=["method", "layer", "target"]))
+
+
+def _reliability_bins(df: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for run in df.itertuples():
+        rel = run.metrics.get("test_reliability")
+        if rel:
+            for b, (n, c, s) in enumerate(zip(rel["count"], rel["correct"], rel["conf_sum"], strict=True)):
+                rows.append({"method": run.method, "seed": run.seed, "bin": b, "count": n, "correct": c,
+                             "conf_sum": s})
+    return pd.DataFrame(rows)
+
+
+def _blocks(df: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for run in df.itertuples():
+        for key, acc in run.metrics.items():
+            if key.startswith(("shift/", "shift_extra/")):
+                family, corruption, severity = key.split("/")
+                name = corruption + (" (extra)" if family == "shift_extra" else "")
+                rows.append({"method": run.method, "seed": run.seed, "corruption": name, "severity": int(severity),
+                             "acc": acc})
+    return pd.DataFrame(rows)
+
+
+def _calibration(df: pd.DataFrame, methods: list[str]) -> list[str]:
+    brier = df.metrics.map(lambda m: m.get("test_brier", math.nan))
+    lines = ["", "## Calibration", "", ("Clean test set, mean ± 95 % CI over seeds; lower is better for all three "
+             "(ECE: 15 equal-width confidence bins, Guo et al. 2017; Brier: multi-class, Σ_k (p_k − 1[y=k])²)."), "",
+             "| method | ECE % | NLL | Brier |", "|---|---|---|---|"]
+    for m in methods:
+        mine = df.method == m
+        if mine.any():
+            # The name in backticks: a row starting "| method |" is the main table's (scripts look rows up that way)
+            lines.append(f"| `{m}` | {_mean_ci(df.ece[mine], 100)} | {_mean_ci(df.nll[mine], 1, 3)} | "
+                         f"{_mean_ci(brier[mine], 1, 3)} |")
+    return lines
+
+
+def _robustness(df: pd.DataFrame, methods: list[str]) -> list[str]:
+    """Per corruption (rows) and method (columns): accuracy % at severities 1…5, seed means."""
+    blocks = _blocks(df)
+    if blocks.empty:
+        return []
+    means = blocks.groupby(["corruption", "method", "severity"])["acc"].mean().mul(100)
+    shown = [m for m in methods if m in set(blocks.method)]
+    lines = ["", "## Robustness", "", ("Accuracy % per corruption at severity 1 / 2 / 3 / 4 / 5 (mean over seeds); "
+             "\"(extra)\" marks the held-out corruptions outside the benchmark mean."), "",
+             "| corruption | " + " | ".join(shown) + " |", "|---|" + "---|" * len(shown)]
+    for corruption in sorted(blocks.corruption.unique(), key=lambda c: ("(extra)" in c, c)):
+        cells = []
+        for m in shown:
+            try:
+                cells.append(" / ".join(f"{v:.0f}" for v in means.loc[(corruption, m)].sort_index()))
+            except KeyError:
+                cells.append("–")
+        lines.append(f"| {corruption} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _learning_curve_frame(storage, spec: dict) -> pd.DataFrame:
+    """Final runs of every benchmark in this store on the same dataset and model, when they span ≥ 2 train sizes."""
+    import optuna
+
+    rows = []
+    for name in [s for s in optuna.get_all_study_names(storage) if ":" not in s]:
+        other = load_spec(storage, name)
+        if not other or other.get("dataset") != spec["dataset"] or other.get("model") != spec["model"]:
+            continue
+        frame = runs_frame(storage, name, other)
+        if not frame.empty:
+            rows.append(frame[["method", "seed", "train_size", "test_acc"]])
+    curve = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+    if curve.empty or curve.train_size.dropna().nunique() < 2:
+        return pd.DataFrame()
+    return curve.dropna(subset=["train_size"])
 
 
 def _hparams_text(hparams: dict) -> str:
@@ -203,9 +426,106 @@ def _oracle(storage, methods: list[str], spec: dict) -> list[str]:
     return lines
 
 
-def write_leaderboard(storage, benchmark: str, out_dir: Path) -> Path:
-    path = Path(out_dir) / "leaderboard.md"
+def write_leaderboard(storage, benchmark: str, out_dir: Path, margin_pp: float = 0.5) -> Path:
+    return write_report(storage, benchmark, out_dir, margin_pp)[0]
+
+
+def write_report(storage, benchmark: str, out_dir: Path, margin_pp: float = 0.5) -> list[Path]:
+    """OUT/leaderboard.md and OUT/figures/*.png, regenerated from the store; returns [markdown, *figures]. The
+    markdown is replaced atomically, so a failure leaves the previous leaderboard whole."""
+    out_dir = Path(out_dir)
+    figures: list[Path] = []
+    text = leaderboard(storage, benchmark, margin_pp, figures_dir=out_dir / "figures", figure_paths=figures)
+    path = out_dir / "leaderboard.md"
     tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(leaderboard(storage, benchmark))
+    tmp.write_text(text)
+    tmp.replace(path)
+    return [path, *figures]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tidy export and the cross-benchmark summary.
+
+def export_frame(storage, benchmark: str) -> pd.DataFrame:
+    """One row per final run: dataset, model, train_size, method, seed, trial, the hparams as ``hp.<name>``, the
+    shared recipe (lr, weight_decay, epochs) and every scalar metric under its stored name (accuracies as
+    fractions). Non-scalar records (reliability bins) stay in the store."""
+    spec = load_spec(storage, benchmark)
+    if spec is None:
+        raise RegbenchError(f"no benchmark named {benchmark!r} in this store; run `regbench run` first")
+    df = runs_frame(storage, benchmark, spec)
+    rows = []
+    for run in df.itertuples():
+        cfg = run.config
+        row = {"benchmark": benchmark, "dataset": run.dataset, "model": run.model, "train_size": run.train_size,
+               "method": run.method, "seed": run.seed, "trial": run.trial}
+        row.update({f"hp.{k}": (json.dumps(v) if isinstance(v, (dict, list)) else v)
+                    for k, v in cfg.get("hparams", {}).items()})
+        row.update({k: cfg.get(k) for k in ("lr", "weight_decay", "epochs")})
+        row.update({k: v for k, v in run.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_export(storage, benchmark: str, out_dir: Path, fmt: str = "csv") -> Path:
+    if fmt not in ("csv", "parquet"):
+        raise ConfigError(f"--format {fmt!r} is not one of: csv, parquet")
+    if fmt == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise ConfigError("--format parquet needs pyarrow: pip install pyarrow (or use --format csv)") from None
+    frame = export_frame(storage, benchmark)
+    path = Path(out_dir) / f"results.{fmt}"
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False) if fmt == "csv" else frame.to_parquet(tmp, index=False)
     tmp.replace(path)
     return path
+
+
+def summary(frames: list[pd.DataFrame], folder: Path, metric: str = "test_acc") -> tuple[str, list[Path]]:
+    """Rank methods across benchmarks (Demšar 2006 §3.2): mean rank per method over the (dataset, model, train
+    size) cells, Friedman/Iman-Davenport tests, Nemenyi CD and its diagram. ``frames``: ``export_frame`` outputs."""
+    df = pd.concat(frames, ignore_index=True)
+    df["train_size"] = df["train_size"].map(lambda v: "full" if v is None or pd.isna(v) else str(int(v)))
+    cells = df[["dataset", "model", "train_size"]].drop_duplicates()
+    ranking = stats.rank_across(df, metric, by=("dataset", "model", "train_size"))
+    lines = ["# Summary across benchmarks", "",
+             f"{len(cells)} benchmark cell(s) (dataset × model × training samples): "
+             + ", ".join(f"{r.dataset}/{r.model}/{r.train_size}" for r in cells.itertuples())
+             + f"; metric `{metric}` (seed mean per cell), methods ranked 1 = best within each cell.", ""]
+    if ranking.n_cells:
+        lines += ["| method | mean rank | " + " | ".join("/".join(map(str, i)) for i in ranking.per_cell.index) + " |",
+                  "|---|---|" + "---|" * len(ranking.per_cell)]
+        for method, rank in ranking.ranks.items():
+            lines.append(f"| {method} | {rank:.2f} | "
+                         + " | ".join(f"{v:g}" for v in ranking.per_cell[method]) + " |")
+    written: list[Path] = []
+    lines.append("")
+    if ranking.friedman_p is not None:
+        lines.append(f"Friedman χ² = {ranking.friedman_stat:.2f}, p = {_p(ranking.friedman_p)}; Iman-Davenport "
+                     f"F = {_num(ranking.iman_davenport_f)}, p = {_p(ranking.iman_davenport_p)}; Nemenyi critical "
+                     f"difference CD = {ranking.cd:.2f} at α = {ranking.alpha:g} (q = {ranking.q_alpha:.3f}, "
+                     f"k = {len(ranking.ranks)} methods, N = {ranking.n_cells} cells). Methods whose mean ranks "
+                     f"differ by less than CD are not significantly different; groups: "
+                     + ("; ".join("{" + ", ".join(g) + "}" for g in ranking.cliques()) or "none") + ".")
+        path = stats.plot_critical_difference(ranking, None, Path(folder) / "figures" / "critical_difference.png",
+                                              title=f"{metric}, {ranking.n_cells} cells")
+        written.append(path)
+        lines += ["", f"![critical-difference diagram](figures/{path.name})", "",
+                  ("*Critical-difference diagram (Demšar 2006, Fig. 1): mean rank per method (1 = best, left); thick "
+                  "bars join methods within CD of each other (not significantly different, Nemenyi).*")]
+    if ranking.note:
+        lines += ["", f"Note: {ranking.note}."]
+    return "\n".join(lines) + "\n", written
+
+
+def write_summary(frames: list[pd.DataFrame], folder: Path, metric: str = "test_acc") -> list[Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text, written = summary(frames, folder, metric)
+    path = folder / "summary.md"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return [path, *written]

@@ -326,9 +326,14 @@ class Runner:
     """Claims and runs this benchmark's trials from the storage until none is left (one process's share)."""
 
     def __init__(self, storage, bench: Benchmark, splits, progress: bool = False,
-                 on_trial: Callable[[Outcome], None] | None = None, wait: bool = True):
+                 on_trial: Callable[[Outcome], None] | None = None, wait: bool = True,
+                 checkpoint_dir: Path | None = None, checkpoint_seconds: float = 60.0, keep_checkpoints: bool = False):
         self.storage, self.bench, self.splits = storage, bench, splits
         self.progress, self.on_trial, self.wait = progress, on_trial or (lambda _o: None), wait
+        # Mid-run checkpoints (regbench/checkpoint.py), one file per config key: a killed trial's retry has the same
+        # config, hence the same file, and resumes from it. None = off.
+        self.checkpoint_dir, self.checkpoint_seconds = checkpoint_dir, checkpoint_seconds
+        self.keep_checkpoints = keep_checkpoints
         self._studies: dict[str, optuna.Study] = {}
 
     # studies are created lazily and cached; load_if_exists makes concurrent creation safe
@@ -481,10 +486,17 @@ class Runner:
         def spend():
             trial.set_user_attr("budget", {"epochs": epochs_done[0], "seconds": time.time() - started})
 
+        from regbench import checkpoint
+
+        ckpt = None if self.checkpoint_dir is None else checkpoint.path_for(self.checkpoint_dir, cfg.key())
         try:
-            result = engine.train(cfg, self.splits, method, on_epoch=on_epoch, progress=self.progress)
+            result = engine.train(cfg, self.splits, method, on_epoch=on_epoch, progress=self.progress,
+                                  checkpoint=ckpt, checkpoint_seconds=self.checkpoint_seconds,
+                                  keep_checkpoint=self.keep_checkpoints)
         except optuna.TrialPruned:
             spend()
+            if not self.keep_checkpoints:  # a pruned trial is never retried: nothing will resume from it
+                checkpoint.remove(ckpt)
             raise
         except engine.Diverged as exc:
             spend()
@@ -495,6 +507,8 @@ class Runner:
             trial.set_user_attr("fail_reason", "interrupted")
             raise
         spend()
+        if result.resumed_from_epoch:
+            trial.set_user_attr("resumed_from_epoch", result.resumed_from_epoch)
         trial.set_user_attr("metrics", result.metrics)
         trial.set_user_attr("history", result.history)
         trial.set_user_attr("diagnostic_layers", result.diagnostic_layers)

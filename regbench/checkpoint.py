@@ -1,0 +1,121 @@
+"""Mid-run checkpoints (issue 10, item 1): a killed run continues from its last saved epoch and ends bit-for-bit
+where an uninterrupted run ends (on CPU).
+
+One file per run, ``<checkpoint dir>/<config key>.pt``, holding everything the next epoch depends on: model,
+optimizer and scheduler state, the batch-order and augmentation generators, the python/numpy/torch (and CUDA) global
+RNG states, the method's state (``Method.state_dict``: SHADE's moving averages, …), the epoch and step counters and
+the history of the finished epochs. Only tensors, numbers, strings, lists and dicts are stored, so the file loads
+with ``torch.load(…, weights_only=True)`` (issue 10, item 4: no pickled objects are ever executed).
+
+Writes are atomic (a temp file in the same folder, fsync, ``os.replace``): a kill during the save leaves the previous
+checkpoint intact, never a half-written one.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from regbench.errors import DataError
+
+FORMAT = 1  # bump when the layout changes; a file of another format is ignored (the run starts over)
+
+
+def path_for(directory: Path | str, config_key: str) -> Path:
+    return Path(directory) / f"{config_key}.pt"
+
+
+# ---- global RNG states as plain tensors/lists (weights_only cannot load tuples of numpy arrays) -----------------
+
+def rng_state() -> dict[str, Any]:
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["mt"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached"]))
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+
+
+# ---- save / load ------------------------------------------------------------------------------------------------
+
+def save(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` atomically: temp file in the same folder (same filesystem), fsync, then rename over."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load(path: Path, config_key: str, device: torch.device) -> dict[str, Any] | None:
+    """The checkpoint of run ``config_key`` at ``path``, or None when there is none to resume from.
+
+    A file that holds anything but plain tensors and containers (a pickled object: tampered with, or not ours) or that
+    is not a readable torch file is refused with a DataError: nothing in it is executed, and the user decides whether
+    to delete it. A readable checkpoint of another run, format or device type is ignored with a warning (the run starts
+    over and overwrites it)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message is a page of advice; the one fact worth a line is the global it refused to import.
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(exc))
+        if found:
+            raise DataError(f"checkpoint {path} holds a pickled object ({found.group(1)}), refused unread; delete "
+                            f"it to start that run over") from None
+        raise DataError(f"checkpoint {path} is not a readable torch file (not a tensor archive); delete it to start "
+                        f"that run over") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"checkpoint {path} is not a readable torch file ({first.split('. ')[0][:120]}); delete it "
+                        f"to start that run over") from None
+    if not isinstance(state, dict):
+        raise DataError(f"checkpoint {path} does not hold a regbench checkpoint; delete it to start that run over")
+    why = None
+    if state.get("format") != FORMAT:
+        why = f"format {state.get('format')!r}, this regbench writes {FORMAT}"
+    elif state.get("config_key") != config_key:
+        why = f"it belongs to run {str(state.get('config_key'))[:12]}, not {config_key[:12]}"
+    elif state.get("device_type") != device.type:
+        why = f"it was saved on {state.get('device_type')}, this run uses {device.type}"
+    if why:
+        warnings.warn(f"ignoring checkpoint {path} ({why}); the run starts over", stacklevel=2)
+        return None
+    return state
+
+
+def remove(path: Path | None) -> None:
+    if path is not None:
+        Path(path).unlink(missing_ok=True)

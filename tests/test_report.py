@@ -1,0 +1,160 @@
+"""Leaderboard, figures, export and cross-benchmark summary, regenerated from a real stored fixture.
+
+tests/fixtures/tiny/regbench.db is the store of two real runs (written once, see tests/fixtures/README.md):
+``regbench run --methods ses,shade --epochs 3 --seeds 3 --train-size 400 --name tiny-400 --out tiny`` and the same
+with ``--train-size 200 --name tiny-200``. Nothing here trains: reports read the store only (DESIGN.md §2).
+"""
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+
+from regbench.cli import main
+
+FIXTURE = Path(__file__).parent / "fixtures" / "tiny" / "regbench.db"
+GOLDEN = Path(__file__).parent / "golden" / "tiny-400.md"
+
+
+@pytest.fixture
+def store(tmp_path):
+    out = tmp_path / "tiny"
+    out.mkdir()
+    shutil.copy(FIXTURE, out / "regbench.db")  # a copy: reports write next to the store
+    return out
+
+
+def test_acc(out: Path, benchmark: str = "tiny-400") -> dict[str, dict[int, float]]:
+    """test_acc per method and seed read straight from the SQLite tables (independent of regbench.store)."""
+    with sqlite3.connect(out / "regbench.db") as db:
+        rows = db.execute(
+            "select s.study_name, a.value_json, p.param_value from studies s join trials t using(study_id) "
+            "join trial_user_attributes a using(trial_id) join trial_params p using(trial_id) "
+            "where a.key='metrics' and p.param_name='seed' and t.state='COMPLETE' and s.study_name like ?",
+            (f"{benchmark}:%:final",)).fetchall()
+    acc: dict[str, dict[int, float]] = {}
+    for study, metrics, seed in rows:
+        acc.setdefault(study.split(":")[1], {})[int(seed)] = json.loads(metrics)["test_acc"]
+    return acc
+
+
+test_acc.__test__ = False  # a helper, not a test
+
+
+def cells(text: str, method: str) -> dict[str, str]:
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("| method |"))
+    row = next(line for line in lines if line.startswith(f"| {method} |"))
+    keys = [c.strip() for c in header.strip("|").split("|")]
+    return dict(zip(keys, (c.strip() for c in row.strip("|").split("|")), strict=True))
+
+
+def test_report_matches_the_golden_leaderboard(store, capsys):
+    assert main(["report", str(store), "--name", "tiny-400"]) == 0
+    text = (store / "leaderboard.md").read_text()
+    assert text == GOLDEN.read_text()  # the store is fixed, so nothing in it is volatile
+    assert text in capsys.readouterr().out
+    for name in ("test_acc_seeds.png", "erank.png", "reliability.png", "learning_curve.png"):
+        png = store / "figures" / name
+        assert f"](figures/{name})" in text and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_statistics_in_the_table_match_an_independent_computation(store):
+    assert main(["report", str(store), "--name", "tiny-400"]) == 0
+    text = (store / "leaderboard.md").read_text()
+    acc = test_acc(store)
+    seeds = sorted(acc["baseline"])
+    base = np.array([acc["baseline"][s] for s in seeds])
+    raw = {}
+    for method in ("ses", "shade"):
+        diff = np.array([acc[method][s] for s in seeds]) - base
+        raw[method] = sps.ttest_rel(np.array([acc[method][s] for s in seeds]), base).pvalue
+        half = sps.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff))
+        row = cells(text, method)
+        assert row["Δ test vs baseline (pp) [95 % CI]"] == (f"{diff.mean() * 100:+.2f} [{(diff.mean() - half) * 100:+.2f}, "
+                                                             f"{(diff.mean() + half) * 100:+.2f}]")
+        mine = np.array([acc[method][s] for s in seeds]) * 100
+        mean_half = sps.t.ppf(0.975, 2) * mine.std(ddof=1) / np.sqrt(3)
+        assert row["test acc %"] == f"{mine.mean():.2f} ± {mean_half:.2f}"
+    # Holm over the two methods, by hand: the smaller p doubled, the larger one not below it.
+    lo, hi = sorted(raw, key=raw.get)
+    holm = {lo: min(1, 2 * raw[lo])}
+    holm[hi] = min(1, max(holm[lo], raw[hi]))
+    for method, p in holm.items():
+        assert cells(text, method)["p (Holm)"] == ("< 0.001" if p < 0.001 else f"{p:.3f}")
+    assert cells(text, "baseline")["verdict"] == "reference"
+    assert "paired t-test" in text and "0.5 pp" in text
+
+
+def test_margin_changes_the_equivalence_verdict(store):
+    # With a margin far wider than any difference here, every non-significant method is "equivalent".
+    assert main(["report", str(store), "--name", "tiny-400", "--margin", "50"]) == 0
+    text = (store / "leaderboard.md").read_text()
+    assert {cells(text, m)["verdict"] for m in ("ses", "shade")} <= {"equivalent", "better", "worse"}
+    assert "|Δ| < 50 pp" in text
+
+
+def test_bad_margin_and_missing_store_are_one_line_errors(store, tmp_path, capsys):
+    before = sorted(p.name for p in store.iterdir())
+    assert main(["report", str(store), "--name", "tiny-400", "--margin", "0"]) == 2
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--margin" in err[0] and "holds no store" in err[1]
+    assert sorted(p.name for p in store.iterdir()) == before  # nothing written
+
+
+def test_export_csv_has_one_row_per_final_run_with_hparams_and_metrics(store):
+    assert main(["export", str(store), "--name", "tiny-400"]) == 0
+    df = pd.read_csv(store / "results.csv")
+    acc = test_acc(store)
+    assert len(df) == 9 and set(df.method) == {"baseline", "ses", "shade"}
+    assert {"dataset", "model", "method", "seed", "test_acc", "val_acc", "train_acc", "gap", "test_ece"} <= set(df)
+    assert (df.dataset == "mnist1d").all() and (df.model == "cnn1d").all() and (df.train_size == 400).all()
+    assert df.loc[df.method == "ses", "hp.beta"].eq(0.7).all() and df.loc[df.method == "shade", "hp.beta"].isna().all()
+    for row in df.itertuples():
+        assert row.test_acc == pytest.approx(acc[row.method][row.seed])  # fractions, as stored
+    assert any(c.startswith("erank/") for c in df.columns)
+
+
+def test_export_parquet_or_a_one_line_hint(store, capsys):
+    code = main(["export", str(store), "--name", "tiny-400", "--format", "parquet"])
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        assert code == 2 and "pip install pyarrow" in capsys.readouterr().err
+        assert not (store / "results.parquet").exists()
+        return
+    assert code == 0
+    assert pd.read_parquet(store / "results.parquet").shape[0] == 9
+
+
+def test_summary_ranks_methods_across_the_stores_benchmarks(store, tmp_path):
+    summary = tmp_path / "summary"
+    assert main(["report", str(store), "--summary", str(summary)]) == 0
+    text = (summary / "summary.md").read_text()
+    # Independent mean ranks: per benchmark, rank the seed means (1 = best), then average.
+    ranks = []
+    for bench in ("tiny-200", "tiny-400"):
+        means = pd.Series({m: np.mean(list(v.values())) for m, v in test_acc(store, bench).items()})
+        ranks.append(sps.rankdata(-means.to_numpy()))
+        ranks[-1] = pd.Series(ranks[-1], index=means.index)
+    mean_rank = (ranks[0] + ranks[1]) / 2
+    for method, r in mean_rank.items():
+        assert f"| {method} | {r:.2f} |" in text
+    chi2 = sps.friedmanchisquare(*[[rk[m] for rk in ranks] for m in mean_rank.index]).statistic
+    assert f"Friedman χ² = {chi2:.2f}" in text
+    assert (summary / "figures" / "critical_difference.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (store / "leaderboard.md").exists()  # two benchmarks in one store: neither overwrites the other
+
+
+def test_figures_module_needs_no_store_and_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, regbench.figures, regbench.report; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
