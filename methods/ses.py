@@ -139,7 +139,22 @@ class SES(Method):
             return None
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device).manual_seed(self._seed)
+            restored = getattr(self, "_restored_rng", None)
+            if restored is not None:  # a checkpoint's stream, so a resumed run draws what it would have drawn
+                self._generator.set_state(restored)
+                self._restored_rng = None
         return self._generator
+
+    def state_dict(self):
+        """The private generator of the randomized eigen paths (a uint8 tensor: checkpoint-safe)."""
+        generator = getattr(self, "_generator", None)
+        return {"rng": generator.get_state()} if generator is not None else {}
+
+    def load_state_dict(self, state):
+        self._restored_rng = state.get("rng") if state else None
+        if self._restored_rng is not None and getattr(self, "_generator", None) is not None:
+            self._generator.set_state(self._restored_rng)
+            self._restored_rng = None
 
     def _target(self, shapes, like: Tensor) -> Tensor:
         key = (shapes, like.device, like.dtype)

@@ -247,23 +247,38 @@ SWEEP = ["run", "--methods", "ses,shade", "--trials", "3", "--seeds", "2", "--da
          "--epochs", "2", "--quiet", "--pruner", "none"]  # 3 + 2 (ses) + 3 + 2 (shade) + 2 (baseline) = 12 runs
 
 
+def started_runs(storage: str) -> int:
+    """How many trials of any study of the store have started (running or finished), 0 while it is being created."""
+    try:
+        return sum(t.state != TrialState.WAITING for n in study_names(storage) for t in trials(storage, n))
+    except Exception:  # noqa: BLE001 - the store may be mid-creation (tables not there yet)
+        return 0
+
+
 def test_sigkill_at_a_random_moment_then_rerun_gives_every_run_exactly_once(tmp_path):
     out = tmp_path / "out"
     args = [*SWEEP, "--out", str(out)]
     script = Path(sys.executable).parent / "regbench"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     seed = int(os.environ.get("REGBENCH_KILL_SEED", time.time_ns() % 10_000))
-    delay = random.Random(seed).uniform(6.0, 22.0)  # from mid-import to late in the sweep
+    # A random moment measured in progress, not seconds (so a fast machine cannot finish first): once the k-th of the
+    # 12 runs has started, plus a random fraction of a second — mid-training, or between runs.
+    rng = random.Random(seed)
+    k, extra = rng.randint(1, 11), rng.uniform(0.0, 0.8)
     proc = subprocess.Popen([str(script), *args], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    time.sleep(delay)
+    deadline = time.time() + 300
+    while time.time() < deadline and started_runs(storage_of(out)) < k and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(extra)
     proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, f"the sweep ended before the kill at {delay:.1f} s: make it longer"
+    where = f"kill seed {seed}: after run {k} started + {extra:.2f} s"
+    assert proc.wait() == -signal.SIGKILL, f"the sweep ended before the kill ({where})"
     again = regbench_cli(*args, cwd=tmp_path)
-    assert again.returncode == 0, f"kill seed {seed} after {delay:.1f} s: {again.stderr}"
+    assert again.returncode == 0, f"{where}: {again.stderr}"
     check_sweep(storage_of(out), "digits-mlp", ["baseline", "ses", "shade"], 3, [0, 1])
     for method in ("baseline", "ses", "shade"):
-        assert f"| {method} | 2 |" in again.stdout, f"kill seed {seed} after {delay:.1f} s"
+        assert f"| {method} | 2 |" in again.stdout, where
 
 
 def test_sigkill_during_a_tuning_trial_retries_it_once_with_the_same_params(tmp_path):
