@@ -196,7 +196,9 @@ def work(storage, bench, splits, tracking_uri: str | None, quiet: bool = False, 
 
     progress = not quiet and sys.stderr.isatty()
     say = (lambda *_: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    warn = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - warnings show even with --quiet
+    def warn(msg: str) -> None:  # warnings show even with --quiet
+        print(msg, file=sys.stderr, flush=True)
+
     tracker = tracking.SafeTracker(tracking_uri, bench.name, warn) if tracking_uri else None
 
     # "[k/total]" counts the runs this process trained; the total is known unless tuning is budgeted in epochs.
@@ -336,11 +338,8 @@ def worker_command(args, default_data_dir: str) -> int:
 def sync_mlflow_command(args) -> int:
     """Mirror every trial of a benchmark that MLflow lacks (after the server was down during a run)."""
     from regbench import tracking
-    from regbench.store import STORE_FILE, default_storage_url, open_storage
 
-    storage = _open_for_reading(args, STORE_FILE, default_storage_url, open_storage)
-    name = _only_benchmark(storage, args.name)
-    bench = _load_benchmark(storage, name)
+    storage, name, bench = _stored_benchmark(args)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or (tracking.default_tracking_uri(Path(args.out)) if args.out
                                                      else None)
     if uri is None:
@@ -360,17 +359,23 @@ def sync_mlflow_command(args) -> int:
 def status_command(args) -> int:
     """Per method: tuning and final runs done, running, failed, pruned and remaining."""
     from regbench import study
-    from regbench.store import STORE_FILE, default_storage_url, open_storage
 
-    storage = _open_for_reading(args, STORE_FILE, default_storage_url, open_storage)
-    name = _only_benchmark(storage, args.name)
-    bench = _load_benchmark(storage, name)
+    storage, name, bench = _stored_benchmark(args)
     print(f"benchmark {name}: {len(bench.methods)} methods, seeds {bench.seeds}, "
           + (f"{bench.protocol.trials} tuning trials" if bench.protocol.trials else "no tuning")
           + (f", {bench.protocol.budget_epochs} tuning epochs" if bench.protocol.budget_epochs else ""))
     for row in study.progress(storage, bench):
         print(row)
     return 0
+
+
+def _stored_benchmark(args):
+    """(storage, name, Benchmark) for a command given OUT and/or --storage/--name (status, sync-mlflow)."""
+    from regbench.store import STORE_FILE, default_storage_url, open_storage
+
+    storage = _open_for_reading(args, STORE_FILE, default_storage_url, open_storage)
+    name = _only_benchmark(storage, args.name)
+    return storage, name, _load_benchmark(storage, name)
 
 
 def _open_for_reading(args, store_file, default_storage_url, open_storage):
