@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--data-dir", default=None, help="dataset cache (default: $REGBENCH_DATA or ~/.cache/regbench)")
     wk.add_argument("--device", help="override the planned device (auto, cpu, cuda, cuda:N)")
     wk.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
+    wk.add_argument("--per-gpu", type=int, default=1, metavar="N",
+                    help="run N worker processes on each visible GPU (N on the CPU without one); default 1")
     wk.add_argument("--checkpoint-dir", help="where this worker's mid-run checkpoints go (default: "
                     "regbench-checkpoints next to the --data-dir); local to this machine")
     _checkpoint_arguments(wk, "--checkpoint-dir")
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sync-mlflow":
             return commands.sync_mlflow_command(args)
         if args.command == "worker":
-            return commands.worker_command(args, _default_data_dir())
+            return commands.worker_command(args, _default_data_dir(), argv)
         if args.command == "launch":
             return commands.launch_command(args, _default_data_dir())
         if args.command == "suite":

@@ -221,6 +221,8 @@ def work(storage, bench, splits, tracking_uri: str | None, quiet: bool = False, 
             say(f"{what}: {scores}, {spent.get('seconds', 0):.1f} s")
         elif t.state.name == "PRUNED":
             say(f"{what}: pruned after {spent.get('epochs', '?')} epochs")
+        elif study.interrupted(t):
+            say(f"{what}: {t.user_attrs['fail_reason']}")
         else:
             say(f"{what}: FAILED ({t.user_attrs.get('fail_reason', 'unknown')})")
         if tracker is not None:
@@ -311,9 +313,19 @@ def load_splits(cfg: RunConfig, data_dir: Path):
     return splits
 
 
-def worker_command(args, default_data_dir: str) -> int:
-    """Join a benchmark planned in a shared storage: claim and run its trials until none is left."""
+def worker_command(args, default_data_dir: str, argv: list[str] | None = None) -> int:
+    """Join a benchmark planned in a shared storage: claim and run its trials until none is left. With --per-gpu N,
+    start N such workers per visible GPU instead (regbench/launch.py) once the storage and benchmark check out."""
     from regbench.store import open_storage
+
+    per_gpu = getattr(args, "per_gpu", 1)
+    if per_gpu < 1:
+        raise ConfigError(f"--per-gpu must be at least 1, got {per_gpu}")
+    if per_gpu > 1:
+        from regbench.launch import run_per_device
+
+        _load_benchmark(open_storage(args.storage), args.benchmark)  # one line here, not one per child
+        return run_per_device(_without_option(argv or [], "--per-gpu"), per_gpu)
 
     data_dir = Path(args.data_dir or default_data_dir).expanduser()
     # A worker's checkpoints are local to its machine: a trial retried by a worker on another machine starts over.
@@ -333,6 +345,19 @@ def worker_command(args, default_data_dir: str) -> int:
     work(storage, bench, splits, tracking_uri, quiet=args.quiet, checkpoints=checkpoints)
     print(f"worker: benchmark {bench.name!r} has no work left")
     return 0
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """argv minus ``option VALUE`` / ``option=VALUE``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
 
 
 def sync_mlflow_command(args) -> int:

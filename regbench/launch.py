@@ -6,6 +6,7 @@ retried once by whichever worker looks next.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -45,3 +46,52 @@ def wait(jobs) -> list[str]:
             text = str(exc).strip().splitlines()
             failures.append(f"job {job.job_id}: {text[-1] if text else type(exc).__name__}")
     return failures
+
+
+def visible_devices() -> list[str | None]:
+    """One entry per CUDA device this process may use (its index, to pin a child with CUDA_VISIBLE_DEVICES), or
+    [None] on a machine without CUDA, where the workers share the CPU."""
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not n:
+        return [None]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [d.strip() for d in visible.split(",")][:n] if visible else [str(i) for i in range(n)]
+    return ids
+
+
+def run_per_device(worker_argv: list[str], per_gpu: int) -> int:
+    """`regbench worker --per-gpu N`: N worker processes pinned to each visible GPU (small models leave a big GPU
+    idle; separate processes overlap their kernels without sharing a Python interpreter). Each child is the same
+    worker command without --per-gpu; they coordinate through the storage like any workers. Ctrl-C/SIGTERM reach
+    every child (they stop after their current step and leave resumable trials); returns the worst exit status."""
+    import signal
+    import subprocess
+    import sys
+
+    children = []
+    for device in visible_devices():
+        env = dict(os.environ)
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device
+        for _ in range(per_gpu):
+            children.append(subprocess.Popen([sys.executable, "-m", "regbench.cli", *worker_argv], env=env))
+    previous = {}
+
+    def forward(signum, _frame):
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, forward)
+    try:
+        codes = [child.wait() for child in children]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    failed = [c for c in codes if c != 0]
+    if not failed:
+        return 0
+    return max(failed, key=lambda c: (c > 0, abs(c)))  # a child's own status (2, 130, 143) over a signal number

@@ -65,6 +65,7 @@ def open_storage(url: str):
                            f"postgresql://USER@HOST/DB or journal:PATH.log") from None
 
 
+INTERRUPTED = "interrupted:"  # fail_reason prefix of a trial stopped mid-run whose queued copy resumes it
 HEARTBEAT_INTERVAL = 10  # seconds; a RUNNING trial with no heartbeat for GRACE_PERIOD is failed and retried once
 GRACE_PERIOD = 30
 
@@ -84,7 +85,7 @@ def retry_callback():
 def _retry_stale(study, trial) -> None:
     """Record why a stale trial failed, then queue its retry (a copy of the trial as it was, without that reason)."""
     study._storage.set_trial_user_attr(trial._trial_id, "fail_reason",
-                                       f"interrupted: no heartbeat for {GRACE_PERIOD} s (its worker died)")
+                                       f"{INTERRUPTED} no heartbeat for {GRACE_PERIOD} s (its worker died)")
     retry_callback()(study, trial)
 
 

@@ -37,7 +37,7 @@ import regbench
 from regbench import registry
 from regbench.config import RunConfig
 from regbench.errors import ConfigError, RegbenchError
-from regbench.store import SPEC_ATTR, final_study_name, retry_callback
+from regbench.store import INTERRUPTED, SPEC_ATTR, final_study_name, retry_callback
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)  # we print our own one line per trial
 
@@ -266,6 +266,36 @@ def diverged(trial) -> bool:
     return trial.state == TrialState.FAIL and str(trial.user_attrs.get("fail_reason", "")).startswith(DIVERGED)
 
 
+def interrupted(trial) -> bool:
+    """Stopped by a signal or a dead process, with a queued copy that resumes it: not a failure of the run."""
+    return trial.state == TrialState.FAIL and str(trial.user_attrs.get("fail_reason", "")).startswith(INTERRUPTED)
+
+
+# Attributes of one attempt, not of the run: a resumed copy starts without them.
+_ATTEMPT_ATTRS = ("fail_reason", "budget", "env", "split_hash", "resumed_from_epoch", "resumes_trial")
+
+
+def mark_resumable(study: optuna.Study, trial) -> None:
+    """A trial stopped by Ctrl-C/SIGTERM is not a failed run: queue a copy with the same params (Optuna hands an
+    enqueued trial's fixed params back from ``suggest``) and user attrs, hence the same config key and mid-run
+    checkpoint, and say so in the stopped trial's reason (Optuna itself records it FAIL: it has no "paused" state).
+    Unlike Optuna's stale-trial retry there is no cap: a long run may be stopped and resumed any number of times.
+    A tuning trial stopped before it had a configuration has nothing to resume; TPE simply samples anew."""
+    epochs = trial.user_attrs.get("budget", {}).get("epochs", 0)
+    if "config" not in trial.user_attrs:
+        trial.set_user_attr("fail_reason", f"{INTERRUPTED} stopped by the user before it started")
+        return
+    attrs = {k: v for k, v in trial.user_attrs.items() if k not in _ATTEMPT_ATTRS}
+    params = dict(trial.params)
+    if attrs.get("kind") == "final":  # the seed param is recorded only once training starts; the config has it
+        params = {"seed": json.loads(attrs["config"])["seed"]}
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
+    study.enqueue_trial(params, user_attrs={**attrs, "resumes_trial": trial.number})
+    queued = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) if t.number not in before]
+    trial.set_user_attr("fail_reason", f"{INTERRUPTED} stopped by the user after epoch {epochs}; queued to resume "
+                                       f"as trial {max(queued) if queued else '?'}")
+
+
 def tuning_spent(trials, planned_epochs: int, below: int | None = None) -> tuple[int, int]:
     """(trials, epochs) a tuning study has spent or committed: finished, pruned, diverged, running and queued trials
     count; skipped and interrupted ones do not (an interrupted trial is retried, and the retry counts)."""
@@ -297,7 +327,7 @@ def fail_dead_trials(storage, study_names) -> int:
         except KeyError:
             continue
         for t in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
-            storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted: its process died")
+            storage.set_trial_user_attr(t._trial_id, "fail_reason", f"{INTERRUPTED} its process died")
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             callback(study, t)  # the retry copies the trial as it was before it failed (no fail_reason)
             n += 1
@@ -424,9 +454,20 @@ class Runner:
 
         def wrapped(trial):
             ran.append(trial._trial_id)
-            return objective(trial)
+            try:
+                return objective(trial)
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM (cli.Terminated), wherever in the trial it landed
+                mark_resumable(study, trial)
+                raise
 
-        study.optimize(wrapped, n_trials=1, catch=(engine.Diverged, _Skip))
+        try:
+            study.optimize(wrapped, n_trials=1, catch=(engine.Diverged, _Skip))
+        except KeyboardInterrupt:
+            # The interrupted trial (FAIL "interrupted: …", its resuming copy queued) still reaches the caller's line
+            # and MLflow mirror before the process stops.
+            if ran and self.storage.get_trial(ran[0]).state != TrialState.RUNNING:
+                self.on_trial(Outcome(study, self.storage.get_trial(ran[0]), kind, method))
+            raise
         if ran:
             self.on_trial(Outcome(study, self.storage.get_trial(ran[0]), kind, method))
 
@@ -502,9 +543,12 @@ class Runner:
             spend()
             trial.set_user_attr("fail_reason", f"{DIVERGED} {exc}")
             raise
-        except BaseException:
+        except KeyboardInterrupt:  # marked resumable by _run_one
             spend()
-            trial.set_user_attr("fail_reason", "interrupted")
+            raise
+        except BaseException as exc:
+            spend()
+            trial.set_user_attr("fail_reason", f"error: {type(exc).__name__}: {exc}"[:500])
             raise
         spend()
         if result.resumed_from_epoch:
@@ -550,9 +594,12 @@ def _seed(trial) -> int | None:
 
 
 def _counts(trials) -> dict[str, int]:
-    counts = {"done": 0, "running": 0, "failed": 0, "pruned": 0, "queued": 0}
+    counts = {"done": 0, "running": 0, "failed": 0, "pruned": 0, "queued": 0, "interrupted": 0}
     for t in trials:
         if skipped(t):
+            continue
+        if interrupted(t):  # its queued copy resumes it: shown apart, never as a failed run
+            counts["interrupted"] += 1
             continue
         key = {TrialState.COMPLETE: "done", TrialState.RUNNING: "running", TrialState.FAIL: "failed",
                TrialState.PRUNED: "pruned", TrialState.WAITING: "queued"}[t.state]
@@ -560,10 +607,15 @@ def _counts(trials) -> dict[str, int]:
     return counts
 
 
+def _resumable(counts: dict[str, int]) -> str:
+    n = counts["interrupted"]
+    return f", {n} interrupted (resumable, not failed)" if n else ""
+
+
 def progress(storage, bench: Benchmark) -> list[str]:
     """One line per method: tuning and final runs done, running, failed, pruned, remaining (for `regbench status`).
-    Failed counts every failed attempt (an interrupted trial that was retried shows once here and once as its
-    retry)."""
+    An interrupted trial (Ctrl-C, SIGTERM, a dead worker) is not a failure: its resuming copy is queued or running,
+    and the line says how many were interrupted only when some were."""
     lines = []
     root = optuna.load_study(study_name=bench.name, storage=storage)
     for method in bench.methods:
@@ -585,7 +637,7 @@ def progress(storage, bench: Benchmark) -> list[str]:
             if p.budget_epochs:
                 left.append(f"{max(p.budget_epochs - epochs, 0)} epochs")
             parts.append(f"tuning {c['done']} done, {c['running']} running, {c['pruned']} pruned, {c['failed']} "
-                         f"failed, {' / '.join(left)} remaining")
+                         f"failed{_resumable(c)}, {' / '.join(left)} remaining")
         selected = root.user_attrs.get(selection_attr(method, bench.ident(method)))
         if bench.tunes(method) and selected is None:
             parts.append(f"finals: {len(bench.seeds)} seeds wait for tuning")
@@ -603,7 +655,7 @@ def progress(storage, bench: Benchmark) -> list[str]:
             lost = {_seed(t) for t in trials if diverged(t)}
             busy = {_seed(t) for t in trials if t.state == TrialState.RUNNING}
             remaining = len(set(bench.seeds) - seeds_done - lost - busy)
-            parts.append(f"finals {len(seeds_done)} done, {c['running']} running, {c['failed']} failed, "
-                         f"{remaining} remaining")
+            parts.append(f"finals {len(seeds_done)} done, {c['running']} running, {c['failed']} failed"
+                         f"{_resumable(c)}, {remaining} remaining")
         lines.append(f"  {method}: " + "; ".join(parts))
     return lines

@@ -69,6 +69,8 @@ class Tracker:
         import json
         import time
 
+        from regbench.store import INTERRUPTED
+
         attrs = trial.user_attrs
         if "config" not in attrs:
             return
@@ -79,9 +81,12 @@ class Tracker:
                                                                if trial.datetime_start else time.time())
         seconds = attrs.get("timings", {}).get("seconds") or attrs.get("budget", {}).get("seconds", 0.0)
         status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(trial.state.name, "FAILED")
+        state = trial.state.name.lower()
+        if str(attrs.get("fail_reason", "")).startswith(INTERRUPTED):  # stopped, resumed by a queued copy: not failed
+            status, state = "KILLED", "interrupted"
         self.log_trial(study_name, trial.number, config, attrs["config_key"], attrs.get("metrics", {}), history,
                        attrs.get("env", {}), started=started, seconds=seconds, status=status,
-                       kind=attrs.get("kind", "final"), state=trial.state.name.lower(),
+                       kind=attrs.get("kind", "final"), state=state,
                        reason=attrs.get("fail_reason"))
 
     def summarize(self, method: str, selected: dict, curve: list[tuple[int, float]], direction: str) -> None:

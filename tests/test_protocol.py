@@ -357,11 +357,19 @@ def test_sigterm_stops_with_143_and_one_line_then_the_rerun_finishes(tmp_path):
     assert running and proc.returncode == 143, stderr
     assert stderr.strip().splitlines()[-1] == ("regbench: terminated (SIGTERM); rerun the same command to resume "
                                                "where it stopped")
-    stopped = [t for t in trials(storage, "digits-mlp:shade:final") if t.state == TrialState.FAIL]
-    assert len(stopped) == 1 and stopped[0].user_attrs["fail_reason"] == "interrupted"
+    finals = trials(storage, "digits-mlp:shade:final")
+    [stopped] = [t for t in finals if t.state == TrialState.FAIL]
+    [resume] = [t for t in finals if t.state == TrialState.WAITING and t.user_attrs.get("resumes_trial") ==
+                stopped.number]
+    assert stopped.user_attrs["fail_reason"].startswith("interrupted: stopped by the user after epoch ")
+    assert resume.user_attrs["config_key"] == stopped.user_attrs["config_key"]
+    status = regbench_cli("status", str(out), cwd=tmp_path)
+    assert "0 failed, 1 interrupted (resumable, not failed)" in status.stdout, status.stdout
     again = regbench_cli(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     check_sweep(storage, "digits-mlp", ["baseline", "shade"], 0, [0, 1])
+    [resumed] = [t for t in trials(storage, "digits-mlp:shade:final") if t.number == resume.number]
+    assert resumed.state == TrialState.COMPLETE and resumed.params == {"seed": 0}
 
 
 def test_oracle_table_is_written_only_on_request_and_labelled(tmp_path):

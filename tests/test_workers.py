@@ -88,3 +88,29 @@ def test_two_workers_share_a_journal_file_storage(tmp_path):
         assert p.returncode == 0, stderr
     from regbench.store import open_storage
     check_sweep(open_storage(journal), "jr", ["baseline", "shade"], 2, [0, 1])
+
+
+def test_worker_per_gpu_starts_n_workers_that_share_the_work(tmp_path):
+    """`regbench worker --per-gpu 2` on a machine without CUDA: two child workers on the CPU, every run once."""
+    journal = f"journal:{tmp_path / 'bench.log'}"
+    plan = ["--methods", "shade", "--trials", "2", "--seeds", "2", "--dataset", "digits", "--model", "mlp",
+            "--epochs", "1", "--quiet", "--pruner", "none", "--name", "pg", "--out", str(tmp_path / "out"),
+            "--storage", journal, "--plan-only"]
+    assert regbench_cli("run", *plan, cwd=tmp_path).returncode == 0
+    done = regbench_cli("worker", "--storage", journal, "--benchmark", "pg", "--quiet", "--per-gpu", "2",
+                        cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    # each child says so when it finds no work left: two children, two lines
+    assert done.stdout.count("worker: benchmark 'pg' has no work left") == 2, done.stdout
+    from regbench.store import open_storage
+    storage = open_storage(journal)
+    check_sweep(storage, "pg", ["baseline", "shade"], 2, [0, 1])
+
+
+def test_worker_per_gpu_bad_value_and_missing_benchmark_are_one_line(tmp_path):
+    journal = f"journal:{tmp_path / 'bench.log'}"
+    bad = regbench_cli("worker", "--storage", journal, "--benchmark", "x", "--per-gpu", "0", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip() == "regbench: error: --per-gpu must be at least 1, got 0"
+    missing = regbench_cli("worker", "--storage", journal, "--benchmark", "nope", "--per-gpu", "3", cwd=tmp_path)
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    assert "benchmark 'nope' does not exist" in missing.stderr
