@@ -17,6 +17,8 @@ from regbench.errors import ConfigError, UnknownNameError
 SUITES = {
     "ses-rings": "ses_rings",
     "dln-equilibrium": "dln_equilibrium",
+    "ses-cifar": "ses_cifar",
+    "shade-cifar": "shade_cifar",
 }
 DEFAULT_OUT = Path("reports") / "suites"
 
@@ -27,8 +29,12 @@ def suite_module(name: str):
     return importlib.import_module(f"{__name__}.{SUITES[name]}")
 
 
-def run_suite(name: str, out_dir: Path | str = DEFAULT_OUT, seeds: int | None = None, smoke: bool = False) -> dict:
-    """Run suite ``name``; returns its result dict (numbers reported, ``report`` = the markdown path)."""
+def run_suite(name: str, out_dir: Path | str = DEFAULT_OUT, seeds: int | None = None, smoke: bool = False,
+              data_dir: Path | str | None = None) -> dict:
+    """Run suite ``name``; returns its result dict (numbers reported, ``report`` = the markdown path).
+
+    Suites with ``NEEDS_DATA`` also get ``data_dir`` (the data sets' folder, resolved at the CLI edge); a suite's
+    ``preflight(smoke=..., data_dir=...)`` runs before anything is written (e.g. no GPU, no data files: one line)."""
     module = suite_module(name)
     if seeds is not None and seeds < module.MIN_SEEDS:
         raise ConfigError(f"--seeds {seeds} is too few for suite {name!r}: its intervals need at least "
@@ -36,8 +42,11 @@ def run_suite(name: str, out_dir: Path | str = DEFAULT_OUT, seeds: int | None = 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file; pass a directory for the report and its figures")
+    extra = {"data_dir": data_dir} if getattr(module, "NEEDS_DATA", False) else {}
+    if hasattr(module, "preflight"):
+        module.preflight(smoke=smoke, **extra)
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-    return module.run(out_dir, seeds=seeds, smoke=smoke)
+    return module.run(out_dir, seeds=seeds, smoke=smoke, **extra)
 
 
 def add_parser(subparsers) -> None:
@@ -52,10 +61,15 @@ def add_parser(subparsers) -> None:
                                              "the paper's claim is over seeds)")
     p.add_argument("--smoke", action="store_true", help="the same pipeline, cut to seconds (for tests)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help=f"report directory (default: {DEFAULT_OUT})")
+    p.add_argument("--data-dir", help="where the data sets live, for suites that read files (ses-cifar, shade-cifar; "
+                                      "default: $REGBENCH_DATA or ~/.cache/regbench)")
 
 
 def suite_command(args) -> int:
     started = time.perf_counter()
-    result = run_suite(args.name, args.out, seeds=args.seeds, smoke=args.smoke)
+    from regbench.cli import _default_data_dir
+
+    data_dir = Path(getattr(args, "data_dir", None) or _default_data_dir()).expanduser()
+    result = run_suite(args.name, args.out, seeds=args.seeds, smoke=args.smoke, data_dir=data_dir)
     print(f"{args.name}: wrote {result['report']} in {time.perf_counter() - started:.0f} s")
     return 0
