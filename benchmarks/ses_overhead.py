@@ -78,22 +78,27 @@ def load_data(dataset: str, shape, n: int, data_dir: str):
 
 
 class Runner:
-    """One variant: its model, capture, optimizer, and the train_step call."""
+    """One variant: its model, capture, optimizer, and the train_step call, as engine.train sets them up on
+    ``device`` (engine.fast_step: on CUDA bf16 autocast or fp16 + GradScaler, channels-last, fused SGD)."""
 
-    def __init__(self, model_name, shape, layers, variant, device, autocast):
+    def __init__(self, model_name, shape, layers, variant, device):
         cls, hp = VARIANTS[variant]
         self.method = cls() if hp is None else cls({**hp, "layers": layers})
+        self.fast = engine.fast_step(device, shape)
         torch.manual_seed(0)
         self.model = models.create_model(model_name, 10, shape).to(device)
+        if self.fast.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.capture = engine.ActivationCapture(self.model)
         self.method.attach(self.model, engine.ModelContext(self.model, self.capture, 10, shape))
         self.capture.wanted = set(self.capture.keys())
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        self.device, self.autocast, self.step = device, autocast, 0
+        fused = {"fused": True} if device.type == "cuda" else {}  # as engine.build_optimizer
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, **fused)
+        self.device, self.step = device, 0
 
     def __call__(self, x, y):
         engine.train_step(self.model, self.method, self.capture, self.optimizer, x, y, step=self.step,
-                          autocast=self.autocast)
+                          autocast=self.fast.autocast, dtype=self.fast.dtype, scaler=self.fast.scaler)
         self.step += 1
 
 
@@ -109,10 +114,11 @@ def time_config(label, model_name, shape, layers, batch, device, variants, steps
     dataset = "digits" if len(shape) == 3 else "mnist1d"
     x, y = load_data(dataset, shape, batch, data_dir)
     x, y = x.to(device), y.to(device)
-    autocast = device.type == "cuda"
     conv = model_name != "mlp"
     names = [v for v in variants if conv or v != "exact positions"]
-    runners = {v: Runner(model_name, shape, layers, v, device, autocast) for v in names}
+    runners = {v: Runner(model_name, shape, layers, v, device) for v in names}
+    if runners["baseline"].fast.channels_last:  # the batches engine.train feeds on CUDA (device_data.py)
+        x = x.contiguous(memory_format=torch.channels_last)
     wall = {v: [] for v in names}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # SES's unreachable-target notice at small batches
@@ -125,7 +131,11 @@ def time_config(label, model_name, shape, layers, batch, device, variants, steps
                 if i >= warmup:
                     wall[v].append(time.perf_counter() - w0)
     n_hooks = len(runners[names[1]].method.keys) if len(names) > 1 else 0
-    print(f"\n{label}: {model_name} {tuple(shape)}, batch {batch}, layers {layers!r} ({n_hooks} hooks), {device}, "
+    fast = runners["baseline"].fast
+    step_kind = (f"{str(fast.dtype).removeprefix('torch.')} autocast{' + GradScaler' if fast.scaler else ''}"
+                 f"{', channels_last' if fast.channels_last else ''}, fused SGD" if fast.autocast else "float32")
+    print(f"\n{label}: {model_name} {tuple(shape)}, batch {batch}, layers {layers!r} ({n_hooks} hooks), {device} "
+          f"({step_kind}), "
           f"{steps} timed steps after {warmup} warm-up, ms per step (mean over blocks of {BLOCK})")
     print(f"  {'variant':<17}{'median':>10}{'overhead':>10}{'min':>10}{'overhead':>10}")
     blocks = {v: [statistics.fmean(t[i:i + BLOCK]) for i in range(0, len(t), BLOCK)] for v, t in wall.items()}

@@ -69,6 +69,12 @@ class Splits:
     augment: str = "none"             # name of the training augmentation (one of AUGMENTS)
     # f(normalized batch, torch.Generator) -> batch, applied by the engine to training batches only; None = no-op
     train_augment: Callable | None = None
+    # The train split's raw 8-bit pixels (same rows and order as x_train) when the dataset is made of them, and the
+    # divisor applied before normalizing: x_train == (float32(x_train_u8) / pixel_scale - mean) / std, bit for bit
+    # (CIFAR: 1; MNIST-M: 255). The engine keeps them on the device at a quarter of float32's size
+    # (regbench/device_data.py). None for data that is not uint8 pixels (mnist1d, digits).
+    x_train_u8: torch.Tensor | None = None
+    pixel_scale: float = 1.0
 
     def save_indices(self, path) -> None:
         """Write {"dataset", "split_hash", "indices"} as JSON, atomically (provenance of a run)."""
@@ -196,11 +202,14 @@ def _class_ranks(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]
     return rank, count
 
 
-def build_splits(name, x, y, indices, num_classes, input_shape) -> Splits:
+def build_splits(name, x, y, indices, num_classes, input_shape, pixels=None) -> Splits:
     """Cut the pool tensors `x` (N, C, ...) and `y` (N,) by `indices` and normalize.
 
     Mean and std are per channel and computed on the train split only (the data the model
     trains on), so no val/test information leaks into preprocessing.
+
+    `pixels` = (uint8 pool aligned with `x`, scale) when `x` is that pool divided by `scale` in float32
+    (MNIST-M: 255); a uint8 `x` is its own pixels (scale 1). Their train rows become `Splits.x_train_u8`.
     """
     y = torch.as_tensor(y, dtype=torch.int64)
     parts = {k: torch.as_tensor(indices[k], dtype=torch.int64) for k in SPLIT_NAMES}
@@ -216,6 +225,11 @@ def build_splits(name, x, y, indices, num_classes, input_shape) -> Splits:
     for v in xs.values():
         v.sub_(mean).div_(std)
     ys = {k: y[v].contiguous() for k, v in parts.items()}
+    if pixels is None and (x.dtype == torch.uint8 if isinstance(x, torch.Tensor) else np.asarray(x).dtype == np.uint8):
+        pixels = (x, 1.0)
+    if pixels is not None:
+        raw = pixels[0][parts["train"]] if isinstance(pixels[0], torch.Tensor) else pixels[0][parts["train"].numpy()]
+        pixels = (torch.as_tensor(raw, dtype=torch.uint8).contiguous(), float(pixels[1]))
     return Splits(
         name=name,
         x_train=xs["train"], y_train=ys["train"],
@@ -227,11 +241,13 @@ def build_splits(name, x, y, indices, num_classes, input_shape) -> Splits:
         split_hash=split_hash(indices),
         mean=mean,
         std=std,
+        x_train_u8=None if pixels is None else pixels[0],
+        pixel_scale=1.0 if pixels is None else pixels[1],
     )
 
 
 def make_splits(name, x, y, base_indices, num_classes, input_shape, split_seed, train_size,
-                train_per_class: int | None = None, augment: str = "none") -> Splits:
+                train_per_class: int | None = None, augment: str = "none", pixels=None) -> Splits:
     """Apply the optional low-data subset to train (val/test untouched), `build_splits`, attach the augmentation.
 
     `base_indices` already hold val and test out, so every train size is tuned and tested on the same
@@ -245,5 +261,5 @@ def make_splits(name, x, y, base_indices, num_classes, input_shape, split_seed, 
         indices["train"] = stratified_subset(indices["train"], y, int(train_size), num_classes, split_seed)
     elif train_per_class is not None:
         indices["train"] = stratified_subset_per_class(indices["train"], y, int(train_per_class), split_seed)
-    splits = build_splits(name, x, y, indices, num_classes, input_shape)
+    splits = build_splits(name, x, y, indices, num_classes, input_shape, pixels)  # pixels: see build_splits
     return replace(splits, augment=augment, train_augment=augment_fn(augment, splits.mean, splits.std))

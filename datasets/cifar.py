@@ -18,7 +18,8 @@ images. Test = the official test set (fixed); val = a stratified, seeded 10 % of
 images (5,000); train = the rest (45,000). So the test split is the official test set in file order, which
 is also the order of every 10,000-image block of official CIFAR-10-C / CIFAR-100-C (datasets/shift.py checks
 the labels block by block). Pixels are kept as uint8 until `build_splits`
-normalizes them per channel with train statistics.
+normalizes them per channel with train statistics; the train split's also stay uint8 as `Splits.x_train_u8`,
+which the engine holds on the device (regbench/device_data.py).
 
 Augmentation: `augment(x, generator, fill=...)` is the standard CIFAR recipe (random 32x32 crop of the
 image padded by 4 px of black, then a horizontal flip with probability 1/2), as batched tensor ops.

@@ -425,6 +425,11 @@ def _to_nchw(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
 
 
+def _pixels(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """The raw uint8 pixels behind `_to_nchw(x)` (an NCHW view, no copy) and its divisor: `Splits.x_train_u8`."""
+    return x.transpose(0, 3, 1, 2), 255.0
+
+
 def _splits_with_fixed_test(name, x, y, n_test, split_seed, train_size, ds, train_per_class=None,
                             augment=None) -> Splits:
     n_train_pool = len(y) - n_test
@@ -432,7 +437,7 @@ def _splits_with_fixed_test(name, x, y, n_test, split_seed, train_size, ds, trai
     n_val = min(MNIST_M_VAL, n_train_pool // 5)
     indices = stratified_split(y, n_val, seed=split_seed, test_indices=test)
     return make_splits(name, _to_nchw(x), y, indices, ds.num_classes, ds.input_shape, split_seed, train_size,
-                       train_per_class, augment or ds.default_augment)
+                       train_per_class, augment or ds.default_augment, pixels=_pixels(x))
 
 
 class MNISTM(Dataset):
@@ -477,4 +482,5 @@ class MNISTMStyle(Dataset):
                                            train_per_class, augment)
         indices = stratified_split(a["y"], MNIST5K_VAL, MNIST5K_TEST, seed=split_seed)
         return make_splits(self.name, _to_nchw(a["x"]), a["y"], indices, self.num_classes, self.input_shape,
-                           split_seed, train_size, train_per_class, augment or self.default_augment)
+                           split_seed, train_size, train_per_class, augment or self.default_augment,
+                           pixels=_pixels(a["x"]))

@@ -97,7 +97,8 @@ def load(path: Path, config_key: str, device: torch.device) -> dict[str, Any] | 
                             f"it to start that run over") from None
         raise DataError(f"checkpoint {path} is not a readable torch file (not a tensor archive); delete it to start "
                         f"that run over") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    # garbage bytes also raise IndexError/KeyError/TypeError from inside torch's weights-only unpickler
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"checkpoint {path} is not a readable torch file ({first.split('. ')[0][:120]}); delete it "
                         f"to start that run over") from None

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="training augmentation: crop_flip = random crop of the 4-px black-padded image + "
                           "horizontal flip (default: the dataset's; crop_flip for cifar10/cifar100, else none)")
     run.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, …")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the training forward (faster on a GPU after a warm-up; same results up to "
+                          "floating-point rounding, same run key)")
     run.add_argument("--name", help="benchmark name (default: DATASET-MODEL)")
     run.add_argument("--out", help="output dir (default: runs/<benchmark name>)")
     run.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUT/regbench.db); "
@@ -65,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.HPARAM=VALUE",
                      help="override a method hparam, e.g. --set ses.beta=0.6 (repeatable)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
+    run.add_argument("--parallel-seeds", type=int, default=1, metavar="K",
+                     help="train up to K final seeds of one configuration at once in this process (vmap over "
+                          "stacked weights when the method allows, else K lockstep copies on K CUDA streams); "
+                          "each seed's result equals it trained alone (default 1)")
     _checkpoint_arguments(run, "OUT/checkpoints")
     tune = run.add_argument_group("tuning (Optuna, on the validation split; test is never read while tuning)")
     tune.add_argument("--trials", type=int, default=0,
@@ -161,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "run":
+            if args.compile:  # no C++ compiler / no Triton: one line before any work
+                from regbench.engine import check_compile
+                check_compile(args.device)
             return commands.run_command(args, _default_data_dir(), shlex.join(["regbench", *argv]))
         if args.command == "list":
             return commands.list_command(args.what)
@@ -198,13 +208,21 @@ class Terminated(KeyboardInterrupt):
 
 
 def _stop_on_sigterm() -> None:
+    """Ctrl-C and SIGTERM stop a training loop after its current optimizer step (it saves a mid-epoch checkpoint,
+    regbench/engine.py) and anything else at once; a second signal always stops at once."""
     import signal
     import threading
 
     if threading.current_thread() is threading.main_thread():
-        def handler(_signum, _frame):
-            raise Terminated()
+        def handler(signum, _frame):
+            exception = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+            engine = sys.modules.get("regbench.engine")  # loaded only once something trains
+            if engine is not None and engine.request_stop(exception):
+                return
+            raise exception()
         signal.signal(signal.SIGTERM, handler)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when a caller (pytest) set its own
+            signal.signal(signal.SIGINT, handler)
 
 
 if __name__ == "__main__":

@@ -88,6 +88,8 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
     seeds = _parse_seeds(args.seeds)
     protocol = _protocol(args)  # bad --trials/--budget-epochs/… fail before any storage is opened
     _checkpoint_options(args, Path("."))
+    if getattr(args, "parallel_seeds", 1) < 1:
+        raise ConfigError(f"--parallel-seeds must be at least 1 (1 = one seed at a time), got {args.parallel_seeds}")
     _check_device(args.device)
     recipe = {**GENERIC_RECIPE, **RECIPES.get(args.dataset, {})}
     for option in ("epochs", "batch_size", "lr", "optimizer", "schedule"):
@@ -96,7 +98,8 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
     data_dir = Path(args.data_dir or default_data_dir).expanduser()
     base = RunConfig(method="baseline", dataset=args.dataset, model=model, train_size=args.train_size, shift=args.shift,
                      train_per_class=args.train_per_class, augment=augment,
-                     weight_decay=args.weight_decay, device=args.device, data_dir=str(data_dir), **recipe)
+                     weight_decay=args.weight_decay, device=args.device, data_dir=str(data_dir),
+                     compile=getattr(args, "compile", False), **recipe)
     name = args.name or f"{args.dataset}-{model}"
     if not _NAME_OK.match(name):
         raise ConfigError(f"benchmark name {name!r} may use letters, digits, '_', '-' and '.' only; pass --name")
@@ -134,6 +137,7 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
                             seeds=seeds, protocol=protocol, command=command_line)
     # An invalid hparam from a search space fails here, before any write.
     study.check_search_spaces(bench, check=lambda m, hp: _check_attach(m, hp, model, dataset))
+    _check_checkpoints(out / "checkpoints")
     with OutputLock(out):
         owned = storage is None
         if storage is None:
@@ -151,7 +155,7 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
         tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or _tracking.default_tracking_uri(out)
         # Checkpoints live with the store: a rerun of this command (the retry of a killed trial) finds them.
         work(storage, bench, splits, tracking_uri, quiet=args.quiet,
-             checkpoints=_checkpoint_options(args, out / "checkpoints"))
+             checkpoints=_checkpoint_options(args, out / "checkpoints"), parallel_seeds=args.parallel_seeds)
         path = _write_report(storage, name, out, tracking_uri)
     print(path.read_text())
     print(f"Leaderboard: {path}")
@@ -181,6 +185,22 @@ def _checkpoint_options(args, directory: Path) -> dict:
             "keep_checkpoints": bool(getattr(args, "keep_checkpoints", False))}
 
 
+def _check_checkpoints(directory: Path) -> None:
+    """An unreadable checkpoint (truncated, or holding a pickled object) fails the command before the store is opened,
+    so the output dir is left as it was (issue 10, item 6), rather than failing its run midway through the benchmark.
+    Whether a readable one fits its run (key, format, device) is decided when that run starts (checkpoint.load)."""
+    import warnings
+
+    import torch
+
+    from regbench import checkpoint
+
+    for path in sorted(directory.glob("*.pt")) if directory.is_dir() else []:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # here only readability counts; a mismatch warns when its run starts
+            checkpoint.load(path, path.stem, torch.device("cpu"))
+
+
 def _protocol(args):
     from regbench.study import Protocol
 
@@ -189,7 +209,7 @@ def _protocol(args):
 
 
 def work(storage, bench, splits, tracking_uri: str | None, quiet: bool = False, wait: bool = True,
-         checkpoints: dict | None = None) -> None:
+         checkpoints: dict | None = None, parallel_seeds: int = 1) -> None:
     """Run this process's share of a benchmark's trials, one line each, mirrored to MLflow as they finish.
     ``checkpoints``: Runner's checkpoint_dir / checkpoint_seconds / keep_checkpoints (see _checkpoint_options)."""
     from regbench import study, tracking
@@ -229,7 +249,7 @@ def work(storage, bench, splits, tracking_uri: str | None, quiet: bool = False, 
             tracker.mirror(outcome.study.study_name, t)
 
     runner = study.Runner(storage, bench, splits, progress=progress, on_trial=on_trial, wait=wait,
-                          **(checkpoints or {}))
+                          parallel_seeds=parallel_seeds, **(checkpoints or {}))
     for method in bench.methods if not bench.protocol.tunes else []:
         keys = {c.key() for c in runner.select(method)}
         done = sum(t.state.name == "COMPLETE" and t.user_attrs.get("config_key") in keys

@@ -14,7 +14,7 @@ from typing import Any
 
 from regbench.errors import ConfigError
 
-NOT_KEYED = ("data_dir", "device", "eval_test")
+NOT_KEYED = ("data_dir", "device", "eval_test", "compile")  # compile: the same run, only faster (engine.py)
 KEYED_WHEN_SET = ("shift", "train_per_class", "split_hash", "augment")
 
 # Per-dataset training recipes for the embedded sets (CLI options override them). mnist1d: AdamW + one-cycle, the
@@ -52,6 +52,7 @@ class RunConfig:
     device: str = "auto"
     data_dir: str = ""
     eval_test: bool = True
+    compile: bool = False  # torch.compile the training forward (--compile); not keyed, like device
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -61,10 +62,10 @@ class RunConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 < self.lr < float("inf"):  # also NaN, which compares false
+            raise ConfigError(f"--lr must be positive and finite, got {self.lr}")
+        if not 0 <= self.weight_decay < float("inf"):
+            raise ConfigError(f"--weight-decay must be >= 0 and finite, got {self.weight_decay}")
         if self.train_size is not None and self.train_per_class is not None:
             raise ConfigError("give --train-size or --train-per-class, not both")
         if self.train_per_class is not None and self.train_per_class < 1:
@@ -112,7 +113,8 @@ def parse_sets(items: list[str], methods: list[str]) -> dict[str, dict[str, str]
             raise ConfigError(f"malformed --set {item!r}; write METHOD.HPARAM=VALUE, e.g. --set ses.beta=0.6")
         if method not in methods:
             hosts = [m for m in methods if method in m.split("+")]
-            hint = f"; for the composite write --set {hosts[0]}.{method}.{hparam}={value.strip()}" if hosts else ""
+            fix = f"{hosts[0]}.{method}.{hparam}={value.strip()}" if hosts else ""
+            hint = f"; for the composite write --set {fix if fix.isprintable() else repr(fix)}" if hosts else ""
             raise ConfigError(f"--set {item!r} names method {method!r}, which is not in --methods "
                               f"({', '.join(methods)}){hint}")
         out.setdefault(method, {})[hparam] = value.strip()

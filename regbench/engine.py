@@ -22,6 +22,8 @@ from torch import nn
 from regbench import checkpoint as _checkpoint
 from regbench import models
 from regbench.config import RunConfig
+from regbench.device_data import DeviceData
+from regbench.errors import ConfigError
 from regbench.methods.base import Method, StepContext
 from regbench.metrics import (
     accuracy,
@@ -39,6 +41,28 @@ class Diverged(RuntimeError):
     """The loss became NaN or inf; the run is recorded as failed with this reason."""
 
 
+class _StopRequest:
+    """A Ctrl-C/SIGTERM that arrived while a training loop runs: the loop finishes its current optimizer step, saves
+    a mid-epoch checkpoint and raises ``exception`` (issue 10, item 2). Set from the CLI's signal handlers."""
+
+    in_loop = False
+    exception: type[BaseException] | None = None
+
+
+def request_stop(exception: type[BaseException]) -> bool:
+    """Ask the running training loop to stop after its current step by raising ``exception``. Returns False when no
+    loop is running or a stop is already pending (a second Ctrl-C), so the caller raises at once instead."""
+    if not _StopRequest.in_loop or _StopRequest.exception is not None:
+        return False
+    _StopRequest.exception = exception
+    return True
+
+
+def _take_stop() -> type[BaseException] | None:
+    exception, _StopRequest.exception = _StopRequest.exception, None
+    return exception
+
+
 @dataclass
 class RunResult:
     metrics: dict[str, float]               # final epoch's metrics
@@ -46,6 +70,7 @@ class RunResult:
     seconds: float
     diagnostic_layers: list[str] = field(default_factory=list)
     resumed_from_epoch: int = 0             # epochs restored from a mid-run checkpoint (0 = trained from scratch)
+    resumed_from_step: int = 0              # optimizer steps restored (a stop mid-epoch saves after its last step)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -132,9 +157,49 @@ class ModelContext:
 def build_optimizer(config: RunConfig, model: nn.Module, options: dict) -> torch.optim.Optimizer:
     weight_decay = options.get("weight_decay", config.weight_decay)
     params = options["param_groups"](model) if "param_groups" in options else model.parameters()
+    # CUDA: the fused kernels (one launch for every parameter; with a GradScaler they check for inf on the device,
+    # no host sync). The CPU keeps torch's default implementation, so CPU runs stay bit-for-bit what they were.
+    fused = {"fused": True} if all(p.is_cuda and p.is_floating_point() for p in model.parameters()) else {}
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=weight_decay, **fused)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=weight_decay, **fused)
+
+
+@dataclass
+class FastStep:
+    """How ``train_step`` runs on a device (issue 9, item 2). On CUDA: autocast in bf16 (fp16 with a GradScaler
+    where the GPU has no native bf16, before Ampere) and channels-last 4-D inputs and weights (cuDNN's fastest conv
+    layout under autocast). On the CPU none of it, so CPU runs stay bit-for-bit what they were."""
+
+    autocast: bool = False
+    dtype: torch.dtype = torch.bfloat16
+    scaler: torch.amp.GradScaler | None = None
+    channels_last: bool = False
+
+
+def fast_step(device: torch.device, input_shape) -> FastStep:
+    if device.type != "cuda":
+        return FastStep()
+    bf16 = torch.cuda.get_device_capability(device) >= (8, 0)  # is_bf16_supported() also counts slow emulation
+    return FastStep(autocast=True, dtype=torch.bfloat16 if bf16 else torch.float16,
+                    scaler=None if bf16 else torch.amp.GradScaler("cuda"), channels_last=len(input_shape) == 3)
+
+
+def check_compile(device: str) -> None:
+    """One-line ConfigError when ``--compile`` cannot work here: torch.compile's inductor needs Triton for CUDA code
+    and a C++ compiler for CPU code. Called at the CLI edge and by ``train``, before any work."""
+    if resolve_device(device).type == "cuda":
+        from torch.utils._triton import has_triton
+        if not has_triton():
+            raise ConfigError("--compile on CUDA needs Triton, which is not installed (pip install triton); "
+                              "install it or drop --compile")
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        get_cpp_compiler()
+    except (ImportError, RuntimeError, OSError) as exc:  # torch's InvalidCxxCompiler is a RuntimeError
+        raise ConfigError(f"--compile on the CPU needs a C++ compiler (g++ or clang++, or set CXX); none works here "
+                          f"({type(exc).__name__}); install one or drop --compile") from None
 
 
 def _scheduler(config: RunConfig, optimizer, total_steps: int):
@@ -150,11 +215,16 @@ def _scheduler(config: RunConfig, optimizer, total_steps: int):
 
 
 def train_step(model: nn.Module, method: Method, capture: ActivationCapture, optimizer: torch.optim.Optimizer,
-               xb: torch.Tensor, yb: torch.Tensor, step: int = 0, epoch: int = 0, autocast: bool = False):
+               xb: torch.Tensor, yb: torch.Tensor, step: int = 0, epoch: int = 0, autocast: bool = False,
+               dtype: torch.dtype = torch.bfloat16, scaler: torch.amp.GradScaler | None = None):
     """One optimizer step: forward (capturing what the method asked for), task + regularizer loss, backward, step,
-    the method's after-step update. Returns detached (task loss, regularizer loss) tensors: no host sync here."""
+    the method's after-step update. Returns detached (task loss, regularizer loss) tensors: no host sync here.
+
+    ``autocast`` runs the forward in ``dtype``; the method's loss runs after it, outside autocast (SES's batched
+    eigensolves stay in float32). ``scaler`` (fp16 only) scales the loss and skips steps with inf gradients.
+    ``model`` may be a ``torch.compile`` wrapper of the module the method is attached to."""
     capture.active = method.wants_activations(step)
-    with torch.autocast(device_type=xb.device.type, dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(device_type=xb.device.type, dtype=dtype, enabled=autocast):
         logits = model(xb)
         task = F.cross_entropy(logits.float(), yb)
     capture.active = False
@@ -164,8 +234,13 @@ def train_step(model: nn.Module, method: Method, capture: ActivationCapture, opt
     if reg is None:
         reg = torch.zeros((), device=xb.device)
     optimizer.zero_grad(set_to_none=True)
-    (task + reg).backward()
-    optimizer.step()
+    if scaler is None:
+        (task + reg).backward()
+        optimizer.step()
+    else:
+        scaler.scale(task + reg).backward()
+        scaler.step(optimizer)
+        scaler.update()
     method.after_step(ctx)
     capture.clear()
     return task.detach(), reg.detach()
@@ -182,10 +257,15 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
     run finishes or diverges (a rerun would diverge again), unless ``keep_checkpoint``; an exception from
     ``on_epoch`` or an interrupt leaves it for the retry."""
     device = resolve_device(config.device)
+    if config.compile:
+        check_compile(config.device)
+    fast = fast_step(device, splits.input_shape)
     generator = seed_everything(config.seed)
     model = models.create_model(config.model, splits.num_classes, splits.input_shape,
                                 **{**config.model_kwargs, **method.model_options()})
     model.to(device)
+    if fast.channels_last:
+        model.to(memory_format=torch.channels_last)
     capture = ActivationCapture(model)
     method.attach(model, ModelContext(model, capture, splits.num_classes, splits.input_shape))
     train_keys = set(capture.keys())
@@ -193,24 +273,26 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
     diag_keys = capture.request(diag_layers, where="output")
     capture.wanted = train_keys
     optimizer = build_optimizer(config, model, method.optimizer_options())
+    # The compiled forward shares the module's parameters and hooks; state_dict, eval and detach use the module.
+    forward = torch.compile(model) if config.compile else model
 
-    x_train, y_train = splits.x_train.to(device), splits.y_train.to(device)
-    n = len(x_train)
+    # The train split lives on the device (uint8 pixels where the dataset has them); batches are gathered,
+    # normalized and augmented there (regbench/device_data.py), equal to the float split's rows for one seed.
+    data = DeviceData(splits, device, channels_last=fast.channels_last)
+    n = data.n
     batch = min(config.batch_size, n)
     steps_per_epoch = n // batch  # drop_last: a short last batch skews batch statistics (SES pitfall P6)
     scheduler = _scheduler(config, optimizer, steps_per_epoch * config.epochs)
-    autocast = device.type == "cuda"
     erank_x = splits.x_val[:ERANK_BATCH]
 
     # Augmentation draws from its own generator, on the batches' device, seeded from the run seed: two runs with one
     # seed see identical batches, and the batch-order stream is the same with or without augmentation. SeedSequence
     # derives a seed distinct from the batch-order generator's (one integer on two generators = correlated draws).
-    train_augment = getattr(splits, "train_augment", None)
     augment_seed = int(np.random.SeedSequence([config.seed, 0xA5]).generate_state(1)[0])
     augment_generator = torch.Generator(device=device).manual_seed(augment_seed)
 
     history: list[dict[str, float]] = []
-    started, step, start_epoch = time.perf_counter(), 0, 0
+    started, step, start_epoch, partial, resumed_step = time.perf_counter(), 0, 0, None, 0
     generators = {"batch_order": generator, "augment": augment_generator}
     if checkpoint is not None:
         state = _checkpoint.load(checkpoint, config.key(), device)
@@ -222,11 +304,17 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
                 gen.set_state(state["generators"][name].cpu())  # a generator's state is a CPU byte tensor
             method.load_state_dict(state["method"])
             _checkpoint.set_rng_state(state["rng"])
+            if fast.scaler is not None and "scaler" in state:
+                fast.scaler.load_state_dict(state["scaler"])
             history, step, start_epoch = list(state["history"]), int(state["step"]), int(state["epoch"])
+            partial = state.get("partial_epoch")  # stopped mid-epoch: that epoch's order, position and sums
+            resumed_step = step
     last_save = time.perf_counter()
 
-    def save_checkpoint(epoch_done: int) -> None:
+    def save_checkpoint(epoch_done: int, partial_epoch: dict | None = None) -> None:
         _checkpoint.save(checkpoint, {
+            **({"partial_epoch": partial_epoch} if partial_epoch is not None else {}),
+            **({"scaler": fast.scaler.state_dict()} if fast.scaler is not None else {}),
             "config_key": config.key(), "device_type": device.type, "epoch": epoch_done, "step": step,
             "history": history, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "method": method.state_dict(), "rng": _checkpoint.rng_state(),
@@ -237,6 +325,7 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
         from tqdm.auto import tqdm
         epochs = tqdm(epochs, desc=f"{config.method} seed {config.seed}", leave=False, unit="ep",
                       initial=start_epoch, total=config.epochs)
+    _StopRequest.in_loop, _StopRequest.exception = True, None
     try:
         # The restored epochs are reported again: a retried trial is a new Optuna trial with no intermediate values,
         # and its pruner (and the epoch budget the caller counts) must see the whole curve, not just its tail.
@@ -248,18 +337,27 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
             t0 = time.perf_counter()
             sum_task = torch.zeros((), device=device)
             sum_reg = torch.zeros((), device=device)
-            perm = torch.randperm(n, generator=generator).to(device)
-            for b in range(steps_per_epoch):
-                idx = perm[b * batch:(b + 1) * batch]
-                xb = x_train[idx]
-                if train_augment is not None:  # training batches only: never val/test/erank/shift
-                    xb = train_augment(xb, augment_generator)
-                task, reg = train_step(model, method, capture, optimizer, xb, y_train[idx],
-                                       step=step, epoch=epoch, autocast=autocast)
+            first = 0
+            if partial is not None:  # resume the epoch a stop interrupted: same order, next batch, same sums
+                perm, first = partial["perm"].to(device), int(partial["batch"])
+                sum_task, sum_reg = partial["sum_task"].to(device), partial["sum_reg"].to(device)
+                partial = None
+            else:
+                perm = torch.randperm(n, generator=generator).to(device)
+            for b in range(first, steps_per_epoch):
+                # augmented with the split's train_augment: training batches only, never val/test/erank/shift
+                xb, yb = data.batch(perm[b * batch:(b + 1) * batch], augment_generator)
+                task, reg = train_step(forward, method, capture, optimizer, xb, yb, step=step, epoch=epoch,
+                                       autocast=fast.autocast, dtype=fast.dtype, scaler=fast.scaler)
                 scheduler.step()
                 sum_task += task
                 sum_reg += reg
                 step += 1
+                if _StopRequest.exception is not None:  # Ctrl-C/SIGTERM: this step is done; save it and stop
+                    if checkpoint is not None:
+                        save_checkpoint(epoch, {"perm": perm.cpu(), "batch": b + 1, "sum_task": sum_task.cpu(),
+                                                "sum_reg": sum_reg.cpu()})
+                    raise _take_stop()()
             train_seconds = time.perf_counter() - t0
             task_mean = float(sum_task) / max(steps_per_epoch, 1)  # one host sync per epoch
             reg_mean = float(sum_reg) / max(steps_per_epoch, 1)
@@ -288,6 +386,7 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
             _checkpoint.remove(checkpoint)
         raise
     finally:
+        _StopRequest.in_loop, _StopRequest.exception = False, None
         method.detach(model)
         capture.remove()
     if not keep_checkpoint:
@@ -297,7 +396,8 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
     final.update(shift_metrics)
     final["seconds_per_epoch"] = sum(h["seconds"] for h in history) / len(history)
     return RunResult(metrics=final, history=history, seconds=seconds,
-                     diagnostic_layers=[name for name, _ in diag_layers], resumed_from_epoch=start_epoch)
+                     diagnostic_layers=[name for name, _ in diag_layers], resumed_from_epoch=start_epoch,
+                     resumed_from_step=resumed_step)
 
 
 def _evaluate_shift(model, shift) -> dict[str, float]:

@@ -272,7 +272,8 @@ def interrupted(trial) -> bool:
 
 
 # Attributes of one attempt, not of the run: a resumed copy starts without them.
-_ATTEMPT_ATTRS = ("fail_reason", "budget", "env", "split_hash", "resumed_from_epoch", "resumes_trial")
+_ATTEMPT_ATTRS = ("fail_reason", "budget", "env", "split_hash", "resumed_from_epoch", "resumed_from_step",
+                  "resumes_trial")
 
 
 def mark_resumable(study: optuna.Study, trial) -> None:
@@ -357,8 +358,10 @@ class Runner:
 
     def __init__(self, storage, bench: Benchmark, splits, progress: bool = False,
                  on_trial: Callable[[Outcome], None] | None = None, wait: bool = True,
-                 checkpoint_dir: Path | None = None, checkpoint_seconds: float = 60.0, keep_checkpoints: bool = False):
+                 checkpoint_dir: Path | None = None, checkpoint_seconds: float = 60.0, keep_checkpoints: bool = False,
+                 parallel_seeds: int = 1):
         self.storage, self.bench, self.splits = storage, bench, splits
+        self.parallel_seeds = parallel_seeds  # final seeds of one config trained at once (regbench/parallel.py)
         self.progress, self.on_trial, self.wait = progress, on_trial or (lambda _o: None), wait
         # Mid-run checkpoints (regbench/checkpoint.py), one file per config key: a killed trial's retry has the same
         # config, hence the same file, and resumes from it. None = off.
@@ -503,10 +506,103 @@ class Runner:
                     raise _Skip()
             cfg = RunConfig.from_json(trial.user_attrs["config"])
             trial.suggest_int("seed", 0, 2**31 - 1)  # records the enqueued seed as the trial's param
+            if self.parallel_seeds > 1:
+                return self._train_group(study, trial, cfg)
             return self._train(trial, cfg, prune=False)
         return objective
 
-    def _train(self, trial, cfg: RunConfig, prune: bool) -> float:
+    # -- --parallel-seeds K: the claimed final (the leader) claims up to K-1 queued siblings of its config group
+    def _claim_siblings(self, study: optuna.Study, leader, cfg: RunConfig) -> list:
+        """Queued final trials of ``cfg``'s group (other seeds), each claimed WAITING -> RUNNING through the storage,
+        which refuses a trial another worker claimed first. Skipped: duplicates (the normal claim skips them), configs
+        that differ in more than the seed, and runs with a mid-run checkpoint (they resume alone)."""
+        from regbench import checkpoint
+
+        def resumable(c):
+            return self.checkpoint_dir is not None and checkpoint.path_for(self.checkpoint_dir, c.key()).exists()
+
+        if resumable(cfg):
+            return []
+        trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+        claimed = []
+        for t in trials:
+            if len(claimed) >= self.parallel_seeds - 1:
+                break
+            key = t.user_attrs.get("config_key")
+            if t.state != TrialState.WAITING or "config" not in t.user_attrs or key == cfg.key() or any(
+                    o.number != t.number and o.user_attrs.get("config_key") == key and (
+                        o.state in (TrialState.COMPLETE, TrialState.RUNNING)
+                        or (o.state == TrialState.WAITING and o.number < t.number)) for o in trials):
+                continue
+            other = RunConfig.from_json(t.user_attrs["config"])
+            if other.replace(seed=cfg.seed) != cfg or resumable(other):
+                continue
+            if study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):  # False: taken meanwhile
+                claimed.append((optuna.trial.Trial(study, t._trial_id), other))
+        return claimed
+
+    def _train_group(self, study: optuna.Study, leader, cfg: RunConfig) -> float:
+        """Train the leader with its claimed siblings in one process (parallel.train_seeds), then record each run
+        through ``_train`` exactly as if it had trained alone (same user attrs, reports, fail reasons). Siblings get
+        heartbeats while they train, so a dead process leaves them stale and retried like any trial."""
+        import contextlib
+
+        from optuna.storages._heartbeat import get_heartbeat_thread
+
+        from regbench import parallel
+
+        siblings = self._claim_siblings(study, leader, cfg)
+        if not siblings:
+            return self._train(leader, cfg, prune=False)
+        others = [t for t, _ in siblings]
+        for t in others:
+            t.suggest_int("seed", 0, 2**31 - 1)
+        started = time.time()
+        try:
+            with contextlib.ExitStack() as beats:
+                for t in others:
+                    beats.enter_context(get_heartbeat_thread(t._trial_id, study._storage))
+                results = parallel.train_seeds([cfg] + [c for _, c in siblings], self.splits,
+                                               lambda c: registry.build_method(c.method, c.hparams),
+                                               progress=self.progress)
+        except KeyboardInterrupt:  # the leader is marked resumable by _run_one
+            for t in others:
+                mark_resumable(study, t)
+                study.tell(t, state=TrialState.FAIL)
+            raise
+        except BaseException as exc:
+            for t in [leader, *others]:
+                t.set_user_attr("fail_reason", f"error: {type(exc).__name__}: {exc}"[:500])
+            for t in others:
+                study.tell(t, state=TrialState.FAIL)
+            raise
+        share = (time.time() - started) / len(results)  # each run's share of the group's wall time
+        for (t, c), result in zip(siblings, results[1:]):
+            try:
+                study.tell(t, self._record(t, c, result, started, share))
+            except parallel.engine.Diverged:  # fail_reason set by _train, as for a run trained alone
+                study.tell(t, state=TrialState.FAIL)
+            self.on_trial(Outcome(study, self.storage.get_trial(t._trial_id), "final", c.method))
+        return self._record(leader, cfg, results[0], started, share)
+
+    def _record(self, trial, cfg: RunConfig, result, started: float, share: float) -> float:
+        """``_train`` on a run trained in a group: its epochs are replayed to the trial, its result (or Diverged) is
+        what ``engine.train`` would have returned (or raised); the budget and timings count the run's share."""
+        def replay(_cfg, _splits, _method, on_epoch=None, **_kwargs):
+            for row in getattr(result, "history", []):
+                on_epoch(int(row["epoch"]), row)
+            if isinstance(result, BaseException):
+                raise result
+            return result
+
+        try:
+            return self._train(trial, cfg, prune=False, trainer=replay)
+        finally:
+            trial.set_user_attr("budget", {**trial.user_attrs.get("budget", {}), "seconds": share})
+            if "timings" in trial.user_attrs:
+                trial.set_user_attr("timings", {**trial.user_attrs["timings"], "started": started})
+
+    def _train(self, trial, cfg: RunConfig, prune: bool, trainer: Callable | None = None) -> float:
         from regbench import engine
 
         objective = self.bench.protocol.objective
@@ -531,7 +627,7 @@ class Runner:
 
         ckpt = None if self.checkpoint_dir is None else checkpoint.path_for(self.checkpoint_dir, cfg.key())
         try:
-            result = engine.train(cfg, self.splits, method, on_epoch=on_epoch, progress=self.progress,
+            result = (trainer or engine.train)(cfg, self.splits, method, on_epoch=on_epoch, progress=self.progress,
                                   checkpoint=ckpt, checkpoint_seconds=self.checkpoint_seconds,
                                   keep_checkpoint=self.keep_checkpoints)
         except optuna.TrialPruned:
@@ -551,8 +647,9 @@ class Runner:
             trial.set_user_attr("fail_reason", f"error: {type(exc).__name__}: {exc}"[:500])
             raise
         spend()
-        if result.resumed_from_epoch:
+        if result.resumed_from_step:
             trial.set_user_attr("resumed_from_epoch", result.resumed_from_epoch)
+            trial.set_user_attr("resumed_from_step", result.resumed_from_step)
         trial.set_user_attr("metrics", result.metrics)
         trial.set_user_attr("history", result.history)
         trial.set_user_attr("diagnostic_layers", result.diagnostic_layers)

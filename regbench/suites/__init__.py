@@ -17,7 +17,9 @@ from regbench.errors import ConfigError, UnknownNameError
 SUITES = {
     "ses-rings": "ses_rings",
     "dln-equilibrium": "dln_equilibrium",
+    "ses-beta-sweep": "ses_beta_sweep",
     "ses-cifar": "ses_cifar",
+    "shade-lowdata": "shade_lowdata",
     "shade-cifar": "shade_cifar",
 }
 DEFAULT_OUT = Path("reports") / "suites"

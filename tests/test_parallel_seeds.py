@@ -1,0 +1,232 @@
+"""--parallel-seeds (issue 9, item 3): K seeds trained at once equal the K seeds trained alone by engine.train."""
+import contextlib
+import io
+import json
+
+import optuna
+import pytest
+import torch
+from regbench.datasets.digits import Digits
+from regbench.datasets.mnist1d import MNIST1D
+
+from regbench import engine, parallel, registry
+from regbench.cli import main
+from regbench.config import RunConfig
+from regbench.errors import ConfigError
+
+SEEDS = (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def mnist1d(tmp_path_factory):
+    return MNIST1D().load(tmp_path_factory.mktemp("data"), train_size=400)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    return Digits().load(tmp_path_factory.mktemp("digits"), train_size=320)
+
+
+def cfg(method="baseline", seed=0, hparams=None, **kw):
+    base = {"method": method, "dataset": "mnist1d", "model": "cnn1d", "epochs": 2, "batch_size": 64, "seed": seed,
+            "hparams": registry.method_class(method).resolve(hparams or {}), "train_size": 400, "device": "cpu"}
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def build(c):
+    return registry.build_method(c.method, c.hparams)
+
+
+def flat(row, prefix=""):
+    """Numeric leaves of a history row (test_reliability is a dict of bins), timings left out."""
+    out = {}
+    for key, value in row.items():
+        if key == "seconds":
+            continue
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}/"))
+        elif isinstance(value, (list, tuple)):
+            out.update({f"{prefix}{key}/{i}": v for i, v in enumerate(value)})
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def compare(sequential, together, atol):
+    assert len(sequential) == len(together)
+    for alone, par in zip(sequential, together):
+        assert isinstance(par, engine.RunResult)
+        assert len(alone.history) == len(par.history)
+        for a, b in zip(alone.history, par.history):
+            a, b = flat(a), flat(b)
+            assert a.keys() == b.keys()
+            for key in a:
+                assert b[key] == pytest.approx(a[key], abs=atol, rel=atol), key  # sums of many (ECE bins): rel
+        assert par.diagnostic_layers == alone.diagnostic_layers
+        assert set(par.metrics) == set(alone.metrics)
+
+
+def run_both(splits, configs, backend):
+    alone = [engine.train(c, splits, build(c)) for c in configs]
+    together = parallel.train_seeds(configs, splits, build, backend=backend)
+    return alone, together
+
+
+@pytest.mark.parametrize("method,optimizer", [("baseline", "adamw"), ("baseline", "sgd"), ("weight_decay", "sgd"),
+                                              ("confidence_penalty", "adamw")])
+def test_vmap_equals_sequential_runs(mnist1d, method, optimizer):
+    # One optimizer over the stacked weights is K optimizers (elementwise updates); weight_decay's param groups and
+    # the confidence penalty's per-seed state go through too. Float reassociation in the batched convs: atol 1e-5.
+    configs = [cfg(method, seed=s, optimizer=optimizer, lr=3e-3 if optimizer == "adamw" else 0.05) for s in SEEDS]
+    compare(*run_both(mnist1d, configs, "vmap"), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["baseline", "ses", "shade", "dropout"])
+def test_streams_equal_sequential_runs_bit_for_bit(mnist1d, method):
+    # K copies in lockstep with each seed's global RNG swapped in: SES/SHADE state and dropout masks as alone.
+    compare(*run_both(mnist1d, [cfg(method, seed=s) for s in SEEDS], "streams"), atol=0)
+
+
+def test_auto_equals_sequential_with_dropout_on_an_mlp(digits):
+    configs = [cfg("dropout", seed=s, dataset="digits", model="mlp", train_size=320, hparams={"rate": 0.5})
+               for s in SEEDS]
+    compare(*run_both(digits, configs, "auto"), atol=0)
+
+
+def test_vmap_stacks_batchnorm_statistics(digits):
+    # The small CNN has BatchNorm: its running statistics are stacked and updated per seed; eval-mode metrics use
+    # them. AdamW amplifies the batched convs' reassociation on BN nets, so a short SGD run at a looser tolerance.
+    configs = [cfg(seed=s, dataset="digits", model="cnn", train_size=320, epochs=1, optimizer="sgd", lr=0.01,
+                   schedule="constant") for s in SEEDS]
+    compare(*run_both(digits, configs, "vmap"), atol=1e-4)
+
+
+@pytest.mark.parametrize("method,reason", [("shade", "captures activations"), ("dropout", "hooks"),
+                                           ("spectral_norm", "parametrizations")])
+def test_vmap_refuses_methods_it_cannot_reproduce(mnist1d, method, reason):
+    with pytest.raises(ConfigError, match=reason):
+        parallel.train_seeds([cfg(method, seed=s) for s in (0, 1)], mnist1d, build, backend="vmap")
+
+
+def test_configs_must_differ_only_in_seed(mnist1d):
+    with pytest.raises(ConfigError, match="differ only in their seed"):
+        parallel.train_seeds([cfg(seed=0), cfg(seed=1, lr=1e-2)], mnist1d, build)
+    with pytest.raises(ConfigError, match="distinct"):
+        parallel.train_seeds([cfg(seed=0), cfg(seed=0)], mnist1d, build)
+
+
+@pytest.mark.parametrize("backend", ["vmap", "streams"])
+def test_a_diverging_seed_gets_diverged_in_its_slot(mnist1d, backend):
+    configs = [cfg(seed=s, lr=1e12, optimizer="sgd", schedule="constant") for s in (0, 1)]
+    results = parallel.train_seeds(configs, mnist1d, build, backend=backend)
+    assert all(isinstance(r, engine.Diverged) for r in results)
+    with pytest.raises(engine.Diverged) as alone:
+        engine.train(configs[0], mnist1d, build(configs[0]))
+    assert str(results[0]) == str(alone.value)
+
+
+def _run(out, data_dir, *extra):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["run", "--methods", "shade", "--seeds", "3", "--epochs", "2", "--quiet", "--out", str(out),
+                     "--data-dir", str(data_dir), *extra])
+    assert code == 0
+    storage = f"sqlite:///{out / 'regbench.db'}"
+    finals = {}
+    for summary in optuna.get_all_study_summaries(storage):
+        if summary.study_name.endswith(":final"):
+            for t in optuna.load_study(study_name=summary.study_name, storage=storage).get_trials():
+                finals.setdefault((t.user_attrs["method"], t.user_attrs["config_key"]), []).append(t)
+    return finals, (out / "leaderboard.md").read_text()
+
+
+def test_cli_parallel_seeds_gives_the_same_leaderboard_and_runs_each_final_once(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    torch.set_num_threads(1)  # a shared 2-core box: threads fighting over cores only slow both runs
+    data = tmp_path / "data"
+    alone, board_alone = _run(tmp_path / "alone", data)
+    together, board_together = _run(tmp_path / "together", data, "--parallel-seeds", "3")
+    assert together.keys() == alone.keys() and len(together) == 6  # baseline + shade, 3 seeds each
+    for key, trials in together.items():
+        assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE]  # trained once, nothing skipped
+        ref = alone[key][0]
+        got = trials[0]
+        assert set(got.user_attrs) == set(ref.user_attrs)  # the stored schema is unchanged
+        assert got.params == ref.params
+        a, b = flat(ref.user_attrs["metrics"]), flat(got.user_attrs["metrics"])
+        for k in a:
+            if "seconds" not in k:
+                assert b[k] == pytest.approx(a[k], abs=1e-5), k
+        assert json.loads(got.user_attrs["config"]) == json.loads(ref.user_attrs["config"])
+    # The three seeds of each method really trained as one group (one start time), and not without the flag.
+    for method in ("baseline", "shade"):
+        starts = {t[0].user_attrs["timings"]["started"] for (m, _), t in together.items() if m == method}
+        assert len(starts) == 1
+        starts = {t[0].user_attrs["timings"]["started"] for (m, _), t in alone.items() if m == method}
+        assert len(starts) == 3
+
+    def table(board):  # the leaderboard's first table without its timing cells (s/epoch, minutes spent)
+        lines = board.splitlines()
+        start = next(i for i, line in enumerate(lines) if "s/epoch" in line)
+        head = [c.strip() for c in lines[start].strip("|").split("|")]
+        rows = []
+        for line in lines[start + 2:start + 4]:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            cells[head.index("s/epoch")] = ""
+            cells[-1] = cells[-1].split(";")[0]  # hparams; the budget spent holds minutes
+            rows.append(cells)
+        return rows
+    assert [row[0] for row in table(board_alone)] == ["baseline", "shade"]
+    assert table(board_together) == table(board_alone)
+
+
+def test_cli_rejects_parallel_seeds_below_one(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["run", "--methods", "baseline", "--parallel-seeds", "0", "--out", str(out), "--quiet"])
+    assert code == 2
+    assert "--parallel-seeds must be at least 1" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_sigkill_during_a_parallel_group_leaves_every_seed_recoverable(tmp_path):
+    # A process killed while it trains a leader and its claimed siblings leaves them all RUNNING; rerunning the
+    # command (it holds the output dir, so those trials are provably dead) retries each, and every final ends COMPLETE
+    # exactly once.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from helpers import regbench_cli
+
+    out, data = tmp_path / "out", tmp_path / "data"
+    args = ["run", "--methods", "baseline", "--seeds", "3", "--epochs", "12", "--quiet", "--parallel-seeds", "3",
+            "--train-size", "800", "--out", str(out), "--data-dir", str(data)]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "regbench"), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storage = f"sqlite:///{out / 'regbench.db'}"
+    running, deadline = 0, time.time() + 300
+    while running < 3 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        if not (out / "regbench.db").exists():
+            continue
+        try:
+            study = optuna.load_study(study_name="mnist1d-cnn1d:baseline:final", storage=storage)
+        except KeyError:  # the final study is not there yet
+            continue
+        running = len(study.get_trials(states=(optuna.trial.TrialState.RUNNING,)))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert running == 3, "the leader and its two siblings were never RUNNING together"
+    done = regbench_cli(*args)
+    assert done.returncode == 0, done.stderr
+    trials = optuna.load_study(study_name="mnist1d-cnn1d:baseline:final", storage=storage).get_trials()
+    complete = [t.user_attrs["config_key"] for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == len(set(complete)) == 3
+    killed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(killed) == 3 and all(t.user_attrs["fail_reason"].startswith("interrupted:") for t in killed)
+    assert not [t for t in trials if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)]
