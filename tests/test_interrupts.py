@@ -65,9 +65,9 @@ def _reported_epochs(db: Path) -> int:
     return row[0]
 
 
+# SIGTERM takes the same path (cli.Terminated is a KeyboardInterrupt); its end-to-end test is in test_protocol.py.
 @pytest.mark.parametrize("sig, code, line", [
     (signal.SIGINT, 130, "regbench: interrupted; rerun the same command to resume where it stopped"),
-    (signal.SIGTERM, 143, "regbench: terminated (SIGTERM); rerun the same command to resume where it stopped"),
 ])
 def test_signal_mid_run_leaves_a_resumable_trial_and_the_rerun_matches_an_uninterrupted_run(
         tmp_path, data_dir, sig, code, line):
