@@ -4,6 +4,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -287,19 +288,23 @@ def test_sigkill_during_a_tuning_trial_retries_it_once_with_the_same_params(tmp_
     script = Path(sys.executable).parent / "regbench"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.Popen([str(script), *args], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.PIPE, text=True)
     storage, deadline, running = storage_of(out), time.time() + 300, []
     while time.time() < deadline and not running:
         time.sleep(0.1)
+        # Polled read-only: opening the store with Optuna while the run creates its schema races on CREATE TABLE.
+        # Waits for tuning trial 1 to have its params drawn: a kill before that leaves nothing for the retry to copy.
         try:
-            names = [n for n in (study_names(storage) if (out / "regbench.db").exists() else [])
-                     if ":ses:tune:" in n]
-            running = [t for n in names for t in trials(storage, n)
-                       if t.state == TrialState.RUNNING and t.number == 1]
-        except Exception:  # noqa: BLE001 - the store may be mid-creation (tables not there yet)
+            with sqlite3.connect(f"file:{out / 'regbench.db'}?mode=ro", uri=True) as con:
+                running = con.execute(
+                    "SELECT t.trial_id FROM trials t JOIN studies s USING (study_id) WHERE s.study_name LIKE "
+                    "'%:ses:tune:%' AND t.number = 1 AND t.state = 'RUNNING' AND EXISTS "
+                    "(SELECT 1 FROM trial_params p WHERE p.trial_id = t.trial_id)").fetchall()
+        except sqlite3.Error:  # not created yet
             continue
     proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL and running
+    _, stderr = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL and running, stderr
     again = regbench_cli(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     check_sweep(storage, "digits-mlp", ["baseline", "ses"], 3, [0, 1])
