@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import subprocess
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 from statsmodels.stats.weightstats import DescrStatsW
 
 REPRODUCED, NOT_REPRODUCED, NOT_COMPARABLE = "reproduced", "not reproduced", "not comparable"
+WORKERS = 2  # suites that fan out: two single-threaded training processes (the reference box has 2 cores)
 
 
 def t_interval(values, alpha: float = 0.05) -> tuple[float, float, float]:
@@ -90,3 +94,30 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def resolve_data_dir(given=None) -> Path:
+    """``given`` (resolved at the CLI edge), else the CLI's default (REGBENCH_DATA, else ~/.cache/regbench)."""
+    if given is None:
+        from regbench.cli import _default_data_dir
+
+        given = _default_data_dir()
+    return Path(given).expanduser()
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # tiny models: one thread per process beats two threads fighting over two cores
+
+
+def run_parallel(fn, tasks: list, workers: int = WORKERS) -> list:
+    """``[fn(*t) for t in tasks]`` on ``workers`` spawned processes (results in task order). Spawn, not fork: a forked
+    child of a process that already ran torch's thread pool can deadlock. One worker runs in this process."""
+    workers = max(1, min(workers, len(tasks), os.cpu_count() or 1))
+    if workers == 1:
+        with torch_threads(1):
+            return [fn(*t) for t in tasks]
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+        futures = [pool.submit(fn, *t) for t in tasks]
+        return [f.result() for f in futures]

@@ -21,12 +21,9 @@ layer of cnn1d (the three conv ReLUs, channel count d = 32 after global average 
 """
 from __future__ import annotations
 
-import os
 import shlex
 import time
-from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +37,11 @@ from .common import (
     NOT_COMPARABLE,
     NOT_REPRODUCED,
     REPRODUCED,
+    WORKERS,
     fmt_ci,
     provenance,
+    resolve_data_dir,
+    run_parallel,
     t_interval,
     table,
     verdict,
@@ -59,37 +59,7 @@ RECIPE = RECIPES[DATASET]  # the embedded default's recipe: 30 epochs, batch 128
 SMOKE_EPOCHS, SMOKE_TRAIN = 3, 1000
 EARLY = 3  # "early epochs" of Exp. 2, judged on test accuracy after this many epochs
 ALPHA = 0.05
-WORKERS = 2  # the box has 2 cores: two single-threaded training processes
 NEEDS_DATA = True  # run_suite passes the CLI's --data-dir: mnist1d caches its generated arrays there
-
-
-def resolve_data_dir(given=None) -> Path:
-    """``given`` (resolved at the CLI edge), else the CLI's default (REGBENCH_DATA, else ~/.cache/regbench)."""
-    if given is None:
-        from regbench.cli import _default_data_dir
-
-        given = _default_data_dir()
-    return Path(given).expanduser()
-
-
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)  # tiny models: one thread per process beats two threads fighting over two cores
-
-
-def run_parallel(fn, tasks: list, workers: int = WORKERS) -> list:
-    """``[fn(*t) for t in tasks]`` on ``workers`` spawned processes (results in task order). Spawn, not fork: a forked
-    child of a process that already ran torch's thread pool can deadlock. One worker runs in this process."""
-    workers = max(1, min(workers, len(tasks), os.cpu_count() or 1))
-    if workers == 1:
-        from .common import torch_threads
-
-        with torch_threads(1):
-            return [fn(*t) for t in tasks]
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
-        futures = [pool.submit(fn, *t) for t in tasks]
-        return [f.result() for f in futures]
 
 
 @lru_cache(maxsize=4)

@@ -36,6 +36,7 @@ from .common import (
     REPRODUCED,
     fmt_ci,
     provenance,
+    resolve_data_dir,
     t_interval,
     table,
     torch_threads,
@@ -105,15 +106,6 @@ def check_full_mode(suite: str, data_dir, datasets=("cifar10",), need_all: bool 
         raise error(f"suite {suite} (full mode) needs {' and '.join(problems)}; pass --data-dir DIR for files kept "
                     f"elsewhere, or run `regbench suite {suite} --smoke` for the CPU smoke form")
     return present
-
-
-def resolve_data_dir(data_dir) -> Path:
-    """``data_dir`` as given, else the CLI's default ($REGBENCH_DATA or ~/.cache/regbench)."""
-    if data_dir is None:
-        from regbench.cli import _default_data_dir
-
-        data_dir = _default_data_dir()
-    return Path(data_dir).expanduser()
 
 
 @contextmanager

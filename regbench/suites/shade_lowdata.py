@@ -36,14 +36,16 @@ from regbench.study import TUNE_SEED
 from .common import (
     NOT_REPRODUCED,
     REPRODUCED,
+    WORKERS,
     fmt_ci,
     provenance,
+    resolve_data_dir,
+    run_parallel,
     t_interval,
     table,
     verdict,
     write_report,
 )
-from .ses_beta_sweep import WORKERS, resolve_data_dir, run_parallel
 
 NAME = "shade-lowdata"
 DESCRIPTION = "SHADE Fig. 2a: cnn on MNIST-M, train sizes 50…1000, SHADE weight tuned on validation vs baseline"
