@@ -52,14 +52,15 @@ def _check_device(device: str) -> None:
     raise ConfigError(f"--device {device!r} is not one of: auto, cpu, cuda, cuda:N")
 
 
-def _check_attach(method_name: str, hparams: dict, model_name: str, dataset) -> None:
+def check_attach(method_name: str, hparams: dict, model_name: str, dataset, model_kwargs: dict | None = None) -> None:
     """Attach the method to a throwaway model before anything is written, so a layer rule that is unknown or selects
     nothing on this model, or a model option the model rejects, fails now in one line instead of mid-benchmark."""
     from regbench import engine, models
 
     method = registry.build_method(method_name, hparams)
     try:
-        model = models.create_model(model_name, dataset.num_classes, dataset.input_shape, **method.model_options())
+        model = models.create_model(model_name, dataset.num_classes, dataset.input_shape,
+                                    **{**(model_kwargs or {}), **method.model_options()})
         capture = engine.ActivationCapture(model)
         method.attach(model, engine.ModelContext(model, capture, dataset.num_classes, dataset.input_shape))
         method.detach(model)
@@ -81,7 +82,7 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
     model = args.model or dataset.default_model
     models.create_model(model, dataset.num_classes, dataset.input_shape)  # fails early on an unknown/unfit model
     for m in methods:
-        _check_attach(m, hparams[m], model, dataset)
+        check_attach(m, hparams[m], model, dataset)
     if args.shift:
         from regbench.datasets import shift as shift_sets
         shift_sets.check(args.shift, args.dataset)
@@ -136,7 +137,7 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
     bench = study.Benchmark(name=name, base=base, fixed={m: _typed_sets(m, overrides.get(m, {})) for m in methods},
                             seeds=seeds, protocol=protocol, command=command_line)
     # An invalid hparam from a search space fails here, before any write.
-    study.check_search_spaces(bench, check=lambda m, hp: _check_attach(m, hp, model, dataset))
+    study.check_search_spaces(bench, check=lambda m, hp: check_attach(m, hp, model, dataset))
     _check_checkpoints(out / "checkpoints")
     with OutputLock(out):
         owned = storage is None

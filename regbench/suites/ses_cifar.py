@@ -155,7 +155,7 @@ def run_benchmark(out, name: str, dataset: str, model: str, fixed: dict, recipe:
     bench = study.Benchmark(name=name, base=base, fixed=fixed, seeds=list(seeds), protocol=protocol,
                             command=command)
     for method, hparams in fixed.items():  # a layer rule that selects nothing here fails before any write
-        check_attach(method, registry.method_class(method).resolve(hparams), model, base.model_kwargs, ds)
+        commands.check_attach(method, registry.method_class(method).resolve(hparams), model, ds, base.model_kwargs)
     study.check_search_spaces(bench)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,23 +171,6 @@ def run_benchmark(out, name: str, dataset: str, model: str, fixed: dict, recipe:
         raise ConfigError(f"benchmark {name} in {out} finished with {len(frame)} of {len(fixed) * len(seeds)} "
                           f"final runs (failed runs are in its store); rerun the same command to retry them")
     return frame
-
-
-def check_attach(method_name: str, hparams: dict, model_name: str, model_kwargs: dict, dataset) -> None:
-    """commands._check_attach with the suite's model options: attach to a throwaway model, fail in one line."""
-    from regbench import engine, models, registry
-    from regbench.errors import RegbenchError
-
-    method = registry.build_method(method_name, hparams)
-    try:
-        model = models.create_model(model_name, dataset.num_classes, dataset.input_shape,
-                                    **{**model_kwargs, **method.model_options()})
-        capture = engine.ActivationCapture(model)
-        method.attach(model, engine.ModelContext(model, capture, dataset.num_classes, dataset.input_shape))
-        method.detach(model)
-        capture.remove()
-    except RegbenchError as exc:
-        raise type(exc)(f"method {method_name!r} on model {model_name!r}: {exc}") from None
 
 
 def per_seed(frame, method: str, column: str) -> np.ndarray:
