@@ -5,6 +5,8 @@ Reports and stats read the store through this module only, so they never import 
 from __future__ import annotations
 
 import os
+import random
+import time
 from pathlib import Path
 
 import optuna
@@ -95,10 +97,34 @@ def _rdb_storage(url: str, engine_kwargs: dict):
 
     params = inspect.signature(optuna.storages.RDBStorage).parameters
     name = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
-                                          grace_period=GRACE_PERIOD, **{name: _retry_stale})
+    for attempt in range(SCHEMA_RACE_RETRIES + 1):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                                  heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
+                                                  **{name: _retry_stale})
+        except Exception as exc:
+            if attempt == SCHEMA_RACE_RETRIES or not _lost_schema_race(exc):
+                raise
+            # Another process is creating the same fresh store (workers started together on one PostgreSQL, or a
+            # reader polling a run's SQLite file): its tables and version row are there a moment later, and a retry
+            # then only checks them.
+            time.sleep(random.uniform(0.1, 0.5) * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+SCHEMA_RACE_RETRIES = 5
+
+
+def _lost_schema_race(exc: Exception) -> bool:
+    """Whether opening failed only because a concurrent open created the schema (or its version row) first."""
+    import sqlalchemy.exc
+
+    if not isinstance(exc, sqlalchemy.exc.DBAPIError):
+        return False
+    text = str(exc).lower()
+    return "already exists" in text or "alembic_version" in text or "duplicate key" in text
 
 
 def final_study_name(benchmark: str, method: str) -> str:

@@ -1,6 +1,8 @@
 """Helpers shared by the test modules (importable: pytest puts tests/ on sys.path)."""
+import contextlib
 import hashlib
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +33,18 @@ def attached(method, model_name: str = "mlp", input_shape=(1, 40)):
     capture = engine.ActivationCapture(model)
     method.attach(model, engine.ModelContext(model, capture, 10, input_shape))
     return capture.keys()
+
+
+def trial_states(db: Path, study: str) -> list[str]:
+    """A study's trial states by number, read through a read-only sqlite3 connection ([] until the schema exists).
+    For polling a store that a run under test is writing: opening it with Optuna would write to it (schema, version
+    row) and race the run."""
+    if not db.exists():
+        return []
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+            rows = con.execute("SELECT t.state FROM trials t JOIN studies s ON t.study_id = s.study_id "
+                               "WHERE s.study_name = ? ORDER BY t.number", (study,)).fetchall()
+    except sqlite3.OperationalError:  # schema not created yet
+        return []
+    return [state for (state,) in rows]

@@ -200,7 +200,7 @@ def test_sigkill_during_a_parallel_group_leaves_every_seed_recoverable(tmp_path)
     import time
     from pathlib import Path
 
-    from helpers import regbench_cli
+    from helpers import regbench_cli, trial_states
 
     out, data = tmp_path / "out", tmp_path / "data"
     args = ["run", "--methods", "baseline", "--seeds", "3", "--epochs", "12", "--quiet", "--parallel-seeds", "3",
@@ -212,13 +212,7 @@ def test_sigkill_during_a_parallel_group_leaves_every_seed_recoverable(tmp_path)
     running, deadline = 0, time.time() + 300
     while running < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
-        if not (out / "regbench.db").exists():
-            continue
-        try:
-            study = optuna.load_study(study_name="mnist1d-cnn1d:baseline:final", storage=storage)
-        except KeyError:  # the final study is not there yet
-            continue
-        running = len(study.get_trials(states=(optuna.trial.TrialState.RUNNING,)))
+        running = trial_states(out / "regbench.db", "mnist1d-cnn1d:baseline:final").count("RUNNING")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert running == 3, "the leader and its two siblings were never RUNNING together"

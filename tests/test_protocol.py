@@ -1,5 +1,6 @@
 """The protocol (issue 6): tuning under one budget on validation, selection, finals over shared seeds, resume after a
 SIGKILL, diverging trials, status, and bad input. Real training (digits + mlp, tiny), real SQLite stores."""
+import contextlib
 import json
 import os
 import random
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import regbench_cli, snapshot
+from helpers import regbench_cli, snapshot, trial_states
 from optuna.trial import TrialState
 
 from regbench import registry
@@ -24,7 +25,6 @@ FAST = ["--dataset", "digits", "--model", "mlp", "--epochs", "2", "--quiet"]
 
 
 def run_main(*args):
-    import contextlib
     import io
 
     out, err = io.StringIO(), io.StringIO()
@@ -248,11 +248,13 @@ SWEEP = ["run", "--methods", "ses,shade", "--trials", "3", "--seeds", "2", "--da
          "--epochs", "2", "--quiet", "--pruner", "none"]  # 3 + 2 (ses) + 3 + 2 (shade) + 2 (baseline) = 12 runs
 
 
-def started_runs(storage: str) -> int:
-    """How many trials of any study of the store have started (running or finished), 0 while it is being created."""
+def started_runs(out: Path) -> int:
+    """How many trials of any study of the store have started (running or finished), 0 while it is being created.
+    Read-only: opening the store with Optuna while the run under test creates its schema would race it."""
     try:
-        return sum(t.state != TrialState.WAITING for n in study_names(storage) for t in trials(storage, n))
-    except Exception:  # noqa: BLE001 - the store may be mid-creation (tables not there yet)
+        with contextlib.closing(sqlite3.connect(f"file:{out / 'regbench.db'}?mode=ro", uri=True, timeout=5)) as con:
+            return con.execute("SELECT COUNT(*) FROM trials WHERE state != 'WAITING'").fetchone()[0]
+    except sqlite3.Error:  # not created yet
         return 0
 
 
@@ -269,7 +271,7 @@ def test_sigkill_at_a_random_moment_then_rerun_gives_every_run_exactly_once(tmp_
     proc = subprocess.Popen([str(script), *args], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and started_runs(storage_of(out)) < k and proc.poll() is None:
+    while time.time() < deadline and started_runs(out) < k and proc.poll() is None:
         time.sleep(0.05)
     time.sleep(extra)
     proc.send_signal(signal.SIGKILL)
@@ -353,10 +355,7 @@ def test_sigterm_stops_with_143_and_one_line_then_the_rerun_finishes(tmp_path):
     storage, deadline, running = storage_of(out), time.time() + 300, False
     while time.time() < deadline and not running:
         time.sleep(0.1)
-        try:
-            running = any(t.state == TrialState.RUNNING for t in trials(storage, "digits-mlp:shade:final"))
-        except Exception:  # noqa: BLE001 - the store may be mid-creation
-            continue
+        running = "RUNNING" in trial_states(out / "regbench.db", "digits-mlp:shade:final")
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert running and proc.returncode == 143, stderr

@@ -1,30 +1,18 @@
 """Resume: a run killed mid-training (SIGKILL, no cleanup) is finished by rerunning the same command."""
-import contextlib
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import optuna
+from helpers import trial_states
 from optuna.trial import TrialState
 
 
 def states(storage: str, study: str) -> list[TrialState]:
-    """Trial states, read through a read-only sqlite3 connection: opening the store with Optuna while the run under
-    test is still creating its schema would race it (both would CREATE TABLE)."""
-    path = Path(storage.removeprefix("sqlite:///"))
-    if not path.exists():
-        return []
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
-            rows = db.execute("SELECT t.state FROM trials t JOIN studies s ON t.study_id = s.study_id "
-                              "WHERE s.study_name = ? ORDER BY t.number", (study,)).fetchall()
-    except sqlite3.OperationalError:  # schema not created yet
-        return []
-    return [TrialState[state] for (state,) in rows]
+    return [TrialState[state] for state in trial_states(Path(storage.removeprefix("sqlite:///")), study)]
 
 
 def test_killed_run_resumes_without_redoing_finished_runs(tmp_path, data_dir):
