@@ -202,7 +202,7 @@ def check_compile(device: str) -> None:
                           f"({type(exc).__name__}); install one or drop --compile") from None
 
 
-def _scheduler(config: RunConfig, optimizer, total_steps: int):
+def make_scheduler(config: RunConfig, optimizer, total_steps: int):
     """Stepped once per optimizer step, so every schedule sees the same clock."""
     if config.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=max(total_steps, 1))
@@ -282,7 +282,7 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
     n = data.n
     batch = min(config.batch_size, n)
     steps_per_epoch = n // batch  # drop_last: a short last batch skews batch statistics (SES pitfall P6)
-    scheduler = _scheduler(config, optimizer, steps_per_epoch * config.epochs)
+    scheduler = make_scheduler(config, optimizer, steps_per_epoch * config.epochs)
     erank_x = splits.x_val[:ERANK_BATCH]
 
     # Augmentation draws from its own generator, on the batches' device, seeded from the run seed: two runs with one
@@ -363,7 +363,7 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
             reg_mean = float(sum_reg) / max(steps_per_epoch, 1)
             if not (math.isfinite(task_mean) and math.isfinite(reg_mean)):
                 raise Diverged(f"non-finite loss in epoch {epoch + 1} (task {task_mean}, regularizer {reg_mean})")
-            row = _evaluate(model, splits, config, capture, diag_keys, erank_x)
+            row = evaluate_epoch(model, splits, config, capture, diag_keys, erank_x)
             row.update(epoch=epoch + 1, train_loss=task_mean, reg_loss=reg_mean, seconds=train_seconds,
                        lr=float(optimizer.param_groups[0]["lr"]))
             row.update(method.diagnostics())
@@ -380,7 +380,7 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
                 on_epoch(epoch + 1, row)
         # A shift set is built from the test split: a tuning run (eval_test off) must not read it either.
         shifted = getattr(splits, "shift", None) is not None and config.eval_test
-        shift_metrics = _evaluate_shift(model, splits.shift) if shifted else {}
+        shift_metrics = evaluate_shift(model, splits.shift) if shifted else {}
     except Diverged:
         if not keep_checkpoint:
             _checkpoint.remove(checkpoint)
@@ -400,7 +400,7 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
                      resumed_from_step=resumed_step)
 
 
-def _evaluate_shift(model, shift) -> dict[str, float]:
+def evaluate_shift(model, shift) -> dict[str, float]:
     """Accuracy of the final model on every (corruption, severity) block of a shift set, in eval mode, plus the mean
     over the benchmark corruptions × severities and, separately, over the extra ones (CIFAR-C convention)."""
     model.eval()
@@ -419,7 +419,9 @@ def _evaluate_shift(model, shift) -> dict[str, float]:
     return out
 
 
-def _evaluate(model, splits, config, capture, diag_keys, erank_x) -> dict[str, float]:
+def evaluate_epoch(model, splits, config, capture, diag_keys, erank_x) -> dict[str, float]:
+    """One epoch's history row: train/val(/test) accuracy and val NLL in eval mode, plus the diagnostics (erank of the
+    captured layers on ``erank_x``). Shared with ``parallel``, whose seeds must report exactly what ``train`` would."""
     model.eval()
     val_logits = predict(model, splits.x_val)
     row = {"train_acc": accuracy(predict(model, splits.x_train), splits.y_train),

@@ -4,7 +4,7 @@ Small models leave a big GPU idle, so ``train_seeds`` trains K RunConfigs that d
 and each seed's result equals ``engine.train`` of that config alone up to floating-point reassociation: the same
 initial weights (each model is built right after ``engine.seed_everything(seed)``, as in ``engine.train``), the same
 batch order and augmentation draws (each seed keeps its own batch-order and augmentation generators, seeded as
-``engine.train`` seeds them) and the same per-epoch metrics (``engine._evaluate`` on that seed's own model).
+``engine.train`` seeds them) and the same per-epoch metrics (``engine.evaluate_epoch`` on each seed's own model).
 ``tests/test_parallel_seeds.py`` checks this against ``engine.train`` for both backends.
 
 Two backends:
@@ -134,7 +134,7 @@ class _Seed:
         self.diag_keys = self.capture.request(self.diag_layers, where="output")
         self.capture.wanted = train_keys
         self.optimizer = engine.build_optimizer(config, self.model, method.optimizer_options())
-        self.scheduler = engine._scheduler(config, self.optimizer, total_steps)
+        self.scheduler = engine.make_scheduler(config, self.optimizer, total_steps)
         self.forward = torch.compile(self.model) if config.compile else self.model  # as engine.train
         # As engine.train: augmentation draws from its own generator, seeded apart from the batch order.
         augment_seed = int(np.random.SeedSequence([config.seed, 0xA5]).generate_state(1)[0])
@@ -278,7 +278,7 @@ class _Loop:
             seed.failed.history = list(seed.history)
             return
         with seed.own_rng(self.device):
-            row = engine._evaluate(seed.model, self.splits, seed.config, seed.capture, seed.diag_keys, self.erank_x)
+            row = engine.evaluate_epoch(seed.model, self.splits, seed.config, seed.capture, seed.diag_keys, self.erank_x)
         row.update(epoch=epoch + 1, train_loss=task_mean, reg_loss=reg_mean, seconds=seconds, lr=lr)
         row.update(seed.method.diagnostics())
         seed.history.append(row)
@@ -290,7 +290,7 @@ class _Loop:
         for s in self.seeds:
             s.shift_metrics = {}
             if s.failed is None and getattr(self.splits, "shift", None) is not None and s.config.eval_test:
-                s.shift_metrics = engine._evaluate_shift(s.model, self.splits.shift)
+                s.shift_metrics = engine.evaluate_shift(s.model, self.splits.shift)
 
     # -- streams: K independent copies in lockstep ------------------------------------------------------------------
     def run_streams(self, progress: bool) -> None:
@@ -386,7 +386,7 @@ class _Loop:
                 step += 1
             live = self._live()
             seconds = (time.perf_counter() - t0) / len(live)
-            with torch.no_grad():  # each seed's model gets its slice back for evaluation (engine._evaluate)
+            with torch.no_grad():  # each seed's model gets its slice back for evaluation (engine.evaluate_epoch)
                 for k, s in enumerate(seeds):
                     for name, p in s.model.named_parameters():
                         p.copy_(params[name][k])
