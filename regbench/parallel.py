@@ -42,17 +42,20 @@ its share of the group's wall time (wall / K), what the run cost on the device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regbench import checkpoint as _checkpoint
 from regbench import engine, models
 from regbench.config import RunConfig
 from regbench.device_data import DeviceData
@@ -186,13 +189,22 @@ def _first_blocker(seeds: Sequence[_Seed]) -> str | None:
 
 def train_seeds(configs: Sequence[RunConfig], splits, method_factory: Callable[[RunConfig], Method],
                 backend: str = "auto", on_epoch: Callable[[int, int, dict], None] | None = None,
-                progress: bool = False) -> list[engine.RunResult | engine.Diverged]:
+                progress: bool = False, checkpoints: Sequence[Path] | None = None,
+                checkpoint_seconds: float = 60.0, keep_checkpoint: bool = False,
+                ) -> list[engine.RunResult | engine.Diverged]:
     """Train ``configs`` (equal but for their seeds) together; one result per config, in order.
 
     ``method_factory(config)`` builds each seed's own Method instance. A seed whose loss becomes NaN/inf gets an
     ``engine.Diverged`` in its slot (its ``history`` attribute holds the epochs before) and the others go on.
-    ``on_epoch(index, epoch, row)`` is called per seed and epoch, as ``engine.train``'s ``on_epoch``. Mid-run
-    checkpoints are not written here: a run that must resume from one trains alone (regbench/study.py)."""
+    ``on_epoch(index, epoch, row)`` is called per seed and epoch, as ``engine.train``'s ``on_epoch``.
+
+    ``checkpoints`` (one path per config): at the end of an epoch, once ``checkpoint_seconds`` have passed since the
+    last save, every live seed's state is saved there in ``engine.train``'s checkpoint format, so a group killed
+    mid-run loses at most that much work per seed: each seed then resumes ALONE through ``engine.train`` (a run with
+    a checkpoint is never regrouped, regbench/study.py). Streams checkpoints resume bit-for-bit; vmap ones hold each
+    seed's slice of the stacked weights and optimizer state. Removed when the group ends unless
+    ``keep_checkpoint``; a diverged seed's is removed at once (a rerun would diverge again). Groups always start
+    from scratch: they never read a checkpoint."""
     configs = list(configs)
     if not configs:
         raise ConfigError("train_seeds needs at least one config")
@@ -204,6 +216,8 @@ def train_seeds(configs: Sequence[RunConfig], splits, method_factory: Callable[[
             raise ConfigError("parallel seeds must share one configuration and differ only in their seed")
     if len({c.seed for c in configs}) != len(configs):
         raise ConfigError(f"parallel seeds must be distinct, got {[c.seed for c in configs]}")
+    if checkpoints is not None and len(checkpoints) != len(configs):
+        raise ConfigError(f"train_seeds got {len(checkpoints)} checkpoint paths for {len(configs)} configs")
 
     config = configs[0]
     device = engine.resolve_device(config.device)
@@ -219,10 +233,12 @@ def train_seeds(configs: Sequence[RunConfig], splits, method_factory: Callable[[
         if backend == "vmap" and _first_blocker(seeds):
             raise ConfigError(f"the vmap backend cannot train this run: {_first_blocker(seeds)}; use backend "
                               f"'streams' (or 'auto')")
-        loop = _Loop(seeds, splits, device, size, steps_per_epoch, on_epoch)
+        saver = _GroupCheckpoints(seeds, checkpoints, checkpoint_seconds, keep_checkpoint, device)
+        loop = _Loop(seeds, splits, device, size, steps_per_epoch, on_epoch, saver)
         started = time.perf_counter()
         (loop.run_vmap if backend == "vmap" else loop.run_streams)(progress)
         seconds = (time.perf_counter() - started) / len(seeds)
+        saver.finish()
     finally:
         for s in seeds:
             s.method.detach(s.model)
@@ -241,9 +257,10 @@ def _result(seed: _Seed, seconds: float) -> engine.RunResult:
 # ---- the lockstep loops ------------------------------------------------------------------------------------------
 
 class _Loop:
-    def __init__(self, seeds, splits, device, size, steps_per_epoch, on_epoch):
+    def __init__(self, seeds, splits, device, size, steps_per_epoch, on_epoch, saver: _GroupCheckpoints):
         self.seeds, self.splits, self.device = seeds, splits, device
         self.size, self.steps_per_epoch, self.on_epoch = size, steps_per_epoch, on_epoch
+        self.saver = saver
         # One resident copy of the train split serves every seed (regbench/device_data.py).
         self.data = DeviceData(splits, device, channels_last=seeds[0].fast.channels_last)
         self.fast = seeds[0].fast
@@ -276,6 +293,7 @@ class _Loop:
             seed.failed = engine.Diverged(
                 f"non-finite loss in epoch {epoch + 1} (task {task_mean}, regularizer {reg_mean})")
             seed.failed.history = list(seed.history)
+            self.saver.drop(seed)
             return
         with seed.own_rng(self.device):
             row = engine.evaluate_epoch(seed.model, self.splits, seed.config, seed.capture, seed.diag_keys, self.erank_x)
@@ -325,6 +343,7 @@ class _Loop:
             seconds = (time.perf_counter() - t0) / len(live)
             for s in live:
                 self._end_epoch(s, epoch, seconds, float(s.optimizer.param_groups[0]["lr"]))
+            self.saver.maybe_save(epoch + 1, self.epochs, step, lambda s: s.optimizer, lambda s: s.scheduler)
         self._finish()
 
     # -- vmap: one functional model over stacked parameters ----------------------------------------------------------
@@ -394,4 +413,73 @@ class _Loop:
                         buf.copy_(buffers[name][k])
             for s in live:
                 self._end_epoch(s, epoch, seconds, float(optimizer.param_groups[0]["lr"]))
+            if self.saver.due(epoch + 1, self.epochs):  # the stacked state is gathered only when a save is due
+                self.saver.maybe_save(epoch + 1, self.epochs, step,
+                                      functools.partial(_seed_slice, optimizer.state_dict(), seeds),
+                                      lambda s: scheduler)
         self._finish()
+
+
+# ---- mid-run checkpoints of a group --------------------------------------------------------------------------------
+
+class _GroupCheckpoints:
+    """Per-seed checkpoints in ``engine.train``'s format, saved together at epoch ends (see ``train_seeds``)."""
+
+    def __init__(self, seeds, paths, every_seconds: float, keep: bool, device: torch.device):
+        self.seeds, self.every_seconds, self.keep, self.device = seeds, every_seconds, keep, device
+        self.paths = dict(zip(map(id, seeds), paths)) if paths is not None else {}
+        self.last_save = time.perf_counter()
+
+    def due(self, epochs_done: int, epochs: int) -> bool:
+        """engine.train's rule: the last epoch only when keeping, any other once the interval has passed."""
+        if not self.paths:
+            return False
+        if epochs_done == epochs:
+            return self.keep
+        return time.perf_counter() - self.last_save >= self.every_seconds
+
+    def maybe_save(self, epochs_done: int, epochs: int, step: int, optimizer_state, scheduler) -> None:
+        """Save every live seed; ``optimizer_state(seed)`` is its optimizer (or its state dict), ``scheduler(seed)``
+        the scheduler whose clock it follows."""
+        if not self.due(epochs_done, epochs):
+            return
+        for s in self.seeds:
+            if s.failed is not None:
+                continue
+            opt = optimizer_state(s)
+            with s.own_rng(self.device):  # its RNG exactly as engine.train would hold it at this epoch end
+                rng = _checkpoint.rng_state()
+            _checkpoint.save(self.paths[id(s)], {
+                **({"scaler": s.fast.scaler.state_dict()} if s.fast.scaler is not None else {}),
+                "config_key": s.config.key(), "device_type": self.device.type, "epoch": epochs_done, "step": step,
+                "history": s.history, "model": s.model.state_dict(),
+                "optimizer": opt if isinstance(opt, dict) else opt.state_dict(),
+                "scheduler": scheduler(s).state_dict(), "method": s.method.state_dict(), "rng": rng,
+                "generators": {"batch_order": s.batch_order.get_state(), "augment": s.augment.get_state()}})
+        self.last_save = time.perf_counter()
+
+    def drop(self, seed: _Seed) -> None:
+        if not self.keep:
+            _checkpoint.remove(self.paths.get(id(seed)))
+
+    def finish(self) -> None:
+        """The group ended (finished or diverged): nothing will resume from its checkpoints, unless kept."""
+        if not self.keep:
+            for path in self.paths.values():
+                _checkpoint.remove(path)
+
+
+def _seed_slice(stacked: dict, seeds: Sequence[_Seed], seed: _Seed) -> dict:
+    """``seed``'s optimizer state dict cut from the state of one optimizer over the K stacked parameter sets of
+    ``seeds``: every per-element state tensor (momentum, Adam moments) has the stacked parameter's leading K axis,
+    the step counts are shared. The parameter groups are seed 0's, built by engine.build_optimizer as every seed's."""
+    k, n_seeds = seeds.index(seed), len(seeds)
+
+    def cut(value):
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n_seeds:
+            return value[k].clone()
+        return value
+
+    return {"state": {index: {name: cut(v) for name, v in state.items()}
+                      for index, state in stacked["state"].items()},
+            "param_groups": stacked["param_groups"]}

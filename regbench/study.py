@@ -549,7 +549,7 @@ class Runner:
 
         from optuna.storages._heartbeat import get_heartbeat_thread
 
-        from regbench import parallel
+        from regbench import checkpoint, parallel
 
         siblings = self._claim_siblings(study, leader, cfg)
         if not siblings:
@@ -562,9 +562,14 @@ class Runner:
             with contextlib.ExitStack() as beats:
                 for t in others:
                     beats.enter_context(get_heartbeat_thread(t._trial_id, study._storage))
-                results = parallel.train_seeds([cfg] + [c for _, c in siblings], self.splits,
+                configs = [cfg] + [c for _, c in siblings]
+                paths = (None if self.checkpoint_dir is None
+                         else [checkpoint.path_for(self.checkpoint_dir, c.key()) for c in configs])
+                results = parallel.train_seeds(configs, self.splits,
                                                lambda c: registry.build_method(c.method, c.hparams),
-                                               progress=self.progress)
+                                               progress=self.progress, checkpoints=paths,
+                                               checkpoint_seconds=self.checkpoint_seconds,
+                                               keep_checkpoint=self.keep_checkpoints)
         except KeyboardInterrupt:  # the leader is marked resumable by _run_one
             for t in others:
                 mark_resumable(study, t)
