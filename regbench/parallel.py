@@ -144,8 +144,23 @@ class _Seed:
         self.augment = torch.Generator(device=device).manual_seed(augment_seed)
         self.rng = _rng_get(device)  # this seed's global RNG after setup, swapped in around its steps
         self.history: list[dict] = []
+        self.resumed_from = (0, 0)  # (epoch, step) restored from a checkpoint
         self.failed: engine.Diverged | None = None
         self.perm = self.sum_task = self.sum_reg = None
+
+    def restore(self, state: dict, device: torch.device) -> None:
+        """Load an ``engine.train`` checkpoint of this seed's run, in the order engine.train loads it."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.batch_order.set_state(state["generators"]["batch_order"].cpu())  # a generator state is a CPU tensor
+        self.augment.set_state(state["generators"]["augment"].cpu())
+        self.method.load_state_dict(state["method"])
+        with self.own_rng(device):  # the saved global RNG becomes this seed's
+            _checkpoint.set_rng_state(state["rng"])
+        if self.fast.scaler is not None and "scaler" in state:
+            self.fast.scaler.load_state_dict(state["scaler"])
+        self.history = list(state["history"])
 
     def _vmap_blocker(self, train_keys) -> str | None:
         name = self.config.method
@@ -200,11 +215,12 @@ def train_seeds(configs: Sequence[RunConfig], splits, method_factory: Callable[[
 
     ``checkpoints`` (one path per config): at the end of an epoch, once ``checkpoint_seconds`` have passed since the
     last save, every live seed's state is saved there in ``engine.train``'s checkpoint format, so a group killed
-    mid-run loses at most that much work per seed: each seed then resumes ALONE through ``engine.train`` (a run with
-    a checkpoint is never regrouped, regbench/study.py). Streams checkpoints resume bit-for-bit; vmap ones hold each
-    seed's slice of the stacked weights and optimizer state. Removed when the group ends unless
-    ``keep_checkpoint``; a diverged seed's is removed at once (a rerun would diverge again). Groups always start
-    from scratch: they never read a checkpoint."""
+    mid-run loses at most that much work per seed. A group whose checkpoints exist resumes from them: every seed's
+    checkpoint must be of the same epoch end (regbench/study.py groups only such runs; a mid-epoch checkpoint, left
+    by a Ctrl-C of a run trained alone, resumes alone). A checkpoint can equally be resumed by ``engine.train``
+    alone: streams checkpoints resume bit-for-bit either way; vmap ones hold each seed's slice of the stacked weights
+    and optimizer state. Removed when the group ends unless ``keep_checkpoint``; a diverged seed's is removed at
+    once (a rerun would diverge again)."""
     configs = list(configs)
     if not configs:
         raise ConfigError("train_seeds needs at least one config")
@@ -228,6 +244,8 @@ def train_seeds(configs: Sequence[RunConfig], splits, method_factory: Callable[[
     steps_per_epoch = n // size  # drop_last, as engine.train
     seeds = [_Seed(c, splits, method_factory(c), device, steps_per_epoch * c.epochs) for c in configs]
     try:
+        if checkpoints is not None:
+            _resume(seeds, checkpoints, device)
         if backend == "auto":
             backend = "streams" if _first_blocker(seeds) else "vmap"
         if backend == "vmap" and _first_blocker(seeds):
@@ -250,8 +268,24 @@ def _result(seed: _Seed, seconds: float) -> engine.RunResult:
     final = dict(seed.history[-1])
     final.update(seed.shift_metrics)
     final["seconds_per_epoch"] = sum(h["seconds"] for h in seed.history) / len(seed.history)
+    epoch, step = seed.resumed_from
     return engine.RunResult(metrics=final, history=seed.history, seconds=seconds,
-                            diagnostic_layers=[name for name, _ in seed.diag_layers])
+                            diagnostic_layers=[name for name, _ in seed.diag_layers], resumed_from_epoch=epoch,
+                            resumed_from_step=step)
+
+
+def _resume(seeds: Sequence[_Seed], paths: Sequence[Path], device: torch.device) -> None:
+    """Restore every seed whose checkpoint exists; they must all be at the same epoch end (or none restored)."""
+    states = [_checkpoint.load(path, s.config.key(), device) for s, path in zip(seeds, paths)]
+    points = {None if st is None else (int(st["epoch"]), int(st["step"]), "partial_epoch" in st) for st in states}
+    if points == {None}:
+        return
+    if len(points) > 1 or next(iter(points))[2]:
+        raise ConfigError(f"parallel seeds resume together only from checkpoints of one epoch end; got "
+                          f"{sorted(str(p) for p in points)}; train them apart (--parallel-seeds 1)")
+    for s, state in zip(seeds, states):
+        s.restore(state, device)
+        s.resumed_from = (int(state["epoch"]), int(state["step"]))
 
 
 # ---- the lockstep loops ------------------------------------------------------------------------------------------
@@ -271,12 +305,19 @@ class _Loop:
         return [s for s in self.seeds if s.failed is None]
 
     def _epochs(self, progress: bool):
-        epochs = range(self.epochs)
+        """The epochs left to train, after reporting the restored ones again (as engine.train does: a retried trial
+        is a new Optuna trial, and its pruner and budget must see the whole curve)."""
+        start = self.seeds[0].resumed_from[0]
+        if self.on_epoch is not None:
+            for k, s in enumerate(self.seeds):
+                for row in s.history:
+                    self.on_epoch(k, int(row["epoch"]), row)
+        epochs = range(start, self.epochs)
         if progress:
             from tqdm.auto import tqdm
             c = self.seeds[0].config
             epochs = tqdm(epochs, desc=f"{c.method} seeds {','.join(str(s.config.seed) for s in self.seeds)}",
-                          leave=False, unit="ep")
+                          leave=False, unit="ep", initial=start, total=self.epochs)
         return epochs
 
     def _start_epoch(self, seed: _Seed) -> None:
@@ -314,7 +355,7 @@ class _Loop:
     def run_streams(self, progress: bool) -> None:
         cuda = self.device.type == "cuda"
         streams = {id(s): torch.cuda.Stream(self.device) for s in self.seeds} if cuda else {}
-        step = 0
+        step = self.seeds[0].resumed_from[1]
         for epoch in self._epochs(progress):
             live = self._live()
             if not live:
@@ -357,8 +398,11 @@ class _Loop:
         # method's options and parameter groups, never stepped yet, so its state is still empty.
         optimizer, scheduler = seeds[0].optimizer, seeds[0].scheduler
         name_of = {id(p): name for name, p in template.named_parameters()}
+        restored = [s.optimizer.state_dict() for s in seeds] if seeds[0].resumed_from[0] else None
         for group in optimizer.param_groups:
             group["params"] = [params[name_of[id(p)]] for p in group["params"]]
+        if restored:  # each seed's restored optimizer state, stacked along the seed axis as its parameters are
+            optimizer.load_state_dict(_stack_states(restored))
 
         def forward(p, b, x):
             return functional_call(template, (p, b), (x,))
@@ -368,7 +412,7 @@ class _Loop:
         # decay) costs no per-seed Python call and no RNG swap per step.
         hooked = [type(s.method).loss is not Method.loss or type(s.method).after_step is not Method.after_step
                   for s in seeds]
-        step = 0
+        step = self.seeds[0].resumed_from[1]
         for epoch in self._epochs(progress):
             if not self._live():
                 break
@@ -473,13 +517,27 @@ def _seed_slice(stacked: dict, seeds: Sequence[_Seed], seed: _Seed) -> dict:
     """``seed``'s optimizer state dict cut from the state of one optimizer over the K stacked parameter sets of
     ``seeds``: every per-element state tensor (momentum, Adam moments) has the stacked parameter's leading K axis,
     the step counts are shared. The parameter groups are seed 0's, built by engine.build_optimizer as every seed's."""
-    k, n_seeds = seeds.index(seed), len(seeds)
+    k = seeds.index(seed)
 
     def cut(value):
-        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == n_seeds:
+        if torch.is_tensor(value) and value.dim() > 0:
             return value[k].clone()
         return value
 
     return {"state": {index: {name: cut(v) for name, v in state.items()}
                       for index, state in stacked["state"].items()},
             "param_groups": stacked["param_groups"]}
+
+
+def _stack_states(per_seed: Sequence[dict]) -> dict:
+    """The inverse of ``_seed_slice``: one optimizer state dict over the stacked parameters from the K seeds' own."""
+    first = per_seed[0]
+
+    def stack(index, name):
+        values = [sd["state"][index][name] for sd in per_seed]
+        if torch.is_tensor(values[0]) and values[0].dim() > 0:
+            return torch.stack(values)
+        return values[0]  # step counts: equal across seeds (same config, same epoch)
+
+    return {"state": {index: {name: stack(index, name) for name in state} for index, state in first["state"].items()},
+            "param_groups": first["param_groups"]}

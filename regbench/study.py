@@ -515,13 +515,17 @@ class Runner:
     def _claim_siblings(self, study: optuna.Study, leader, cfg: RunConfig) -> list:
         """Queued final trials of ``cfg``'s group (other seeds), each claimed WAITING -> RUNNING through the storage,
         which refuses a trial another worker claimed first. Skipped: duplicates (the normal claim skips them), configs
-        that differ in more than the seed, and runs with a mid-run checkpoint (they resume alone)."""
+        that differ in more than the seed, and runs whose mid-run checkpoint is not at the leader's point (a group
+        resumes together only from one epoch end; a mid-epoch checkpoint resumes alone)."""
         from regbench import checkpoint
 
-        def resumable(c):
-            return self.checkpoint_dir is not None and checkpoint.path_for(self.checkpoint_dir, c.key()).exists()
+        def resume_point(c):
+            if self.checkpoint_dir is None:
+                return None
+            return checkpoint.resume_point(checkpoint.path_for(self.checkpoint_dir, c.key()))
 
-        if resumable(cfg):
+        point = resume_point(cfg)
+        if point == checkpoint.MID_EPOCH:
             return []
         trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
         claimed = []
@@ -535,7 +539,7 @@ class Runner:
                         or (o.state == TrialState.WAITING and o.number < t.number)) for o in trials):
                 continue
             other = RunConfig.from_json(t.user_attrs["config"])
-            if other.replace(seed=cfg.seed) != cfg or resumable(other):
+            if other.replace(seed=cfg.seed) != cfg or resume_point(other) != point:
                 continue
             if study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):  # False: taken meanwhile
                 claimed.append((optuna.trial.Trial(study, t._trial_id), other))

@@ -192,7 +192,7 @@ def test_cli_rejects_parallel_seeds_below_one(tmp_path, capsys):
 def test_sigkill_during_a_parallel_group_leaves_every_seed_recoverable(tmp_path):
     # A process killed while it trains a leader and its claimed siblings leaves them all RUNNING, each with its own
     # mid-run checkpoint; rerunning the command (it holds the output dir, so those trials are provably dead) retries
-    # each, every retry resumes alone from its seed's checkpoint, and every final ends COMPLETE exactly once.
+    # each, the retries regroup and resume from their checkpoints, and every final ends COMPLETE exactly once.
     import os
     import signal
     import subprocess
@@ -223,8 +223,10 @@ def test_sigkill_during_a_parallel_group_leaves_every_seed_recoverable(tmp_path)
     trials = optuna.load_study(study_name="mnist1d-cnn1d:baseline:final", storage=storage).get_trials()
     complete = [t.user_attrs["config_key"] for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == len(set(complete)) == 3
-    assert all(t.user_attrs.get("resumed_from_epoch", 0) >= 2 for t in trials
-               if t.state == optuna.trial.TrialState.COMPLETE), "a retry trained from scratch"
+    finals = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert all(t.user_attrs.get("resumed_from_epoch", 0) >= 2 for t in finals), "a retry trained from scratch"
+    # ... and together: a group's runs share its start time (each seed alone would have its own)
+    assert len({t.user_attrs["timings"]["started"] for t in finals}) == 1, "the retries did not regroup"
     killed = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(killed) == 3 and all(t.user_attrs["fail_reason"].startswith("interrupted:") for t in killed)
     assert not [t for t in trials if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)]
@@ -289,3 +291,41 @@ def test_group_checkpoints_are_removed_at_the_end_unless_kept(mnist1d, tmp_path)
     parallel.train_seeds(configs, mnist1d, build, backend="vmap", checkpoints=paths, checkpoint_seconds=0,
                          keep_checkpoint=True)
     assert [torch.load(p, weights_only=True)["epoch"] for p in paths] == [2, 2]
+
+
+@pytest.mark.parametrize("backend,method", [("streams", "shade"), ("vmap", "baseline")])
+def test_a_killed_group_resumes_together_where_it_stopped(mnist1d, backend, method, tmp_path):
+    # The retries of a killed group regroup (regbench/study.py claims siblings at the leader's resume point) and
+    # continue from their epoch-2 checkpoints: same histories as the uninterrupted group, bit for bit.
+    configs = [cfg(method, seed=s, epochs=4, optimizer="adamw", lr=3e-3) for s in (0, 1, 2)]
+    group = parallel.train_seeds(configs, mnist1d, build, backend=backend)
+    paths = _killed_group(mnist1d, configs, backend, tmp_path)
+    seen = []
+    resumed = parallel.train_seeds(configs, mnist1d, build, backend=backend, checkpoints=paths,
+                                   on_epoch=lambda k, epoch, row: seen.append((k, epoch)))
+    assert [r.resumed_from_epoch for r in resumed] == [2, 2, 2]
+    assert sorted(seen) == [(k, e) for k in range(3) for e in range(1, 5)]  # restored epochs reported again
+    compare(group, resumed, atol=0)
+    assert not any(p.exists() for p in paths)
+
+
+def test_a_group_refuses_checkpoints_of_different_points(mnist1d, tmp_path):
+    configs = [cfg(seed=s, epochs=3) for s in (0, 1)]
+    paths = _killed_group(mnist1d, configs, "streams", tmp_path)
+    paths[1].unlink()  # seed 1 would start over while seed 0 resumes at epoch 2
+    with pytest.raises(ConfigError, match="one epoch end"):
+        parallel.train_seeds(configs, mnist1d, build, backend="streams", checkpoints=paths)
+
+
+def test_resume_point_of_a_checkpoint(mnist1d, tmp_path):
+    from regbench import checkpoint
+
+    configs = [cfg(seed=s, epochs=3) for s in (0, 1)]
+    paths = _killed_group(mnist1d, configs, "streams", tmp_path)
+    assert checkpoint.resume_point(paths[0]) == (2, 2 * (400 // 64), "cpu")
+    assert checkpoint.resume_point(tmp_path / "none.pt") is None
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert checkpoint.resume_point(tmp_path / "junk.pt") is None
+    state = torch.load(paths[0], weights_only=True)
+    checkpoint.save(paths[0], {**state, "partial_epoch": {"batch": 1}})
+    assert checkpoint.resume_point(paths[0]) == checkpoint.MID_EPOCH
