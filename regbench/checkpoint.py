@@ -117,14 +117,11 @@ def load(path: Path, config_key: str, device: torch.device) -> dict[str, Any] | 
     return state
 
 
-MID_EPOCH = "mid-epoch"
-
-
-def resume_point(path: Path) -> tuple[int, int, str] | str | None:
-    """Where a run would resume from the checkpoint at ``path``: (epoch, step, device type) for an epoch end,
-    MID_EPOCH for a stop inside an epoch, None when there is no usable checkpoint (missing, or not a regbench
-    checkpoint of this format). For grouping runs that resume together (equal points: all restored, or all started
-    over by ``load`` on another device type); ``load`` is what validates a checkpoint before it is used."""
+def resume_point(path: Path) -> tuple[int, int, str] | None:
+    """Where a run would resume from the checkpoint at ``path``: (epoch, step, device type), or None when there is
+    no usable checkpoint (missing, or not a regbench checkpoint of this format). For grouping runs that resume
+    together (equal points: all restored at one step, or all started over by ``load`` on another device type);
+    ``load`` is what validates a checkpoint before it is used."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -134,8 +131,6 @@ def resume_point(path: Path) -> tuple[int, int, str] | str | None:
         return None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         return None
-    if "partial_epoch" in state:
-        return MID_EPOCH
     return int(state.get("epoch", 0)), int(state.get("step", 0)), str(state.get("device_type"))
 
 

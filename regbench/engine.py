@@ -7,6 +7,7 @@ an ``on_epoch`` callback.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -58,9 +59,25 @@ def request_stop(exception: type[BaseException]) -> bool:
     return True
 
 
-def _take_stop() -> type[BaseException] | None:
+def stop_requested() -> bool:
+    """Whether a Ctrl-C/SIGTERM asked the running loop to stop; loops check it after each optimizer step."""
+    return _StopRequest.exception is not None
+
+
+def take_stop() -> type[BaseException] | None:
+    """The exception the pending stop asked for (clearing it): the loop raises it once its checkpoint is saved."""
     exception, _StopRequest.exception = _StopRequest.exception, None
     return exception
+
+
+@contextlib.contextmanager
+def stoppable():
+    """Marks a training loop as running, so that ``request_stop`` defers a Ctrl-C/SIGTERM to it."""
+    _StopRequest.in_loop, _StopRequest.exception = True, None
+    try:
+        yield
+    finally:
+        _StopRequest.in_loop, _StopRequest.exception = False, None
 
 
 @dataclass
@@ -353,11 +370,11 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
                 sum_task += task
                 sum_reg += reg
                 step += 1
-                if _StopRequest.exception is not None:  # Ctrl-C/SIGTERM: this step is done; save it and stop
+                if stop_requested():  # Ctrl-C/SIGTERM: this step is done; save it and stop
                     if checkpoint is not None:
                         save_checkpoint(epoch, {"perm": perm.cpu(), "batch": b + 1, "sum_task": sum_task.cpu(),
                                                 "sum_reg": sum_reg.cpu()})
-                    raise _take_stop()()
+                    raise take_stop()()
             train_seconds = time.perf_counter() - t0
             task_mean = float(sum_task) / max(steps_per_epoch, 1)  # one host sync per epoch
             reg_mean = float(sum_reg) / max(steps_per_epoch, 1)

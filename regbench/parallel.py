@@ -145,6 +145,7 @@ class _Seed:
         self.rng = _rng_get(device)  # this seed's global RNG after setup, swapped in around its steps
         self.history: list[dict] = []
         self.resumed_from = (0, 0)  # (epoch, step) restored from a checkpoint
+        self.partial: dict | None = None  # the stopped epoch's order, next batch and sums (a mid-epoch checkpoint)
         self.failed: engine.Diverged | None = None
         self.perm = self.sum_task = self.sum_reg = None
 
@@ -161,6 +162,7 @@ class _Seed:
         if self.fast.scaler is not None and "scaler" in state:
             self.fast.scaler.load_state_dict(state["scaler"])
         self.history = list(state["history"])
+        self.partial = state.get("partial_epoch")
 
     def _vmap_blocker(self, train_keys) -> str | None:
         name = self.config.method
@@ -216,8 +218,9 @@ def train_seeds(configs: Sequence[RunConfig], splits, method_factory: Callable[[
     ``checkpoints`` (one path per config): at the end of an epoch, once ``checkpoint_seconds`` have passed since the
     last save, every live seed's state is saved there in ``engine.train``'s checkpoint format, so a group killed
     mid-run loses at most that much work per seed. A group whose checkpoints exist resumes from them: every seed's
-    checkpoint must be of the same epoch end (regbench/study.py groups only such runs; a mid-epoch checkpoint, left
-    by a Ctrl-C of a run trained alone, resumes alone). A checkpoint can equally be resumed by ``engine.train``
+    checkpoint must be of the same point (epoch, step; regbench/study.py groups only such runs). A Ctrl-C/SIGTERM
+    (``engine.request_stop``) stops the group after its current lockstep step and saves every seed mid-epoch, as
+    ``engine.train`` does for one run. A checkpoint can equally be resumed by ``engine.train``
     alone: streams checkpoints resume bit-for-bit either way; vmap ones hold each seed's slice of the stacked weights
     and optimizer state. Removed when the group ends unless ``keep_checkpoint``; a diverged seed's is removed at
     once (a rerun would diverge again)."""
@@ -254,7 +257,8 @@ def train_seeds(configs: Sequence[RunConfig], splits, method_factory: Callable[[
         saver = _GroupCheckpoints(seeds, checkpoints, checkpoint_seconds, keep_checkpoint, device)
         loop = _Loop(seeds, splits, device, size, steps_per_epoch, on_epoch, saver)
         started = time.perf_counter()
-        (loop.run_vmap if backend == "vmap" else loop.run_streams)(progress)
+        with engine.stoppable():
+            (loop.run_vmap if backend == "vmap" else loop.run_streams)(progress)
         seconds = (time.perf_counter() - started) / len(seeds)
         saver.finish()
     finally:
@@ -277,11 +281,11 @@ def _result(seed: _Seed, seconds: float) -> engine.RunResult:
 def _resume(seeds: Sequence[_Seed], paths: Sequence[Path], device: torch.device) -> None:
     """Restore every seed whose checkpoint exists; they must all be at the same epoch end (or none restored)."""
     states = [_checkpoint.load(path, s.config.key(), device) for s, path in zip(seeds, paths)]
-    points = {None if st is None else (int(st["epoch"]), int(st["step"]), "partial_epoch" in st) for st in states}
+    points = {None if st is None else (int(st["epoch"]), int(st["step"])) for st in states}
     if points == {None}:
         return
-    if len(points) > 1 or next(iter(points))[2]:
-        raise ConfigError(f"parallel seeds resume together only from checkpoints of one epoch end; got "
+    if len(points) > 1:
+        raise ConfigError(f"parallel seeds resume together only from checkpoints of one point (epoch, step); got "
                           f"{sorted(str(p) for p in points)}; train them apart (--parallel-seeds 1)")
     for s, state in zip(seeds, states):
         s.restore(state, device)
@@ -320,11 +324,24 @@ class _Loop:
                           leave=False, unit="ep", initial=start, total=self.epochs)
         return epochs
 
-    def _start_epoch(self, seed: _Seed) -> None:
+    def _start_epoch(self, seed: _Seed) -> int:
+        """Fresh order and sums for the epoch (or the stopped epoch's, restored); returns its first batch index."""
         seed.model.train()
+        if seed.partial is not None:  # resume the epoch a stop interrupted: same order, next batch, same sums
+            part, seed.partial = seed.partial, None
+            seed.perm = part["perm"].to(self.device)
+            seed.sum_task, seed.sum_reg = part["sum_task"].to(self.device), part["sum_reg"].to(self.device)
+            return int(part["batch"])
         seed.sum_task = torch.zeros((), device=self.device)
         seed.sum_reg = torch.zeros((), device=self.device)
         seed.perm = torch.randperm(self.data.n, generator=seed.batch_order).to(self.device)
+        return 0
+
+    def _stop(self, epoch: int, next_batch: int, step: int, optimizer_state, scheduler) -> None:
+        """Ctrl-C/SIGTERM after a lockstep step: save every live seed mid-epoch, then raise what the signal asked."""
+        self.saver.save(epoch, step, optimizer_state, scheduler, partial=lambda s: {
+            "perm": s.perm.cpu(), "batch": next_batch, "sum_task": s.sum_task.cpu(), "sum_reg": s.sum_reg.cpu()})
+        raise engine.take_stop()()
 
     def _end_epoch(self, seed: _Seed, epoch: int, seconds: float, lr: float) -> None:
         """The per-epoch bookkeeping of engine.train for one seed: divergence check, evaluation, history row."""
@@ -360,14 +377,14 @@ class _Loop:
             live = self._live()
             if not live:
                 break
-            for s in live:
-                self._start_epoch(s)
+            starts = [self._start_epoch(s) for s in live]
+            first = starts[0]  # lockstep: every seed stopped (and resumes) at the same batch
             main = torch.cuda.current_stream(self.device) if cuda else None
             for s in live:  # each stream sees the batches' permutation and the fresh accumulators
                 if cuda:
                     streams[id(s)].wait_stream(main)
             t0 = time.perf_counter()
-            for b in range(self.steps_per_epoch):
+            for b in range(first, self.steps_per_epoch):
                 for s in live:
                     with s.own_rng(self.device), (torch.cuda.stream(streams[id(s)]) if cuda else nullcontext()):
                         xb, yb = s.batch(self.data, b, self.size)
@@ -378,6 +395,11 @@ class _Loop:
                         s.sum_task += task
                         s.sum_reg += reg
                 step += 1
+                if engine.stop_requested():
+                    for s in live:
+                        if cuda:
+                            main.wait_stream(streams[id(s)])
+                    self._stop(epoch, b + 1, step, lambda s: s.optimizer, lambda s: s.scheduler)
             for s in live:
                 if cuda:
                     main.wait_stream(streams[id(s)])
@@ -416,11 +438,11 @@ class _Loop:
         for epoch in self._epochs(progress):
             if not self._live():
                 break
-            for s in seeds:  # diverged seeds still ride along (their slices cannot touch the others)
-                self._start_epoch(s)
+            starts = [self._start_epoch(s) for s in seeds]  # diverged seeds still ride along (their slices
+            first = starts[0]                                # cannot touch the others)
             template.train()
             t0 = time.perf_counter()
-            for b in range(self.steps_per_epoch):
+            for b in range(first, self.steps_per_epoch):
                 xs, ys = zip(*(s.batch(self.data, b, self.size) for s in seeds))
                 with torch.autocast(device_type=self.device.type, dtype=self.fast.dtype, enabled=self.fast.autocast):
                     logits = batched(params, buffers, torch.stack(xs))
@@ -447,14 +469,13 @@ class _Loop:
                             s.method.after_step(ctx)
                 scheduler.step()
                 step += 1
+                if engine.stop_requested():
+                    _unstack(seeds, params, buffers)
+                    self._stop(epoch, b + 1, step, functools.partial(_seed_slice, optimizer.state_dict(), seeds),
+                               lambda s: scheduler)
             live = self._live()
             seconds = (time.perf_counter() - t0) / len(live)
-            with torch.no_grad():  # each seed's model gets its slice back for evaluation (engine.evaluate_epoch)
-                for k, s in enumerate(seeds):
-                    for name, p in s.model.named_parameters():
-                        p.copy_(params[name][k])
-                    for name, buf in s.model.named_buffers():
-                        buf.copy_(buffers[name][k])
+            _unstack(seeds, params, buffers)  # each seed's model gets its slice back for engine.evaluate_epoch
             for s in live:
                 self._end_epoch(s, epoch, seconds, float(optimizer.param_groups[0]["lr"]))
             if self.saver.due(epoch + 1, self.epochs):  # the stacked state is gathered only when a save is due
@@ -483,17 +504,20 @@ class _GroupCheckpoints:
         return time.perf_counter() - self.last_save >= self.every_seconds
 
     def maybe_save(self, epochs_done: int, epochs: int, step: int, optimizer_state, scheduler) -> None:
+        if self.due(epochs_done, epochs):
+            self.save(epochs_done, step, optimizer_state, scheduler)
+
+    def save(self, epochs_done: int, step: int, optimizer_state, scheduler, partial=None) -> None:
         """Save every live seed; ``optimizer_state(seed)`` is its optimizer (or its state dict), ``scheduler(seed)``
-        the scheduler whose clock it follows."""
-        if not self.due(epochs_done, epochs):
-            return
-        for s in self.seeds:
+        the scheduler whose clock it follows, ``partial(seed)`` its stopped epoch's state (a stop mid-epoch)."""
+        for s in self.seeds if self.paths else ():
             if s.failed is not None:
                 continue
             opt = optimizer_state(s)
-            with s.own_rng(self.device):  # its RNG exactly as engine.train would hold it at this epoch end
+            with s.own_rng(self.device):  # its RNG exactly as engine.train would hold it at this point
                 rng = _checkpoint.rng_state()
             _checkpoint.save(self.paths[id(s)], {
+                **({"partial_epoch": partial(s)} if partial is not None else {}),
                 **({"scaler": s.fast.scaler.state_dict()} if s.fast.scaler is not None else {}),
                 "config_key": s.config.key(), "device_type": self.device.type, "epoch": epochs_done, "step": step,
                 "history": s.history, "model": s.model.state_dict(),
@@ -541,3 +565,13 @@ def _stack_states(per_seed: Sequence[dict]) -> dict:
 
     return {"state": {index: {name: stack(index, name) for name in state} for index, state in first["state"].items()},
             "param_groups": first["param_groups"]}
+
+
+def _unstack(seeds: Sequence[_Seed], params: dict, buffers: dict) -> None:
+    """Copy each seed's slice of the stacked weights and buffers back into its own model."""
+    with torch.no_grad():
+        for k, s in enumerate(seeds):
+            for name, p in s.model.named_parameters():
+                p.copy_(params[name][k])
+            for name, buf in s.model.named_buffers():
+                buf.copy_(buffers[name][k])

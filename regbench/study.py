@@ -516,7 +516,7 @@ class Runner:
         """Queued final trials of ``cfg``'s group (other seeds), each claimed WAITING -> RUNNING through the storage,
         which refuses a trial another worker claimed first. Skipped: duplicates (the normal claim skips them), configs
         that differ in more than the seed, and runs whose mid-run checkpoint is not at the leader's point (a group
-        resumes together only from one epoch end; a mid-epoch checkpoint resumes alone)."""
+        resumes together only from one step)."""
         from regbench import checkpoint
 
         def resume_point(c):
@@ -525,8 +525,6 @@ class Runner:
             return checkpoint.resume_point(checkpoint.path_for(self.checkpoint_dir, c.key()))
 
         point = resume_point(cfg)
-        if point == checkpoint.MID_EPOCH:
-            return []
         trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
         claimed = []
         for t in trials:
@@ -561,7 +559,7 @@ class Runner:
         others = [t for t, _ in siblings]
         for t in others:
             t.suggest_int("seed", 0, 2**31 - 1)
-        started = time.time()
+        started, epochs_done = time.time(), [0] * (1 + len(others))
         try:
             with contextlib.ExitStack() as beats:
                 for t in others:
@@ -573,8 +571,11 @@ class Runner:
                                                lambda c: registry.build_method(c.method, c.hparams),
                                                progress=self.progress, checkpoints=paths,
                                                checkpoint_seconds=self.checkpoint_seconds,
-                                               keep_checkpoint=self.keep_checkpoints)
+                                               keep_checkpoint=self.keep_checkpoints,
+                                               on_epoch=lambda k, epoch, row: epochs_done.__setitem__(k, epoch))
         except KeyboardInterrupt:  # the leader is marked resumable by _run_one
+            for t, epochs in zip([leader, *others], epochs_done):  # what mark_resumable reports as trained
+                t.set_user_attr("budget", {"epochs": epochs, "seconds": time.time() - started})
             for t in others:
                 mark_resumable(study, t)
                 study.tell(t, state=TrialState.FAIL)

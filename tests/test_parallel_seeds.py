@@ -313,7 +313,7 @@ def test_a_group_refuses_checkpoints_of_different_points(mnist1d, tmp_path):
     configs = [cfg(seed=s, epochs=3) for s in (0, 1)]
     paths = _killed_group(mnist1d, configs, "streams", tmp_path)
     paths[1].unlink()  # seed 1 would start over while seed 0 resumes at epoch 2
-    with pytest.raises(ConfigError, match="one epoch end"):
+    with pytest.raises(ConfigError, match="one point"):
         parallel.train_seeds(configs, mnist1d, build, backend="streams", checkpoints=paths)
 
 
@@ -327,5 +327,66 @@ def test_resume_point_of_a_checkpoint(mnist1d, tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert checkpoint.resume_point(tmp_path / "junk.pt") is None
     state = torch.load(paths[0], weights_only=True)
-    checkpoint.save(paths[0], {**state, "partial_epoch": {"batch": 1}})
-    assert checkpoint.resume_point(paths[0]) == checkpoint.MID_EPOCH
+    checkpoint.save(paths[0], {**state, "format": checkpoint.FORMAT + 1})
+    assert checkpoint.resume_point(paths[0]) is None  # another format: load ignores it, the run starts over
+
+
+@pytest.mark.parametrize("backend,method", [("streams", "shade"), ("vmap", "confidence_penalty")])
+def test_ctrl_c_stops_a_group_after_its_step_and_it_resumes_bit_for_bit(mnist1d, backend, method, tmp_path):
+    # What the CLI's signal handler does (engine.request_stop), during the third step of epoch 2: the group finishes
+    # that lockstep step, saves every seed mid-epoch and raises; resumed together, it ends as if never stopped.
+    from test_interrupts import stopping_at
+
+    configs = [cfg(method, seed=s, epochs=3, optimizer="adamw", lr=3e-3) for s in (0, 1)]
+    group = parallel.train_seeds(configs, mnist1d, build, backend=backend)
+    stop_at = 400 // 64 + 2
+    paths = [tmp_path / f"{c.key()}.pt" for c in configs]
+    with pytest.raises(KeyboardInterrupt):
+        parallel.train_seeds(configs, mnist1d, lambda c: stopping_at(build(c), stop_at) if c.seed == 0 else build(c),
+                             backend=backend, checkpoints=paths, checkpoint_seconds=3600)
+    for path in paths:
+        saved = torch.load(path, weights_only=True)
+        assert (saved["epoch"], saved["step"], saved["partial_epoch"]["batch"]) == (1, stop_at + 1, 3)
+    assert not engine.request_stop(KeyboardInterrupt)  # the loop is over: nothing is left pending
+    resumed = parallel.train_seeds(configs, mnist1d, build, backend=backend, checkpoints=paths)
+    assert [r.resumed_from_step for r in resumed] == [stop_at + 1] * 2
+    compare(group, resumed, atol=0)
+
+
+def test_sigint_to_a_parallel_group_run_then_rerun_resumes_the_group_from_the_step(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from helpers import regbench_cli, trial_states
+
+    out = tmp_path / "out"
+    args = ["run", "--methods", "baseline", "--seeds", "3", "--epochs", "40", "--quiet", "--parallel-seeds", "3",
+            "--train-size", "800", "--out", str(out), "--data-dir", str(tmp_path / "data")]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "regbench"), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if trial_states(out / "regbench.db", "mnist1d-cnn1d:baseline:final").count("RUNNING") == 3:
+            break
+        time.sleep(0.1)
+    time.sleep(1.0)  # into training
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    saved = [torch.load(p, weights_only=True) for p in (out / "checkpoints").glob("*.pt")]
+    assert len(saved) == 3 and all("partial_epoch" in s for s in saved)  # saved at the step, not an epoch end
+    assert len({s["step"] for s in saved}) == 1
+    again = regbench_cli(*args)
+    assert again.returncode == 0, again.stderr
+    trials = optuna.load_study(study_name="mnist1d-cnn1d:baseline:final",
+                               storage=f"sqlite:///{out / 'regbench.db'}").get_trials()
+    finals = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(finals) == 3 and {t.user_attrs["resumed_from_step"] for t in finals} == {saved[0]["step"]}
+    assert len({t.user_attrs["timings"]["started"] for t in finals}) == 1  # resumed as one group
+    stopped = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(stopped) == 3 and all(t.user_attrs["budget"]["epochs"] == saved[0]["epoch"] for t in stopped)
