@@ -279,7 +279,7 @@ def _result(seed: _Seed, seconds: float) -> engine.RunResult:
 
 
 def _resume(seeds: Sequence[_Seed], paths: Sequence[Path], device: torch.device) -> None:
-    """Restore every seed whose checkpoint exists; they must all be at the same epoch end (or none restored)."""
+    """Restore every seed from its checkpoint; all must be at one point (epoch, step), or none has one."""
     states = [_checkpoint.load(path, s.config.key(), device) for s, path in zip(seeds, paths)]
     points = {None if st is None else (int(st["epoch"]), int(st["step"])) for st in states}
     if points == {None}:
