@@ -24,8 +24,6 @@ Registering this method replaces the run's ``--weight-decay`` (config.weight_dec
 """
 from __future__ import annotations
 
-from timm.optim import param_groups_weight_decay
-
 from regbench.errors import HparamError
 
 from .base import Method, check_range
@@ -35,6 +33,9 @@ def weight_decay_groups(model, strength: float, exclude_norm_bias: bool = True) 
     """Optimizer parameter groups: decayed with ``strength``, or 0 for norm/bias/no_weight_decay() parameters."""
     if not exclude_norm_bias:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": strength}]
+    # imported here: timm imports torchvision (~2 s), which a run of the built-in models never needs
+    from timm.optim import param_groups_weight_decay
+
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     groups = param_groups_weight_decay(model, weight_decay=strength, no_weight_decay_list=skip)
     # timm puts everything in the no-decay group when strength == 0; state the 0 explicitly either way

@@ -16,7 +16,6 @@ import inspect
 import math
 from collections import OrderedDict
 
-import timm
 from torch import nn
 
 from regbench.errors import ConfigError, UnknownNameError
@@ -117,6 +116,8 @@ class UnknownModelError(UnknownNameError):
 
     def __init__(self, name: str):
         super().__init__("model", name, list_models())
+        import timm
+
         close = difflib.get_close_matches(name, list_models() + timm.list_models(), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         self.args = (f"unknown model {name!r}; choose one of: {', '.join(self.choices)}, {_TIMM_HINT}{hint}",)
@@ -145,6 +146,8 @@ def create_model(name: str, num_classes: int, input_shape: tuple[int, ...], cifa
         model = builder(num_classes, input_shape, **kwargs)
         model.regbench_family = name
         return model
+
+    import timm  # here, not at the top: it imports torchvision (~2 s), which most commands and errors never need
 
     if not timm.is_model(name):
         raise UnknownModelError(name)

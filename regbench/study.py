@@ -231,10 +231,12 @@ def _pruner(bench: Benchmark) -> optuna.pruners.BasePruner:
 
 def environment(device: str) -> dict:
     """Provenance recorded with every run (benchopt-style): versions, device, git commit."""
-    import timm
+    # timm's version from its metadata: ``import timm`` alone costs ~2 s (torchvision), for runs that never use it
+    from importlib.metadata import version
+
     import torch
 
-    env = {"regbench": regbench.__version__, "torch": torch.__version__, "timm": timm.__version__,
+    env = {"regbench": regbench.__version__, "torch": torch.__version__, "timm": version("timm"),
            "optuna": optuna.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
            "device": device}
     if device.startswith("cuda") and torch.cuda.is_available():

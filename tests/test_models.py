@@ -115,3 +115,25 @@ def test_other_timm_models_use_feature_info_without_stem():
         select_layers(model, "stages+pool")
     with pytest.raises(RegbenchError, match="conv1"):
         create_model("regnetx_002", 10, (3, 32, 32), cifar_stem=True)
+
+
+def test_timm_is_imported_only_when_a_timm_model_is_built(tmp_path):
+    # timm imports torchvision (~2 s of a CLI start): a usage error and a run of a built-in model never pay it.
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+from regbench.cli import main
+from regbench import engine, models, registry
+from regbench.study import environment
+assert main(["run", "--methods", "ses,nope", "--out", {str(tmp_path / 'out')!r}]) == 2
+environment("cpu")
+models.create_model("cnn", 10, (3, 32, 32))
+registry.build_method("weight_decay", {{}})
+print("timm" in sys.modules)
+models.create_model("resnet18", 10, (3, 32, 32))
+print("timm" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert out.stdout.split() == ["False", "True"], out.stderr
