@@ -18,6 +18,7 @@ The engine drives a method in this order::
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -145,10 +146,11 @@ class Method:
 
 def check_range(method: str, name: str, value: Any, low: float | None = None, high: float | None = None,
                 low_open: bool = False, high_open: bool = False) -> None:
-    """Shared range check with a one-line message such as ``ses.beta=1.5 is outside (0, 1)``."""
+    """Shared range check with a one-line message such as ``ses.beta=1.5 is outside (0, 1)``. A missing bound is an
+    open infinite one: ``inf`` is outside ``[0, inf)``, and NaN is outside everything."""
     bad = (low is not None and (value < low or (low_open and value == low))) or (
         high is not None and (value > high or (high_open and value == high)))
-    if bad or value != value:  # NaN compares false everywhere
+    if bad or not math.isfinite(value):
         lo = "-inf" if low is None else f"{low:g}"
         hi = "inf" if high is None else f"{high:g}"
         interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"

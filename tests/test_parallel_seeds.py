@@ -361,25 +361,27 @@ def test_sigint_to_a_parallel_group_run_then_rerun_resumes_the_group_from_the_st
     import time
     from pathlib import Path
 
-    from helpers import regbench_cli, trial_states
+    from helpers import regbench_cli
 
     out = tmp_path / "out"
     args = ["run", "--methods", "baseline", "--seeds", "3", "--epochs", "40", "--quiet", "--parallel-seeds", "3",
-            "--train-size", "800", "--out", str(out), "--data-dir", str(tmp_path / "data")]
+            "--train-size", "800", "--checkpoint-every-seconds", "0", "--out", str(out),
+            "--data-dir", str(tmp_path / "data")]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.Popen([str(Path(sys.executable).parent / "regbench"), *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if trial_states(out / "regbench.db", "mnist1d-cnn1d:baseline:final").count("RUNNING") == 3:
-            break
+    # Signalled once the group is provably in its training loop: all 3 seeds have an epoch checkpoint. (A signal
+    # before the loop stops at once, with nothing to save; CI once got there with a fixed sleep.)
+    deadline, ready = time.time() + 300, False
+    while time.time() < deadline and proc.poll() is None and not ready:
         time.sleep(0.1)
-    time.sleep(1.0)  # into training
+        ready = len(list((out / "checkpoints").glob("*.pt"))) == 3
+    assert ready, "the group never saved its epoch checkpoints"
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     saved = [torch.load(p, weights_only=True) for p in (out / "checkpoints").glob("*.pt")]
-    assert len(saved) == 3 and all("partial_epoch" in s for s in saved)  # saved at the step, not an epoch end
+    assert len(saved) == 3 and all("partial_epoch" in s for s in saved)  # saved at the step the stop came in
     assert len({s["step"] for s in saved}) == 1
     again = regbench_cli(*args)
     assert again.returncode == 0, again.stderr

@@ -161,6 +161,16 @@ def test_numeric_hparams_resolve_inside_their_interval_and_fail_outside(case, da
     assert resolved[hp] == value
 
 
+@pytest.mark.parametrize("case", [c for c in NUMERIC if isinstance(registry.method_class(c[0]).defaults[c[1]], float)],
+                         ids="{0[0]}.{0[1]}".format)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_no_float_hparam_takes_a_non_finite_value(case, value):
+    # Found by the property test above in CI: confidence_penalty.beta=inf passed "[0, inf)" (an absent upper bound).
+    name, hp = case
+    with pytest.raises(RegbenchError, match=f"{name}.{hp}=.* is outside"):
+        registry.method_class(name).resolve({hp: value})
+
+
 @SETTINGS
 @given(st.sampled_from(METHODS + COMPOSITES), st.data(), st.text(max_size=30))
 def test_arbitrary_text_raises_only_one_line_regbench_errors(name, data, text):
