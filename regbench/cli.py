@@ -207,6 +207,11 @@ class Terminated(KeyboardInterrupt):
     interrupted (and rerun when the command is rerun) and the store stays consistent."""
 
 
+# The acknowledgement of a deferred stop (a run may need its current step, or the trial's record, to finish first).
+STOPPING = {False: "regbench: stopping once the current training step is saved (Ctrl-C again stops at once)\n",
+            True: "regbench: SIGTERM received; stopping once the current training step is saved\n"}
+
+
 def _stop_on_sigterm() -> None:
     """Ctrl-C and SIGTERM stop a training loop after its current optimizer step (it saves a mid-epoch checkpoint,
     regbench/engine.py) and anything else at once; a second signal always stops at once."""
@@ -218,6 +223,8 @@ def _stop_on_sigterm() -> None:
             exception = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
             engine = sys.modules.get("regbench.engine")  # loaded only once something trains
             if engine is not None and engine.request_stop(exception):
+                # os.write, not print: the handler may run while the main thread is inside a print to stderr
+                os.write(2, STOPPING[signum == signal.SIGTERM].encode())
                 return
             raise exception()
         signal.signal(signal.SIGTERM, handler)

@@ -43,17 +43,18 @@ class Diverged(RuntimeError):
 
 
 class _StopRequest:
-    """A Ctrl-C/SIGTERM that arrived while a training loop runs: the loop finishes its current optimizer step, saves
-    a mid-epoch checkpoint and raises ``exception`` (issue 10, item 2). Set from the CLI's signal handlers."""
+    """A Ctrl-C/SIGTERM that arrived inside a stoppable region (a trial, its training loop): the code there stops at
+    its next safe point (the loop: after its current optimizer step, with a mid-epoch checkpoint) by raising
+    ``exception`` (issue 10, item 2). Set from the CLI's signal handlers."""
 
-    in_loop = False
+    depth = 0                                   # nested stoppable regions now running
     exception: type[BaseException] | None = None
 
 
 def request_stop(exception: type[BaseException]) -> bool:
-    """Ask the running training loop to stop after its current step by raising ``exception``. Returns False when no
-    loop is running or a stop is already pending (a second Ctrl-C), so the caller raises at once instead."""
-    if not _StopRequest.in_loop or _StopRequest.exception is not None:
+    """Ask the running stoppable region to stop at its next safe point by raising ``exception``. Returns False when
+    none runs or a stop is already pending (a second Ctrl-C), so the caller raises at once instead."""
+    if _StopRequest.depth == 0 or _StopRequest.exception is not None:
         return False
     _StopRequest.exception = exception
     return True
@@ -72,12 +73,24 @@ def take_stop() -> type[BaseException] | None:
 
 @contextlib.contextmanager
 def stoppable():
-    """Marks a training loop as running, so that ``request_stop`` defers a Ctrl-C/SIGTERM to it."""
-    _StopRequest.in_loop, _StopRequest.exception = True, None
+    """A region where a Ctrl-C/SIGTERM waits for a safe point instead of raising wherever it lands (half-way through
+    a storage write, say). Regions nest: a trial holds its training loop, which checks ``stop_requested`` after each
+    step. A stop still pending when the outermost region ends normally (it landed after the loop's last check: the
+    final evaluation, Optuna recording the trial) is raised there, once that work is done; one pending when a region
+    is left by an exception is dropped with it, as that exception already unwinds the command."""
+    if _StopRequest.depth == 0:
+        _StopRequest.exception = None
+    _StopRequest.depth += 1
     try:
         yield
-    finally:
-        _StopRequest.in_loop, _StopRequest.exception = False, None
+    except BaseException:
+        _StopRequest.depth -= 1
+        if _StopRequest.depth == 0:
+            _StopRequest.exception = None
+        raise
+    _StopRequest.depth -= 1
+    if _StopRequest.depth == 0 and _StopRequest.exception is not None:
+        raise take_stop()()
 
 
 @dataclass
@@ -342,70 +355,70 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
         from tqdm.auto import tqdm
         epochs = tqdm(epochs, desc=f"{config.method} seed {config.seed}", leave=False, unit="ep",
                       initial=start_epoch, total=config.epochs)
-    _StopRequest.in_loop, _StopRequest.exception = True, None
-    try:
-        # The restored epochs are reported again: a retried trial is a new Optuna trial with no intermediate values,
-        # and its pruner (and the epoch budget the caller counts) must see the whole curve, not just its tail.
-        for row in history:
-            if on_epoch is not None:
-                on_epoch(int(row["epoch"]), row)
-        for epoch in epochs:
-            model.train()
-            t0 = time.perf_counter()
-            sum_task = torch.zeros((), device=device)
-            sum_reg = torch.zeros((), device=device)
-            first = 0
-            if partial is not None:  # resume the epoch a stop interrupted: same order, next batch, same sums
-                perm, first = partial["perm"].to(device), int(partial["batch"])
-                sum_task, sum_reg = partial["sum_task"].to(device), partial["sum_reg"].to(device)
-                partial = None
-            else:
-                perm = torch.randperm(n, generator=generator).to(device)
-            for b in range(first, steps_per_epoch):
-                # augmented with the split's train_augment: training batches only, never val/test/erank/shift
-                xb, yb = data.batch(perm[b * batch:(b + 1) * batch], augment_generator)
-                task, reg = train_step(forward, method, capture, optimizer, xb, yb, step=step, epoch=epoch,
-                                       autocast=fast.autocast, dtype=fast.dtype, scaler=fast.scaler)
-                scheduler.step()
-                sum_task += task
-                sum_reg += reg
-                step += 1
-                if stop_requested():  # Ctrl-C/SIGTERM: this step is done; save it and stop
-                    if checkpoint is not None:
-                        save_checkpoint(epoch, {"perm": perm.cpu(), "batch": b + 1, "sum_task": sum_task.cpu(),
-                                                "sum_reg": sum_reg.cpu()})
-                    raise take_stop()()
-            train_seconds = time.perf_counter() - t0
-            task_mean = float(sum_task) / max(steps_per_epoch, 1)  # one host sync per epoch
-            reg_mean = float(sum_reg) / max(steps_per_epoch, 1)
-            if not (math.isfinite(task_mean) and math.isfinite(reg_mean)):
-                raise Diverged(f"non-finite loss in epoch {epoch + 1} (task {task_mean}, regularizer {reg_mean})")
-            row = evaluate_epoch(model, splits, config, capture, diag_keys, erank_x)
-            row.update(epoch=epoch + 1, train_loss=task_mean, reg_loss=reg_mean, seconds=train_seconds,
-                       lr=float(optimizer.param_groups[0]["lr"]))
-            row.update(method.diagnostics())
-            history.append(row)
-            # Saved before on_epoch: a prune or an interrupt there must not lose the epoch just trained.
-            last = epoch + 1 == config.epochs
-            if checkpoint is not None and (epoch + 1) % max(checkpoint_every, 1) == 0 and (
-                    (keep_checkpoint and last) or (not last and time.perf_counter() - last_save >= checkpoint_seconds)):
-                save_checkpoint(epoch + 1)
-                last_save = time.perf_counter()
-            if progress:
-                epochs.set_postfix(val=f"{row['val_acc']:.3f}", loss=f"{task_mean:.3f}")
-            if on_epoch is not None:
-                on_epoch(epoch + 1, row)
-        # A shift set is built from the test split: a tuning run (eval_test off) must not read it either.
-        shifted = getattr(splits, "shift", None) is not None and config.eval_test
-        shift_metrics = evaluate_shift(model, splits.shift) if shifted else {}
-    except Diverged:
-        if not keep_checkpoint:
-            _checkpoint.remove(checkpoint)
-        raise
-    finally:
-        _StopRequest.in_loop, _StopRequest.exception = False, None
-        method.detach(model)
-        capture.remove()
+    with stoppable():
+        try:
+            # The restored epochs are reported again: a retried trial is a new Optuna trial with no intermediate values,
+            # and its pruner (and the epoch budget the caller counts) must see the whole curve, not just its tail.
+            for row in history:
+                if on_epoch is not None:
+                    on_epoch(int(row["epoch"]), row)
+            for epoch in epochs:
+                model.train()
+                t0 = time.perf_counter()
+                sum_task = torch.zeros((), device=device)
+                sum_reg = torch.zeros((), device=device)
+                first = 0
+                if partial is not None:  # resume the epoch a stop interrupted: same order, next batch, same sums
+                    perm, first = partial["perm"].to(device), int(partial["batch"])
+                    sum_task, sum_reg = partial["sum_task"].to(device), partial["sum_reg"].to(device)
+                    partial = None
+                else:
+                    perm = torch.randperm(n, generator=generator).to(device)
+                for b in range(first, steps_per_epoch):
+                    # augmented with the split's train_augment: training batches only, never val/test/erank/shift
+                    xb, yb = data.batch(perm[b * batch:(b + 1) * batch], augment_generator)
+                    task, reg = train_step(forward, method, capture, optimizer, xb, yb, step=step, epoch=epoch,
+                                           autocast=fast.autocast, dtype=fast.dtype, scaler=fast.scaler)
+                    scheduler.step()
+                    sum_task += task
+                    sum_reg += reg
+                    step += 1
+                    if stop_requested():  # Ctrl-C/SIGTERM: this step is done; save it and stop
+                        if checkpoint is not None:
+                            save_checkpoint(epoch, {"perm": perm.cpu(), "batch": b + 1, "sum_task": sum_task.cpu(),
+                                                    "sum_reg": sum_reg.cpu()})
+                        raise take_stop()()
+                train_seconds = time.perf_counter() - t0
+                task_mean = float(sum_task) / max(steps_per_epoch, 1)  # one host sync per epoch
+                reg_mean = float(sum_reg) / max(steps_per_epoch, 1)
+                if not (math.isfinite(task_mean) and math.isfinite(reg_mean)):
+                    raise Diverged(f"non-finite loss in epoch {epoch + 1} (task {task_mean}, regularizer {reg_mean})")
+                row = evaluate_epoch(model, splits, config, capture, diag_keys, erank_x)
+                row.update(epoch=epoch + 1, train_loss=task_mean, reg_loss=reg_mean, seconds=train_seconds,
+                           lr=float(optimizer.param_groups[0]["lr"]))
+                row.update(method.diagnostics())
+                history.append(row)
+                # Saved before on_epoch: a prune or an interrupt there must not lose the epoch just trained.
+                last = epoch + 1 == config.epochs
+                due = time.perf_counter() - last_save >= checkpoint_seconds
+                if checkpoint is not None and (epoch + 1) % max(checkpoint_every, 1) == 0 and (
+                        (keep_checkpoint and last) or (not last and due)):
+                    save_checkpoint(epoch + 1)
+                    last_save = time.perf_counter()
+                if progress:
+                    epochs.set_postfix(val=f"{row['val_acc']:.3f}", loss=f"{task_mean:.3f}")
+                if on_epoch is not None:
+                    on_epoch(epoch + 1, row)
+            # A shift set is built from the test split: a tuning run (eval_test off) must not read it either.
+            shifted = getattr(splits, "shift", None) is not None and config.eval_test
+            shift_metrics = evaluate_shift(model, splits.shift) if shifted else {}
+        except Diverged:
+            if not keep_checkpoint:
+                _checkpoint.remove(checkpoint)
+            raise
+        finally:
+            method.detach(model)
+            capture.remove()
     if not keep_checkpoint:
         _checkpoint.remove(checkpoint)
     seconds = time.perf_counter() - started

@@ -465,16 +465,21 @@ class Runner:
                 mark_resumable(study, trial)
                 raise
 
-        try:
-            study.optimize(wrapped, n_trials=1, catch=(engine.Diverged, _Skip))
-        except KeyboardInterrupt:
-            # The interrupted trial (FAIL "interrupted: …", its resuming copy queued) still reaches the caller's line
-            # and MLflow mirror before the process stops.
-            if ran and self.storage.get_trial(ran[0]).state != TrialState.RUNNING:
+        # A signal that lands anywhere in the trial waits for a safe point: the training loop's next step (the trial
+        # is then marked resumable) or, when it lands after the loop's last check, the end of this block (the trial
+        # is recorded and mirrored first). Raised wherever it landed, it could leave the trial RUNNING in the store
+        # (inside Optuna's ask or tell) or its MLflow mirror half-written.
+        with engine.stoppable():
+            try:
+                study.optimize(wrapped, n_trials=1, catch=(engine.Diverged, _Skip))
+            except KeyboardInterrupt:
+                # The interrupted trial (FAIL "interrupted: …", its resuming copy queued) still reaches the caller's
+                # line and MLflow mirror before the process stops.
+                if ran and self.storage.get_trial(ran[0]).state != TrialState.RUNNING:
+                    self.on_trial(Outcome(study, self.storage.get_trial(ran[0]), kind, method))
+                raise
+            if ran:
                 self.on_trial(Outcome(study, self.storage.get_trial(ran[0]), kind, method))
-            raise
-        if ran:
-            self.on_trial(Outcome(study, self.storage.get_trial(ran[0]), kind, method))
 
     def _tune_objective(self, study: optuna.Study, method: str):
         bench = self.bench

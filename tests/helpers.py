@@ -48,3 +48,19 @@ def trial_states(db: Path, study: str) -> list[str]:
     except sqlite3.OperationalError:  # schema not created yet
         return []
     return [state for (state,) in rows]
+
+
+def running_epochs(db: Path, study: str) -> int:
+    """Epochs the study's running trial has reported (0 when none runs or the schema is not there yet), read like
+    ``trial_states``: a test signals a run only once it is inside its training loop, with epochs still to go."""
+    if not db.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+            [(count,)] = con.execute(
+                "SELECT COUNT(*) FROM trial_intermediate_values v JOIN trials t ON v.trial_id = t.trial_id "
+                "JOIN studies s ON t.study_id = s.study_id WHERE s.study_name = ? AND t.state = 'RUNNING'",
+                (study,)).fetchall()
+    except sqlite3.OperationalError:
+        return 0
+    return count

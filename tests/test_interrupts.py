@@ -15,7 +15,7 @@ import torch
 from optuna.trial import TrialState
 from test_checkpoint import cfg, mnist1d, no_timing, scramble_global_rngs  # noqa: F401 - mnist1d is a fixture
 
-from regbench import engine, registry
+from regbench import cli, engine, registry
 
 
 def stopping_at(method, step: int, exception=KeyboardInterrupt):
@@ -57,6 +57,69 @@ def test_a_stop_request_outside_training_is_refused(mnist1d):
     assert not engine.request_stop(KeyboardInterrupt)  # the loop is over: nothing is left pending
 
 
+def test_a_stop_after_the_last_step_check_is_raised_when_training_ends(mnist1d):
+    """A signal that lands during the final epoch's evaluation (after the loop's last step check) still stops."""
+    config = cfg("baseline", epochs=2)
+
+    def stop_in_last_epoch(epoch, _row):
+        if epoch == config.epochs:
+            assert engine.request_stop(KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(config, mnist1d, registry.build_method("baseline", config.hparams), on_epoch=stop_in_last_epoch)
+    assert not engine.stop_requested() and not engine.request_stop(KeyboardInterrupt)
+
+
+def test_inside_a_trial_a_late_stop_lets_the_run_finish_and_stops_when_the_trial_ends(mnist1d):
+    """Held by an outer region (a trial), the same late stop lets training return its result; the outer region
+    raises it once it ends, and a second signal meanwhile is not deferred (the CLI raises it at once)."""
+    config = cfg("baseline", epochs=2)
+    results = []
+
+    def stop_in_last_epoch(epoch, _row):
+        if epoch == config.epochs:
+            assert engine.request_stop(KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt), engine.stoppable():
+        results.append(engine.train(config, mnist1d, registry.build_method("baseline", config.hparams),
+                                    on_epoch=stop_in_last_epoch))
+        assert engine.stop_requested() and not engine.request_stop(KeyboardInterrupt)
+    assert len(results) == 1 and len(results[0].history) == config.epochs
+    assert not engine.stop_requested()
+
+
+def test_a_sigterm_while_a_trial_is_recorded_lets_the_record_finish_then_stops(tmp_path, data_dir):
+    """A real SIGTERM through the CLI's handler, landing in a trial's bookkeeping (here the caller's per-trial hook,
+    which mirrors to MLflow in the CLI): the hook completes, the trial is COMPLETE, and the runner stops before the
+    next seed. Raised where it landed, it would cut the hook short (or, inside Optuna's tell, leave the trial RUNNING)."""
+    from regbench.datasets.digits import Digits
+
+    from regbench import study
+    from regbench.config import RunConfig
+    from regbench.store import open_storage
+
+    splits = Digits().load(data_dir, train_size=200)
+    base = RunConfig(method="baseline", dataset="digits", model="mlp", epochs=1, batch_size=64, train_size=200,
+                     split_hash=splits.split_hash, device="cpu", data_dir=str(data_dir))
+    bench = study.Benchmark(name="late-stop", base=base, fixed={"baseline": {}}, seeds=[0, 1],
+                            protocol=study.Protocol(trials=0))
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    recorded = []
+
+    def on_trial(outcome):
+        os.kill(os.getpid(), signal.SIGTERM)
+        recorded.append(outcome.trial.number)  # reached only if the signal waited for the trial to end
+
+    previous = signal.getsignal(signal.SIGTERM)
+    cli._stop_on_sigterm()
+    try:
+        with pytest.raises(cli.Terminated):
+            study.Runner(open_storage(url), bench, splits, on_trial=on_trial).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    finals = optuna.load_study(study_name=study.final_study_name("late-stop", "baseline"), storage=url).get_trials()
+    assert [t.state for t in finals] == [TrialState.COMPLETE, TrialState.WAITING]  # seed 1 queued, never started
+    assert recorded == [finals[0].number]
+
+
 def _reported_epochs(db: Path) -> int:
     """Epochs reported by the running trial, read through a read-only connection (no schema races with the run)."""
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
@@ -92,6 +155,7 @@ def test_signal_mid_run_leaves_a_resumable_trial_and_the_rerun_matches_an_uninte
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == code, stderr
     assert stderr.strip().splitlines()[-1] == line and "Traceback" not in stderr
+    assert cli.STOPPING[sig == signal.SIGTERM].strip() in stderr.splitlines()  # the deferred stop was acknowledged
 
     storage = f"sqlite:///{out / 'regbench.db'}"
     study = optuna.load_study(study_name="digits-mlp:baseline:final", storage=storage)

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import optuna
 import pytest
-from helpers import regbench_cli, snapshot, trial_states
+from helpers import regbench_cli, running_epochs, snapshot
 from optuna.trial import TrialState
 
 from regbench import registry
-from regbench.cli import main
+from regbench.cli import STOPPING, main
 from regbench.store import spent
 
 FAST = ["--dataset", "digits", "--model", "mlp", "--epochs", "2", "--quiet"]
@@ -347,20 +347,23 @@ def test_worker_for_a_missing_benchmark_and_unreachable_storage(tmp_path):
 
 def test_sigterm_stops_with_143_and_one_line_then_the_rerun_finishes(tmp_path):
     out = tmp_path / "out"
-    args = [*SWEEP, "--methods", "shade", "--trials", "0", "--out", str(out)]
+    # Epochs long enough that the signal lands inside the training loop (a stop after the loop's last step check lets
+    # the trial finish: test_interrupts.py), with 7 of 8 epochs still to go once the first one is reported.
+    args = [*SWEEP, "--methods", "shade", "--trials", "0", "--epochs", "8", "--batch-size", "8", "--out", str(out)]
     script = Path(sys.executable).parent / "regbench"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.Popen([str(script), *args], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     storage, deadline, running = storage_of(out), time.time() + 300, False
-    while time.time() < deadline and not running:
-        time.sleep(0.1)
-        running = "RUNNING" in trial_states(out / "regbench.db", "digits-mlp:shade:final")
+    while time.time() < deadline and not running and proc.poll() is None:
+        time.sleep(0.05)
+        running = running_epochs(out / "regbench.db", "digits-mlp:shade:final") >= 1
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert running and proc.returncode == 143, stderr
     assert stderr.strip().splitlines()[-1] == ("regbench: terminated (SIGTERM); rerun the same command to resume "
                                                "where it stopped")
+    assert STOPPING[True].strip() in stderr.splitlines()  # acknowledged, then stopped after the step
     finals = trials(storage, "digits-mlp:shade:final")
     [stopped] = [t for t in finals if t.state == TrialState.FAIL]
     [resume] = [t for t in finals if t.state == TrialState.WAITING and t.user_attrs.get("resumes_trial") ==
