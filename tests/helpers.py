@@ -25,6 +25,15 @@ def regbench_cli(*args: str, env_extra: dict | None = None, cwd=None) -> subproc
     return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
+def with_ctrl_c():
+    """Popen's ``preexec_fn`` for a child that a test sends SIGINT: restores SIGINT's default disposition, which a
+    test run started in the background by a non-interactive shell (``cmd &``, nohup) inherits as ignored. Python,
+    and so ``regbench``, keeps an ignored SIGINT ignored, as background jobs should."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def attached(method, model_name: str = "mlp", input_shape=(1, 40)):
     """``method`` attached to a real model through the engine's real context; returns the capture keys it asked for."""
     from regbench import engine, models

@@ -12,6 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from helpers import with_ctrl_c
 from optuna.trial import TrialState
 from test_checkpoint import cfg, mnist1d, no_timing, scramble_global_rngs  # noqa: F401 - mnist1d is a fixture
 
@@ -141,7 +142,8 @@ def test_signal_mid_run_leaves_a_resumable_trial_and_the_rerun_matches_an_uninte
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     out = tmp_path / "stopped"
     proc = subprocess.Popen([str(script), *common, "--out", str(out)], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=with_ctrl_c)  # noqa: PLW1509 - one signal() call before exec
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         try:

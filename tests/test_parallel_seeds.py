@@ -361,7 +361,7 @@ def test_sigint_to_a_parallel_group_run_then_rerun_resumes_the_group_from_the_st
     import time
     from pathlib import Path
 
-    from helpers import regbench_cli
+    from helpers import regbench_cli, with_ctrl_c
 
     out = tmp_path / "out"
     args = ["run", "--methods", "baseline", "--seeds", "3", "--epochs", "40", "--quiet", "--parallel-seeds", "3",
@@ -369,7 +369,8 @@ def test_sigint_to_a_parallel_group_run_then_rerun_resumes_the_group_from_the_st
             "--data-dir", str(tmp_path / "data")]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.Popen([str(Path(sys.executable).parent / "regbench"), *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=with_ctrl_c)  # noqa: PLW1509 - one signal() call before exec
     # Signalled once the group is provably in its training loop: all 3 seeds have an epoch checkpoint. (A signal
     # before the loop stops at once, with nothing to save; CI once got there with a fixed sleep.)
     deadline, ready = time.time() + 300, False
