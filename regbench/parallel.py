@@ -420,7 +420,8 @@ class _Loop:
         # method's options and parameter groups, never stepped yet, so its state is still empty.
         optimizer, scheduler = seeds[0].optimizer, seeds[0].scheduler
         name_of = {id(p): name for name, p in template.named_parameters()}
-        restored = [s.optimizer.state_dict() for s in seeds] if seeds[0].resumed_from[0] else None
+        # Restored from a checkpoint (a step count, not an epoch: a stop inside the first epoch saved one too)
+        restored = [s.optimizer.state_dict() for s in seeds] if seeds[0].resumed_from[1] else None
         for group in optimizer.param_groups:
             group["params"] = [params[name_of[id(p)]] for p in group["params"]]
         if restored:  # each seed's restored optimizer state, stacked along the seed axis as its parameters are

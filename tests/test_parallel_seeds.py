@@ -332,21 +332,22 @@ def test_resume_point_of_a_checkpoint(mnist1d, tmp_path):
 
 
 @pytest.mark.parametrize("backend,method", [("streams", "shade"), ("vmap", "confidence_penalty")])
-def test_ctrl_c_stops_a_group_after_its_step_and_it_resumes_bit_for_bit(mnist1d, backend, method, tmp_path):
-    # What the CLI's signal handler does (engine.request_stop), during the third step of epoch 2: the group finishes
+@pytest.mark.parametrize("epoch", [0, 1])  # epoch 0: a stop before any epoch ended still restores Adam's moments
+def test_ctrl_c_stops_a_group_after_its_step_and_it_resumes_bit_for_bit(mnist1d, backend, method, epoch, tmp_path):
+    # What the CLI's signal handler does (engine.request_stop), during the third step of an epoch: the group finishes
     # that lockstep step, saves every seed mid-epoch and raises; resumed together, it ends as if never stopped.
     from test_interrupts import stopping_at
 
     configs = [cfg(method, seed=s, epochs=3, optimizer="adamw", lr=3e-3) for s in (0, 1)]
     group = parallel.train_seeds(configs, mnist1d, build, backend=backend)
-    stop_at = 400 // 64 + 2
+    stop_at = epoch * (400 // 64) + 2
     paths = [tmp_path / f"{c.key()}.pt" for c in configs]
     with pytest.raises(KeyboardInterrupt):
         parallel.train_seeds(configs, mnist1d, lambda c: stopping_at(build(c), stop_at) if c.seed == 0 else build(c),
                              backend=backend, checkpoints=paths, checkpoint_seconds=3600)
     for path in paths:
         saved = torch.load(path, weights_only=True)
-        assert (saved["epoch"], saved["step"], saved["partial_epoch"]["batch"]) == (1, stop_at + 1, 3)
+        assert (saved["epoch"], saved["step"], saved["partial_epoch"]["batch"]) == (epoch, stop_at + 1, 3)
     assert not engine.request_stop(KeyboardInterrupt)  # the loop is over: nothing is left pending
     resumed = parallel.train_seeds(configs, mnist1d, build, backend=backend, checkpoints=paths)
     assert [r.resumed_from_step for r in resumed] == [stop_at + 1] * 2
