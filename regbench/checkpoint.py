@@ -126,7 +126,8 @@ def resume_point(path: Path) -> tuple[int, int, str] | None:
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: only the few scalars read here leave the disk, not the weights (a study asks this once per sibling)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - unreadable: ``load`` reports it when the run itself opens it
         return None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
