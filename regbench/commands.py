@@ -210,9 +210,10 @@ def _protocol(args):
 
 
 def work(storage, bench, splits, tracking_uri: str | None, quiet: bool = False, wait: bool = True,
-         checkpoints: dict | None = None, parallel_seeds: int = 1) -> None:
+         checkpoints: dict | None = None, parallel_seeds: int = 1, worker: str | None = None) -> None:
     """Run this process's share of a benchmark's trials, one line each, mirrored to MLflow as they finish.
-    ``checkpoints``: Runner's checkpoint_dir / checkpoint_seconds / keep_checkpoints (see _checkpoint_options)."""
+    ``checkpoints``: Runner's checkpoint_dir / checkpoint_seconds / keep_checkpoints (see _checkpoint_options).
+    ``worker``: this worker's identity (None for `regbench run`), which seeds its own sampler (study.sampler_seed)."""
     from regbench import study, tracking
 
     progress = not quiet and sys.stderr.isatty()
@@ -222,19 +223,16 @@ def work(storage, bench, splits, tracking_uri: str | None, quiet: bool = False, 
 
     tracker = tracking.SafeTracker(tracking_uri, bench.name, warn) if tracking_uri else None
 
-    # "[k/total]" counts the runs this process trained; the total is known unless tuning is budgeted in epochs.
-    planned = None if bench.protocol.budget_epochs else sum(
-        (bench.protocol.trials if bench.tunes(m) else 0) + len(bench.seeds) for m in bench.methods)
-    counter = [0]
-
     def on_trial(outcome: study.Outcome) -> None:
         t = outcome.trial
         if study.skipped(t):
             return
-        counter[0] += 1
+        # "[done/planned]" counts the benchmark's runs, whichever worker ran them (planned is unknown when tuning is
+        # budgeted in epochs), so every worker's lines agree on how far the benchmark is.
+        done, planned = study.run_counts(storage, bench)
         what = (f"{outcome.method} tuning trial {t.number}" if outcome.kind == "tune"
                 else f"{outcome.method} seed {t.params.get('seed', '?')}")
-        what = f"[{counter[0]}{f'/{planned}' if planned else ''}] {what}"
+        what = f"[{done}{f'/{planned}' if planned else ''}] {what}"
         spent = t.user_attrs.get("budget", {})
         if t.state.name == "COMPLETE":
             m = t.user_attrs["metrics"]
@@ -250,7 +248,7 @@ def work(storage, bench, splits, tracking_uri: str | None, quiet: bool = False, 
             tracker.mirror(outcome.study.study_name, t)
 
     runner = study.Runner(storage, bench, splits, progress=progress, on_trial=on_trial, wait=wait,
-                          parallel_seeds=parallel_seeds, **(checkpoints or {}))
+                          parallel_seeds=parallel_seeds, worker=worker, **(checkpoints or {}))
     for method in bench.methods if not bench.protocol.tunes else []:
         keys = {c.key() for c in runner.select(method)}
         done = sum(t.state.name == "COMPLETE" and t.user_attrs.get("config_key") in keys
@@ -337,6 +335,7 @@ def load_splits(cfg: RunConfig, data_dir: Path):
 def worker_command(args, default_data_dir: str, argv: list[str] | None = None) -> int:
     """Join a benchmark planned in a shared storage: claim and run its trials until none is left. With --per-gpu N,
     start N such workers per visible GPU instead (regbench/launch.py) once the storage and benchmark check out."""
+    from regbench import study
     from regbench.store import open_storage
 
     per_gpu = getattr(args, "per_gpu", 1)
@@ -363,7 +362,8 @@ def worker_command(args, default_data_dir: str, argv: list[str] | None = None) -
         raise ConfigError(f"this machine's {bench.base.dataset} data gives split {splits.split_hash[:12]}, the "
                           f"benchmark was planned on {want[:12]}; point --data-dir at the same dataset files")
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    work(storage, bench, splits, tracking_uri, quiet=args.quiet, checkpoints=checkpoints)
+    work(storage, bench, splits, tracking_uri, quiet=args.quiet, checkpoints=checkpoints,
+         worker=study.worker_identity())
     print(f"worker: benchmark {bench.name!r} has no work left")
     return 0
 

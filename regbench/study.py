@@ -13,9 +13,12 @@ Every training run is one Optuna trial in the store:
 Work is claimed through the storage, so any number of processes (``regbench run``, ``regbench worker``) can share one
 benchmark. Equal budget and "each run once" are enforced when a trial is claimed, not when it is planned, because two
 workers can plan the same thing at the same moment: a tuning trial whose lower-numbered siblings already spent the
-budget, or a final run whose config another trial already holds, ends at once as FAIL with a ``skipped:`` reason and
-is counted nowhere. A dead worker's trial goes stale (heartbeat) and is retried once with the same params (Optuna's
-retry callback); a diverged run (NaN/inf loss) is FAIL with its reason, counts against the budget and is not retried.
+budget, a tuning trial whose configuration another trial of its study already holds (done, pruned, diverged, running
+or queued), or a final run whose config another trial already holds, ends at once as FAIL with a ``skipped:`` reason
+and is counted nowhere, and the sampler is asked again. So ``--trials N`` buys N distinct configurations however many
+workers share the study; each worker seeds its sampler from the benchmark's seed and its own identity, so concurrent
+workers do not propose the same start-up points (``regbench run`` alone uses the benchmark's seed: reproducible).
+A dead worker's trial goes stale (heartbeat) and is retried once with the same params (Optuna's retry callback); a diverged run (NaN/inf loss) is FAIL with its reason, counts against the budget and is not retried.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from regbench import registry
 from regbench.config import RunConfig
 from regbench.errors import ConfigError, RegbenchError
 from regbench.store import INTERRUPTED, SPEC_ATTR, final_study_name, retry_callback
+from regbench.store import trials_of as store_trials
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)  # we print our own one line per trial
 
@@ -48,6 +52,9 @@ SHARED_PREFIX = "shared."       # shared training hparams in a tuning trial's pa
 SKIPPED = "skipped:"            # fail_reason prefix of trials that never trained (budget reached, duplicate, no work)
 DIVERGED = "diverged:"
 POLL_SECONDS = 2.0              # how often a worker with nothing to claim looks again
+REASK = 3                       # duplicate proposals in a row from the sampler before a distinct random point is queued
+DISTINCT_DRAWS = 200            # random draws looking for an untaken configuration; none found = the space is exhausted
+EXHAUSTED_ATTR = "exhausted"    # tuning study attr: how many distinct configurations its search space held
 
 
 class _Skip(Exception):
@@ -212,8 +219,26 @@ def check_search_spaces(bench: Benchmark, check: Callable[[str, dict], None] | N
             study.tell(trial, 0.0)
 
 
-def _sampler(bench: Benchmark) -> optuna.samplers.BaseSampler:
-    return optuna.samplers.TPESampler(seed=bench.protocol.sampler_seed)
+def worker_identity() -> str:
+    """This process among the benchmark's workers: host and pid (recorded in each trial's ``env.worker``)."""
+    import os
+    import socket
+
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def sampler_seed(base: int, worker: str | None) -> int:
+    """The sampler seed of one process: the benchmark's own seed for ``regbench run`` (``worker`` None), so a run is
+    reproducible; for a worker, a seed derived from it and the worker's identity, so workers that start together
+    draw different start-up points instead of the same ones."""
+    if worker is None:
+        return base
+    return int.from_bytes(hashlib.sha256(f"{base}:{worker}".encode()).digest()[:4], "big")
+
+
+def _sampler(bench: Benchmark, seed: int) -> optuna.samplers.BaseSampler:
+    # constant_liar: trials that other workers are running count as poor results, so TPE looks elsewhere meanwhile
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 
 
 def _pruner(bench: Benchmark) -> optuna.pruners.BasePruner:
@@ -313,6 +338,22 @@ def tuning_spent(trials, planned_epochs: int, below: int | None = None) -> tuple
     return n, epochs
 
 
+def holds_configuration(trial) -> bool:
+    """Whether a trial holds its configuration in its tuning study: done, pruned, diverged, running or queued (the
+    trials that count against the budget). Skipped and interrupted ones do not: an interrupted one's retry does."""
+    return not (trial.state == TrialState.FAIL and not diverged(trial))
+
+
+def duplicate_of(trials, number: int, key: str) -> int | None:
+    """The number of another trial that holds ``trial``'s config key, if any. The claimant writes its key first and
+    then looks, so of two trials racing for one key at least one sees the other; a running trial is yielded to
+    whatever its number (both may yield, then the sampler is simply asked again), so no key is ever trained twice."""
+    for other in trials:
+        if other.number != number and other.user_attrs.get("config_key") == key and holds_configuration(other):
+            return other.number
+    return None
+
+
 def budget_left(protocol: Protocol, spent: tuple[int, int]) -> bool:
     n, epochs = spent
     if protocol.trials and n >= protocol.trials:
@@ -361,8 +402,12 @@ class Runner:
     def __init__(self, storage, bench: Benchmark, splits, progress: bool = False,
                  on_trial: Callable[[Outcome], None] | None = None, wait: bool = True,
                  checkpoint_dir: Path | None = None, checkpoint_seconds: float = 60.0, keep_checkpoints: bool = False,
-                 parallel_seeds: int = 1):
+                 parallel_seeds: int = 1, worker: str | None = None):
         self.storage, self.bench, self.splits = storage, bench, splits
+        # None: `regbench run` (the benchmark's sampler seed); else this worker's identity (its own derived seed)
+        self.worker = worker
+        self.seed = sampler_seed(bench.protocol.sampler_seed, worker)
+        self._duplicates: dict[str, int] = {}  # method -> duplicate proposals in a row from its sampler
         self.parallel_seeds = parallel_seeds  # final seeds of one config trained at once (regbench/parallel.py)
         self.progress, self.on_trial, self.wait = progress, on_trial or (lambda _o: None), wait
         # Mid-run checkpoints (regbench/checkpoint.py), one file per config key: a killed trial's retry has the same
@@ -374,7 +419,7 @@ class Runner:
     # studies are created lazily and cached; load_if_exists makes concurrent creation safe
     def _study(self, name: str, direction: str = "maximize", tuning: bool = False) -> optuna.Study:
         if name not in self._studies:
-            kwargs = {"sampler": _sampler(self.bench), "pruner": _pruner(self.bench)} if tuning else {}
+            kwargs = {"sampler": _sampler(self.bench, self.seed), "pruner": _pruner(self.bench)} if tuning else {}
             self._studies[name] = optuna.create_study(study_name=name, storage=self.storage, direction=direction,
                                                       load_if_exists=True, **kwargs)
         return self._studies[name]
@@ -409,8 +454,11 @@ class Runner:
             tune = self.tune_study(method)
             _fail_stale(tune)
             trials = tune.get_trials(deepcopy=False)
-            if budget_left(self.bench.protocol, tuning_spent(trials, self.bench.base.epochs)) or any(
-                    t.state == TrialState.WAITING for t in trials):
+            if self._duplicates.get(method, 0) >= REASK and self._tuning_open(tune, trials):
+                self._duplicates[method] = 0
+                self._queue_distinct(tune, method, trials)
+                trials = tune.get_trials(deepcopy=False)
+            if self._tuning_open(tune, trials) or any(t.state == TrialState.WAITING for t in trials):
                 self._run_one(tune, self._tune_objective(tune, method), "tune", method)
                 return "ran"
             if any(t.state == TrialState.RUNNING for t in trials):
@@ -427,6 +475,35 @@ class Runner:
                                                                                   states=(TrialState.RUNNING,))):
             return "wait"
         return "done"
+
+    def _tuning_open(self, tune: optuna.Study, trials) -> bool:
+        """Budget left, and the search space not found exhausted."""
+        return budget_left(self.bench.protocol, tuning_spent(trials, self.bench.base.epochs)) and \
+            EXHAUSTED_ATTR not in tune.user_attrs
+
+    def _queue_distinct(self, tune: optuna.Study, method: str, trials) -> None:
+        """The sampler keeps proposing configurations other trials hold (TPE converged, or a small discrete space):
+        queue a random configuration no trial holds instead (the study's next trial claims it, with its key already
+        written), or record that the search space has none left, which ends the method's tuning."""
+        taken = {t.user_attrs.get("config_key") for t in trials if holds_configuration(t)}
+        draws = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=self.seed + len(trials)))
+        for _ in range(DISTINCT_DRAWS):
+            probe = draws.ask()
+            try:
+                cfg = self._tune_config(method, probe)
+            except RegbenchError:  # an invalid corner of the space: the sampler would have skipped it too
+                continue
+            if cfg.key() not in taken:
+                tune.enqueue_trial(probe.params, user_attrs={
+                    "config": cfg.to_json(), "config_key": cfg.key(), "kind": "tune", "method": method,
+                    "proposed_by": f"random: the sampler proposed taken configurations {REASK} times in a row"})
+                return
+        tune.set_user_attr(EXHAUSTED_ATTR, len(taken))
+
+    def _tune_config(self, method: str, trial) -> RunConfig:
+        hparams, shared = suggest(self.bench, method, trial)
+        return self.bench.base.replace(method=method, hparams=hparams, seed=TUNE_SEED,
+                                       eval_test=self.bench.protocol.oracle, **shared)
 
     def select(self, method: str) -> list[RunConfig]:
         """The final configs of the method's selected configuration: its best tuning trial on validation (defaults
@@ -489,12 +566,18 @@ class Runner:
             if not budget_left(bench.protocol, spent):
                 trial.set_user_attr("fail_reason", f"{SKIPPED} the tuning budget was already spent by other trials")
                 raise _Skip()
-            hparams, shared = suggest(bench, method, trial)
-            cfg = bench.base.replace(method=method, hparams=hparams, seed=TUNE_SEED, eval_test=bench.protocol.oracle,
-                                     **shared)
+            cfg = self._tune_config(method, trial)
             for key, value in (("config", cfg.to_json()), ("config_key", cfg.key()), ("kind", "tune"),
                                ("method", method)):
                 trial.set_user_attr(key, value)
+            # Written first, then checked: two workers racing for one configuration cannot both train it.
+            other = duplicate_of(study.get_trials(deepcopy=False), trial.number, cfg.key())
+            if other is not None:
+                self._duplicates[method] = self._duplicates.get(method, 0) + 1
+                trial.set_user_attr("fail_reason", f"{SKIPPED} trial {other} holds the same configuration; the "
+                                                   f"sampler is asked again")
+                raise _Skip()
+            self._duplicates[method] = 0
             return self._train(trial, cfg, prune=True)
         return objective
 
@@ -624,7 +707,7 @@ class Runner:
 
         objective = self.bench.protocol.objective
         device = str(engine.resolve_device(cfg.device))
-        trial.set_user_attr("env", environment(device))
+        trial.set_user_attr("env", {**environment(device), "worker": self.worker or f"run:{worker_identity()}"})
         trial.set_user_attr("split_hash", self.splits.split_hash)
         epochs_done = [0]
 
@@ -738,10 +821,10 @@ def progress(storage, bench: Benchmark) -> list[str]:
             parts.append("nothing to tune")
         if bench.tunes(method):
             try:
-                trials = optuna.load_study(study_name=bench.tune_study_name(method), storage=storage).get_trials(
-                    deepcopy=False)
+                tune = optuna.load_study(study_name=bench.tune_study_name(method), storage=storage)
+                trials, exhausted = tune.get_trials(deepcopy=False), tune.user_attrs.get(EXHAUSTED_ATTR)
             except KeyError:
-                trials = []
+                trials, exhausted = [], None
             c = _counts(trials)
             n, epochs = tuning_spent(trials, bench.base.epochs)
             p = bench.protocol
@@ -750,8 +833,11 @@ def progress(storage, bench: Benchmark) -> list[str]:
                 left.append(f"{max(p.trials - n, 0)} trials")
             if p.budget_epochs:
                 left.append(f"{max(p.budget_epochs - epochs, 0)} epochs")
+            note = ""
+            if exhausted is not None:
+                left, note = ["0 trials"], f" (its search space holds only {exhausted} distinct configurations)"
             parts.append(f"tuning {c['done']} done, {c['running']} running, {c['pruned']} pruned, {c['failed']} "
-                         f"failed{_resumable(c)}, {' / '.join(left)} remaining")
+                         f"failed{_resumable(c)}, {' / '.join(left)} remaining{note}")
         selected = root.user_attrs.get(selection_attr(method, bench.ident(method)))
         if bench.tunes(method) and selected is None:
             parts.append(f"finals: {len(bench.seeds)} seeds wait for tuning")
@@ -773,3 +859,34 @@ def progress(storage, bench: Benchmark) -> list[str]:
                          f"{_resumable(c)}, {remaining} remaining")
         lines.append(f"  {method}: " + "; ".join(parts))
     return lines
+
+
+def run_counts(storage, bench: Benchmark) -> tuple[int, int | None]:
+    """(runs done, runs planned) for the whole benchmark, whichever process ran them: tuning trials that count against
+    the budget and have ended, plus final seeds done or diverged. Planned is None when tuning is budgeted in epochs
+    (the number of trials is not known in advance). For the ``[done/planned]`` of every worker's progress lines."""
+    done, planned = 0, 0 if not bench.protocol.budget_epochs else None
+    root = optuna.load_study(study_name=bench.name, storage=storage)
+    for method in bench.methods:
+        if bench.tunes(method):
+            try:
+                tune = optuna.load_study(study_name=bench.tune_study_name(method), storage=storage)
+                trials, exhausted = tune.get_trials(deepcopy=False), tune.user_attrs.get(EXHAUSTED_ATTR)
+            except KeyError:
+                trials, exhausted = [], None
+            ended = sum(holds_configuration(t) and t.state not in (TrialState.RUNNING, TrialState.WAITING)
+                        for t in trials)
+            if planned is not None:
+                budget = bench.protocol.trials if exhausted is None else min(bench.protocol.trials, exhausted)
+                planned += budget
+                ended = min(ended, budget)
+            done += ended
+        if planned is not None:
+            planned += len(bench.seeds)
+        selected = root.user_attrs.get(selection_attr(method, bench.ident(method)))
+        if selected is None:
+            continue
+        finals = [t for t in store_trials(storage, final_study_name(bench.name, method))
+                  if t.user_attrs.get("group_key") == selected["group_key"] and _seed(t) in bench.seeds]
+        done += len({_seed(t) for t in finals if t.state == TrialState.COMPLETE or diverged(t)})
+    return done, planned
