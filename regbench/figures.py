@@ -46,17 +46,33 @@ def seed_points(runs: pd.DataFrame, summary: pd.DataFrame, path, metric_label: s
     data = runs.assign(value=runs["value"] * 100)
     sns.stripplot(data=data, x="method", y="value", order=order, hue="method", hue_order=order, legend=False,
                   jitter=0.12, size=6, alpha=0.8, ax=ax)
+    no_interval = []
     for i, row in enumerate(summary.itertuples()):
         if row.mean is None:
             continue
         ax.plot([i - 0.28, i + 0.28], [row.mean * 100] * 2, color="black", lw=2)
         if row.ci_low is not None:
-            ax.errorbar(i + 0.3, row.mean * 100, yerr=[[(row.mean - row.ci_low) * 100],
-                                                       [(row.ci_high - row.mean) * 100]],
+            # An accuracy lies in [0, 100] %: a t-interval reaching past either end is drawn up to it.
+            low, high = max(row.ci_low * 100, 0.0), min(row.ci_high * 100, 100.0)
+            ax.errorbar(i + 0.3, row.mean * 100, yerr=[[row.mean * 100 - low], [high - row.mean * 100]],
                         color="black", capsize=4, lw=1.2)
+        else:
+            no_interval.append(row.method)
+    values = data["value"].dropna()
+    if len(values):
+        low = min(values.min(), *(min(r.ci_low, r.mean) * 100 for r in summary.itertuples() if r.ci_low is not None),
+                  values.min())
+        high = max(values.max(), *(max(r.ci_high, r.mean) * 100 for r in summary.itertuples()
+                                   if r.ci_high is not None), values.max())
+        pad = max((high - low) * 0.08, 0.5)
+        ax.set_ylim(max(low - pad, 0.0), min(high + pad, 100.0))
     ax.set_xlabel("")
     ax.set_ylabel(metric_label)
-    ax.set_title("seeds (dots), mean (bar), 95 % CI (whisker)", fontsize=10)
+    title = "seeds (dots), mean (bar), 95 % CI (whisker)"
+    if no_interval:
+        title += "\nno whisker: fewer than 3 seeds" + ("" if len(no_interval) == len(order) else
+                                                      f" ({', '.join(no_interval)})")
+    ax.set_title(title, fontsize=10)
     ax.tick_params(axis="x", rotation=30 if len(order) > 4 else 0)
     return _save(fig, path)
 
@@ -84,7 +100,8 @@ def erank_curves(history: pd.DataFrame, targets: pd.DataFrame, path) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in list(axes.flat)[len(layers):]:
         ax.set_visible(False)
-    fig.suptitle("effective rank per hooked layer (dashed: SES target d^β)", fontsize=11)
+    fig.suptitle("effective rank per diagnostic layer" + (" (dashed: SES target d^β, in the method's colour)"
+                                                           if len(targets) else ""), fontsize=11)
     return _save(fig, path)
 
 

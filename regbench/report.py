@@ -14,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from regbench import stats
@@ -70,17 +71,33 @@ def _train_size(trial, spec: dict):
     return None
 
 
-def _mean_ci(values: pd.Series, scale: float = 1.0, digits: int = 2) -> str:
-    """Mean ± half-width of its 95 % t-interval over seeds (the same interval stats.compare gives)."""
+def mean_cell(values: pd.Series, scale: float = 1.0, digits: int = 2, min_seeds: int = stats.MIN_SEEDS) -> str:
+    """Mean ± half-width of its 95 % t-interval over seeds (the interval stats.compare gives). Below ``min_seeds``
+    the mean alone, with the seed count in words: at 2 seeds the interval's t quantile is 12.7 and it means
+    nothing (a 69 % accuracy ± 46 pp)."""
     v = values.dropna() * scale
     if v.empty:
         return "–"
-    if len(v) < 2:
-        return f"{v.mean():.{digits}f}"
+    if len(v) < min_seeds:
+        return f"{v.mean():.{digits}f}"  # the seeds column gives n; the legend says in words why no interval
     low, high = stats._ci(v.to_numpy(), 0.05)
     if low is None or not math.isfinite(low):  # every seed equal: no spread, the interval is the point
         return f"{v.mean():.{digits}f} ± 0"
     return f"{v.mean():.{digits}f} ± {(high - low) / 2:.{digits}f}"
+
+
+_mean_ci = mean_cell
+
+
+def timing_cell(values: pd.Series, digits: int = 3) -> str:
+    """Median and range of a timing over seeds: wall time is skewed by the machine's load and is not a quantity
+    anyone wants a t-interval of (a mean ± interval at n = 2 even went negative)."""
+    v = values.dropna()
+    if v.empty:
+        return "–"
+    if len(v) == 1:
+        return f"{v.iloc[0]:.{digits}f}"
+    return f"{v.median():.{digits}f} ({v.min():.{digits}f}–{v.max():.{digits}f})"
 
 
 def _num(value, fmt: str = "{:.2f}") -> str:
@@ -110,7 +127,18 @@ def _delta_cell(row) -> str:
     text = f"{row.delta * 100:+.2f}"
     if row.delta_ci_low is not None:
         text += f" [{row.delta_ci_low * 100:+.2f}, {row.delta_ci_high * 100:+.2f}]"
+    else:
+        text += " (no interval, see notes)"
     return text
+
+
+def test_cells(row) -> str:
+    """The comparison columns of one method's row of stats.compare (Δ in pp, p, sig., g, verdict, power)."""
+    return (f"{_delta_cell(row)} | {_p(row.p_holm)} | {_mark(row.p_holm)} | {_num(row.hedges_g, '{:+.2f}')} | "
+            f"{row.verdict} | {_num(row.seeds_needed, '{}')}")
+
+
+test_cells.__test__ = False  # not a pytest test when imported into a test module
 
 
 def _relative_mce(df: pd.DataFrame, method: str) -> str:
@@ -181,7 +209,7 @@ def leaderboard(storage, benchmark: str, margin_pp: float = 0.5, figures_dir: Pa
     shift_head = " corruption acc % | extra corr. acc % | rel. mCE |" if shifted else ""
     lines += ["", ("| method | seeds | test acc % | Δ test vs baseline (pp) [95 % CI] | p (Holm) | sig. | Hedges' g | "
                   "verdict | seeds for 80 % power | gap (pp) | ECE % | NLL "
-                  f"|{shift_head} final erank | s/epoch | hparams; budget spent |"),
+                  f"|{shift_head} final erank | s/epoch (median, range) | hparams; budget spent |"),
               "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if shifted else "") + "---|---|---|"]
     budgets = {m: _budget(storage, benchmark, m, spec["methods"][m]) for m in methods}
     notes = []
@@ -203,8 +231,7 @@ def leaderboard(storage, benchmark: str, margin_pp: float = 0.5, figures_dir: Pa
         if table is not None and method in table.index:
             r = table.loc[method]
             r = r.rename(method)
-            test = (f"{_delta_cell(r)} | {_p(r.p_holm)} | {_mark(r.p_holm)} | {_num(r.hedges_g, '{:+.2f}')} | "
-                    f"{r.verdict} | {_num(r.seeds_needed, '{}')}")
+            test = test_cells(r)
             if r.note:
                 notes.append(f"- {method}: {r.note}")
         else:
@@ -214,8 +241,9 @@ def leaderboard(storage, benchmark: str, margin_pp: float = 0.5, figures_dir: Pa
                      + (f"{_mean_ci(mine.shift_acc, 100)} | {_mean_ci(mine.shift_extra_acc, 100)} | "
                         f"{_relative_mce(df, method)} | " if shifted else "") +
                      f"{_mean_ci(mine.erank, 1, 1)} | "
-                     f"{_mean_ci(mine.seconds_per_epoch, 1, 3)} | {hp} |")
-    lines += ["", *_legend(table, margin_pp, shifted)]
+                     f"{timing_cell(mine.seconds_per_epoch)} | {hp} |")
+    fewest = int(df.groupby("method").size().min()) if not df.empty else 0
+    lines += ["", *_legend(table, margin_pp, shifted, fewest)]
     if notes:
         lines += ["", "Notes from the tests:", *notes]
     if not df.empty and df.ece.notna().any():
@@ -229,12 +257,19 @@ def leaderboard(storage, benchmark: str, margin_pp: float = 0.5, figures_dir: Pa
     return "\n".join(lines) + "\n"
 
 
-def _legend(table, margin_pp: float, shifted: bool) -> list[str]:
+def _legend(table, margin_pp: float, shifted: bool, fewest: int = stats.MIN_SEEDS) -> list[str]:
     tests = sorted(set(table.test.dropna())) if table is not None else []
     how = {"paired t": "a paired t-test on the per-seed differences (same seeds, so the seed's noise cancels)",
            "Welch t": "Welch's t-test (seeds not shared with baseline)"}
     used = "; ".join(how.get(t, t) for t in tests) or "none could be made"
-    return [
+    few = [] if fewest >= stats.MIN_SEEDS else [
+        f"**Too few seeds for statistics: {fewest} seed{'s' if fewest != 1 else ''} where at least "
+        f"{stats.MIN_SEEDS} are needed.** Rows with fewer than {stats.MIN_SEEDS} seeds give means only (no ±), and "
+        f"no test is made against a reference with fewer: with 2 seeds a 95 % t-interval uses "
+        f"t = 12.7 (it spans most of the scale), a t-test has 1 degree of freedom and Hedges' g is undefined, so "
+        f"none is printed (\"–\", reasons in the notes below). Rerun with `--seeds {stats.MIN_SEEDS}` or more "
+        f"(the runs already in the store are kept).", ""]
+    return few + [
         "Mean ± half-width of the 95 % t-interval over seeds; test accuracy and gap at the last epoch (gap = train − "
         "test accuracy); ECE (15 bins) and NLL on the clean test set. Δ: mean difference to baseline in percentage "
         f"points with its 95 % interval. Test: {used}; p is Holm-adjusted over the methods of this table. sig.: "
@@ -242,7 +277,9 @@ def _legend(table, margin_pp: float, shifted: bool) -> list[str]:
         "bias-corrected standardized difference (|g| ≈ 0.2 small, 0.8 large). Verdict: better/worse when the "
         f"Holm-adjusted p < 0.05; else equivalent when the TOST equivalence test shows |Δ| < {margin_pp:g} pp "
         "(`regbench report --margin PP`); else inconclusive (more seeds needed). Seeds for 80 % power: per method, "
-        "to detect the observed effect at α = 0.05."
+        "to detect the observed effect at α = 0.05. s/epoch: median over seeds (min–max), wall time on the "
+        "machine named above; no interval (timings are not a quantity to test). \"–\": not computable, the reason is in "
+        "the notes."
         + (" Corruption columns: mean accuracy over the 15 benchmark corruptions × 5 severities, over the 4 "
            "extra ones separately, and the mCE-style error relative to baseline (1.00 = as robust; lower is "
            "better)." if shifted else "")
@@ -268,14 +305,23 @@ def _figures(df: pd.DataFrame, table, spec: dict, storage, benchmark: str, folde
               "Test accuracy per seed (dots), mean (bar) and 95 % t-interval (whisker) per method.")
     history, targets = _erank_history(df)
     if not history.empty:
+        merged = merge_identical_layers(history)
+        panels = {layer: layer.split(" = ") for layer in dict.fromkeys(merged.layer)}
+        targets = targets.assign(layer=targets.layer.map(
+            {part: name for name, parts in panels.items() for part in parts})).drop_duplicates()
         caption = ("Effective rank (SES eq. 4) of each diagnostic layer over epochs, mean over seeds with a bootstrap "
                    "95 % band")
-        betas = any("beta" in k.split(".")[-1] for c in df.config for k in c.get("hparams", {}))
-        caption += (f"; dashed: the SES target d^β of {', '.join(sorted(set(targets.method)))} (d = layer width)."
-                    if not targets.empty else
-                    "; no SES target drawn: this store predates recording layer widths." if betas else
-                    "; no method here sets an SES target (β).")
-        embed(figures.erank_curves(history, targets, folder / "erank.png"), caption)
+        if any(len(parts) > 1 for parts in panels.values()):
+            caption += "; a panel named \"a = b\" is one series recorded at two layers with identical values"
+        with_beta = sorted({r.method for r in df.itertuples()
+                            if ses_beta(r.method, r.config.get("hparams", {})) is not None})
+        drawn = sorted(set(targets.method))
+        caption += (f"; dashed: the SES target d^β of {', '.join(drawn)} in its colour (d = layer width)"
+                    if drawn else "")
+        missing = [m for m in with_beta if m not in drawn]
+        caption += (f"; no target for {', '.join(missing)}: its runs recorded no width for the layers it shapes."
+                    if missing else "." if with_beta else "; no SES run here, so no target d^β.")
+        embed(figures.erank_curves(merged, targets, folder / "erank.png"), caption)
     bins = _reliability_bins(df)
     if not bins.empty:
         embed(figures.reliability(bins, folder / "reliability.png"),
@@ -294,24 +340,63 @@ def _figures(df: pd.DataFrame, table, spec: dict, storage, benchmark: str, folde
     return lines if written else []
 
 
+def ses_beta(method: str, hparams: dict) -> float | None:
+    """β of the SES part of a method: ``beta`` of ``ses`` itself, ``ses.beta`` of a composite with an SES part;
+    None otherwise (another method's ``beta``, e.g. confidence_penalty's, is no SES target)."""
+    if method == "ses":
+        return hparams.get("beta")
+    if "ses" in method.split("+"):
+        return hparams.get("ses.beta")
+    return None
+
+
 def _erank_history(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Long frame (method, seed, epoch, layer, erank) from the stored histories, and SES targets d^β for methods
-    that set a β and hook the diagnostic layers (layers "auto"), d = the layer's width stored by the engine."""
+    """Long frame (method, seed, epoch, layer, erank) from the stored histories, and the SES targets d^β of every
+    run with an SES part and a known β, on the diagnostic layers it shapes (d = the layer's width stored by the
+    engine). The layers SES shapes are those it reports an entropy for (``ses_entropy/<layer>``); runs stored
+    before that was recorded fall back to the layer rule "auto" (SES hooks the diagnostic layers)."""
     rows, targets = [], {}
     for run in df.itertuples():
         hp = run.config.get("hparams", {})
-        beta = next((v for k, v in hp.items() if k == "beta" or k.endswith(".beta")), None)
-        hooks_all = all(v == "auto" for k, v in hp.items() if k == "layers" or k.endswith(".layers"))
+        beta = ses_beta(run.method, hp)
+        rule = hp.get("layers") if run.method == "ses" else hp.get("ses.layers")
         for h in run.history:
+            shaped = {k.split("/", 1)[1] for k in {**run.metrics, **h} if k.startswith("ses_entropy/")}
             for layer in run.layers:
                 if f"erank/{layer}" in h:
                     rows.append({"method": run.method, "seed": run.seed, "epoch": h["epoch"], "layer": layer,
                                  "erank": h[f"erank/{layer}"]})
-                if beta is not None and hooks_all and h.get(f"width/{layer}"):
+                hooked = layer in shaped if shaped else rule == "auto"
+                if beta is not None and hooked and h.get(f"width/{layer}"):
                     targets[(run.method, layer)] = float(h[f"width/{layer}"]) ** float(beta)
     return (pd.DataFrame(rows),
             pd.DataFrame([{"method": m, "layer": lay, "target": t} for (m, lay), t in targets.items()],
                          columns=["method", "layer", "target"]))
+
+
+def merge_identical_layers(history: pd.DataFrame) -> pd.DataFrame:
+    """Layers whose effective-rank series are identical in every run and epoch (e.g. the last block's output and
+    the global-average pool under ``conv_reduce=gap``: the pool's covariance is the block's) become one panel named
+    "a = b", so one quantity is not drawn twice as if it were two."""
+    if history.empty:
+        return history
+    series = {layer: frame.sort_values(["method", "seed", "epoch"])[["method", "seed", "epoch", "erank"]]
+              .reset_index(drop=True) for layer, frame in history.groupby("layer", sort=False)}
+    rename, groups = {}, []
+    for layer, values in series.items():
+        for group in groups:
+            first = series[group[0]]
+            if len(first) == len(values) and first[["method", "seed", "epoch"]].equals(values[["method", "seed",
+                                                                                                "epoch"]]) \
+                    and np.allclose(first.erank.to_numpy(float), values.erank.to_numpy(float), rtol=1e-9, atol=0):
+                group.append(layer)
+                break
+        else:
+            groups.append([layer])
+    for group in groups:
+        for layer in group:
+            rename[layer] = " = ".join(group)
+    return history.assign(layer=history.layer.map(rename))
 
 
 def _reliability_bins(df: pd.DataFrame) -> pd.DataFrame:
@@ -339,7 +424,7 @@ def _blocks(df: pd.DataFrame) -> pd.DataFrame:
 
 def _calibration(df: pd.DataFrame, methods: list[str]) -> list[str]:
     brier = df.metrics.map(lambda m: m.get("test_brier", math.nan))
-    lines = ["", "## Calibration", "", ("Clean test set, mean ± 95 % CI over seeds; lower is better for all three "
+    lines = ["", "## Calibration", "", ("Clean test set, mean ± 95 % CI over seeds (the mean alone below 3 seeds); lower is better for all three "
              "(ECE: 15 equal-width confidence bins, Guo et al. 2017; Brier: multi-class, Σ_k (p_k − 1[y=k])²)."), "",
              "| method | ECE % | NLL | Brier |", "|---|---|---|---|"]
     for m in methods:
@@ -446,10 +531,20 @@ def write_report(storage, benchmark: str, out_dir: Path, margin_pp: float = 0.5)
 # ---------------------------------------------------------------------------------------------------------------
 # Tidy export and the cross-benchmark summary.
 
+# Scalars stored with a run's metrics that come from its last epoch's history row: exported under names that say so,
+# so they cannot be mistaken for the configuration (``lr`` is the configured peak rate, not the schedule's last
+# value) or for a whole-run total (``seconds_per_epoch`` is the run's mean).
+LAST_EPOCH_NAMES = {"lr": "last_epoch_lr", "seconds": "last_epoch_seconds", "epoch": "epochs_trained",
+                    "train_loss": "last_epoch_train_loss", "reg_loss": "last_epoch_reg_loss"}
+RECIPE = ("lr", "weight_decay", "epochs", "batch_size", "optimizer", "schedule")
+
+
 def export_frame(storage, benchmark: str) -> pd.DataFrame:
     """One row per final run: dataset, model, train_size, method, seed, trial, the hparams as ``hp.<name>``, the
-    shared recipe (lr, weight_decay, epochs) and every scalar metric under its stored name (accuracies as
-    fractions). Non-scalar records (reliability bins) stay in the store."""
+    recipe as configured (``lr`` is the configured peak learning rate), every scalar metric under its stored name
+    (accuracies as fractions) except the last epoch's history values, which are renamed (``LAST_EPOCH_NAMES``).
+    Integer-valued columns are integers (pandas ``Int64``, empty where a method lacks the hparam), booleans booleans.
+    Non-scalar records (reliability bins) stay in the store. Columns are documented in README.md ("Export")."""
     spec = load_spec(storage, benchmark)
     if spec is None:
         raise RegbenchError(f"no benchmark named {benchmark!r} in this store; run `regbench run` first")
@@ -461,10 +556,28 @@ def export_frame(storage, benchmark: str) -> pd.DataFrame:
                "method": run.method, "seed": run.seed, "trial": run.trial}
         row.update({f"hp.{k}": (json.dumps(v) if isinstance(v, (dict, list)) else v)
                     for k, v in cfg.get("hparams", {}).items()})
-        row.update({k: cfg.get(k) for k in ("lr", "weight_decay", "epochs")})
-        row.update({k: v for k, v in run.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        row.update({k: cfg.get(k) for k in RECIPE})
+        row.update({LAST_EPOCH_NAMES.get(k, k): v for k, v in run.metrics.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
         rows.append(row)
-    return pd.DataFrame(rows)
+    return _typed(rows)
+
+
+def _typed(rows: list[dict]) -> pd.DataFrame:
+    """The frame of ``rows`` where a column whose stored values are all integers (or all booleans), missing values
+    aside, gets pandas' nullable Int64 (boolean) dtype: a method without ``hp.rank`` must not turn another's 32
+    into 32.0. Types are read from the stored values, before pandas widens a column with gaps to float."""
+    frame = pd.DataFrame(rows)
+    for column in frame.columns:
+        values = [r[column] for r in rows if r.get(column) is not None
+                  and not (isinstance(r[column], float) and math.isnan(r[column]))]
+        if not values:
+            continue
+        if all(isinstance(v, bool) for v in values):
+            frame[column] = pd.array([r.get(column) for r in rows], dtype="boolean")
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            frame[column] = pd.array([r.get(column) for r in rows], dtype="Int64")
+    return frame
 
 
 def write_export(storage, benchmark: str, out_dir: Path, fmt: str = "csv") -> Path:

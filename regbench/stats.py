@@ -31,6 +31,7 @@ from statsmodels.stats.power import TTestIndPower, TTestPower
 
 from regbench.errors import ConfigError, DataError
 
+MIN_SEEDS = 3  # below this, a 95 % t-interval uses t ≥ 12.7 (1 df) and Hedges' J is 0: no interval, test or g
 SPREAD_EPS = 1e-12  # a spread this small is float rounding (metrics are ratios like k/N), not seed noise
 MAX_SEEDS = 1000  # beyond this the power answer is "more than anyone will run": reported as math.inf
 
@@ -71,8 +72,13 @@ def _values(df: pd.DataFrame, method: str, metric: str) -> pd.Series:
 # ---------------------------------------------------------------------------------------------------------------
 # Effect sizes and power.
 
-def hedges_correction(dof: float) -> float:
-    """Small-sample bias correction J = 1 − 3/(4·df − 1) (Hedges 1981; Borenstein et al. 2009 eq. 4.22)."""
+def hedges_correction(dof: float) -> float | None:
+    """Small-sample bias correction J = 1 − 3/(4·df − 1) (Hedges 1981; Borenstein et al. 2009 eq. 4.22).
+
+    None for df ≤ 1: the approximation gives J = 0 at df = 1 (and a negative J below), which would turn any
+    difference into g = 0; g is undefined there, not zero."""
+    if dof <= 1:
+        return None
     return 1.0 - 3.0 / (4.0 * dof - 1.0)
 
 
@@ -88,10 +94,13 @@ def hedges_g_paired(method: np.ndarray, reference: np.ndarray) -> float | None:
     on it (Lakens 2013 §"Power analysis").
     """
     n = len(method)
-    spread = math.sqrt((np.var(method, ddof=1) + np.var(reference, ddof=1)) / 2.0)
-    if n < 2 or spread == 0:
+    if n < 2:
         return None
-    return hedges_correction(n - 1) * float(np.mean(method - reference)) / spread
+    spread = math.sqrt((np.var(method, ddof=1) + np.var(reference, ddof=1)) / 2.0)
+    correction = hedges_correction(n - 1)
+    if spread <= SPREAD_EPS or correction is None:
+        return None
+    return correction * float(np.mean(method - reference)) / spread
 
 
 def hedges_g_independent(method: np.ndarray, reference: np.ndarray) -> float | None:
@@ -103,9 +112,10 @@ def hedges_g_independent(method: np.ndarray, reference: np.ndarray) -> float | N
     if n1 < 2 or n2 < 2:
         return None
     pooled = math.sqrt(((n1 - 1) * np.var(method, ddof=1) + (n2 - 1) * np.var(reference, ddof=1)) / (n1 + n2 - 2))
-    if pooled == 0:
+    correction = hedges_correction(n1 + n2 - 2)
+    if pooled <= SPREAD_EPS or correction is None:
         return None
-    return hedges_correction(n1 + n2 - 2) * float(np.mean(method) - np.mean(reference)) / pooled
+    return correction * float(np.mean(method) - np.mean(reference)) / pooled
 
 
 def seeds_needed(effect: float, alpha: float = 0.05, power: float = 0.8, paired: bool = True) -> float:
@@ -147,8 +157,8 @@ def seeds_needed(effect: float, alpha: float = 0.05, power: float = 0.8, paired:
 # ---------------------------------------------------------------------------------------------------------------
 # One method against the reference.
 
-def _ci(values: np.ndarray, alpha: float) -> tuple[float | None, float | None]:
-    if len(values) < 2:
+def _ci(values: np.ndarray, alpha: float, min_seeds: int = 2) -> tuple[float | None, float | None]:
+    if len(values) < max(2, min_seeds):
         return None, None
     low, high = ws.DescrStatsW(values).tconfint_mean(alpha=alpha)
     return float(low), float(high)
@@ -163,7 +173,16 @@ def _wilcoxon(diff: np.ndarray) -> float | None:
         return float(sps.wilcoxon(diff).pvalue)
 
 
-def _compare_one(x: pd.Series, y: pd.Series, alpha: float, margin: float, power: float) -> dict:
+def _g_note(g, spread_free: bool) -> str:
+    """Why Hedges' g is missing, in words (the table prints "–")."""
+    if g is not None:
+        return ""
+    return ("Hedges' g undefined: no seed-to-seed spread within the methods to standardize by" if spread_free
+            else "Hedges' g undefined at these degrees of freedom")
+
+
+def _compare_one(x: pd.Series, y: pd.Series, alpha: float, margin: float, power: float,
+                 min_seeds: int = MIN_SEEDS) -> dict:
     """x = method, y = reference, both indexed by seed. Returns the row's statistics (verdict set later)."""
     row = {"delta": None, "delta_ci_low": None, "delta_ci_high": None, "test": None, "p": None,
            "wilcoxon_p": None, "hedges_g": None, "seeds_needed": None, "tost_p": None, "note": ""}
@@ -172,9 +191,11 @@ def _compare_one(x: pd.Series, y: pd.Series, alpha: float, margin: float, power:
         row["note"] = f"no recorded values for {who}: nothing to compare"
         return row
     row["delta"] = float(x.mean() - y.mean())
-    if len(x) < 2 or len(y) < 2:
+    if len(x) < max(2, min_seeds) or len(y) < max(2, min_seeds):
+        need = max(2, min_seeds)
         row["note"] = (f"{len(x)} seed(s) here and {len(y)} for the reference: tests, intervals and effect sizes "
-                       f"need at least 2 seeds on each side; run more seeds")
+                       f"need at least {need} seeds on each side (at 2 seeds a 95 % t-interval uses t = 12.7 and "
+                       f"Hedges' g is undefined); run --seeds {need} or more")
         return row
     paired = set(x.index) == set(y.index)
     xs, ys = x.to_numpy(), y.loc[x.index].to_numpy() if paired else y.to_numpy()
@@ -183,15 +204,19 @@ def _compare_one(x: pd.Series, y: pd.Series, alpha: float, margin: float, power:
         row["test"] = "paired t"
         d = ws.DescrStatsW(diff)
         if d.std <= SPREAD_EPS:  # equal differences up to float rounding: t would be rounding noise / rounding noise
-            row["note"] = (f"every seed gives the same difference ({row['delta']:+.4g}): no seed-to-seed spread, so "
-                           f"t-based tests, intervals and power cannot be computed")
+            row["note"] = ("every seed differs from the reference by the same amount (the Δ shown): no seed-to-seed "
+                           "spread of the difference, so t-based tests, intervals and power cannot be computed")
             row["wilcoxon_p"] = _wilcoxon(diff)
             row["hedges_g"] = hedges_g_paired(xs, ys)
+            flat = math.sqrt((np.var(xs, ddof=1) + np.var(ys, ddof=1)) / 2.0) <= SPREAD_EPS
+            row["note"] = _join(row["note"], _g_note(row["hedges_g"], flat))
             return row
         row["p"] = float(d.ttest_mean(0.0)[1])
         row["delta_ci_low"], row["delta_ci_high"] = (float(v) for v in d.tconfint_mean(alpha=alpha))
         row["wilcoxon_p"] = _wilcoxon(diff)
         row["hedges_g"] = hedges_g_paired(xs, ys)
+        flat = math.sqrt((np.var(xs, ddof=1) + np.var(ys, ddof=1)) / 2.0) <= SPREAD_EPS
+        row["note"] = _join(row["note"], _g_note(row["hedges_g"], flat))
         row["seeds_needed"] = seeds_needed(diff.mean() / diff.std(ddof=1), alpha, power, paired=True)
         row["tost_p"] = float(ws.ttost_paired(xs, ys, -margin, margin)[0])
     else:
@@ -205,13 +230,14 @@ def _compare_one(x: pd.Series, y: pd.Series, alpha: float, margin: float, power:
                                                                                           usevar="unequal"))
         row["hedges_g"] = hedges_g_independent(xs, ys)
         g = row["hedges_g"]
+        row["note"] = _g_note(g, True)
         if g is not None:  # Cohen's d (uncorrected): the effect the t-test itself sees
             row["seeds_needed"] = seeds_needed(g / hedges_correction(len(xs) + len(ys) - 2), alpha, power,
                                                paired=False)
         row["tost_p"] = float(ws.ttost_ind(xs, ys, -margin, margin, usevar="unequal")[0])
         shared = len(set(x.index) & set(y.index))
-        row["note"] = (f"seeds differ from the reference's ({shared} shared): unpaired Welch test, no Wilcoxon "
-                       f"signed-rank check")
+        row["note"] = _join(row["note"], f"seeds differ from the reference's ({shared} shared): unpaired Welch test, "
+                                         f"no Wilcoxon signed-rank check")
     return row
 
 
@@ -221,7 +247,7 @@ def _verdict(row: dict, alpha: float, margin: float, higher_is_better: bool) -> 
         up = row["delta"] > 0
         word = "better" if up == higher_is_better else "worse"
         if row["tost_p"] is not None and row["tost_p"] < alpha:
-            row["note"] = _join(row["note"], f"the difference is real but also within ±{margin:g} (TOST)")
+            row["note"] = _join(row["note"], "the difference is real but also within the equivalence margin (TOST)")
         return word
     if row["tost_p"] is not None and row["tost_p"] < alpha:
         return "equivalent"
@@ -233,7 +259,8 @@ def _join(a: str, b: str) -> str:
 
 
 def compare(df: pd.DataFrame, metric: str, reference: str = "baseline", alpha: float = 0.05,
-            margin: float = 0.005, higher_is_better: bool = True, power: float = 0.8) -> pd.DataFrame:
+            margin: float = 0.005, higher_is_better: bool = True, power: float = 0.8,
+            min_seeds: int = MIN_SEEDS) -> pd.DataFrame:
     """One row per method: is it better than ``reference`` on ``metric``, and how sure are we.
 
     Columns (``COLUMNS``): ``n`` seeds; ``mean`` and its (1 − alpha) t-interval ``ci_low``/``ci_high``;
@@ -250,6 +277,8 @@ def compare(df: pd.DataFrame, metric: str, reference: str = "baseline", alpha: f
     a fractional accuracy); ``verdict``: "better"/"worse" when Holm-adjusted p < alpha (direction by
     ``higher_is_better``), else "equivalent" when TOST p < alpha, else "inconclusive"; the reference row says
     "reference". ``note`` says in words why a number is missing. Missing numbers are ``None``, never NaN.
+    Below ``min_seeds`` (default 3) on either side there are no intervals, tests, effect sizes or power, only
+    means and Δ: at n = 2 the t quantile is 12.7 and Hedges' correction J(1) = 0, so those numbers mean nothing.
     """
     _check_alpha(alpha)
     _check_frame(df, metric)
@@ -268,12 +297,13 @@ def compare(df: pd.DataFrame, metric: str, reference: str = "baseline", alpha: f
     for method in [reference] + [m for m in methods if m != reference]:
         x = _values(df, method, metric)
         row = {"method": method, "n": len(x), "mean": float(x.mean()) if len(x) else None}
-        row["ci_low"], row["ci_high"] = _ci(x.to_numpy(), alpha)
+        row["ci_low"], row["ci_high"] = _ci(x.to_numpy(), alpha, min_seeds)
         if method == reference:
+            need = max(2, min_seeds)
             row.update({k: None for k in COLUMNS if k not in row}, verdict="reference",
-                       note="" if len(x) >= 2 else f"{len(x)} seed(s): an interval needs at least 2")
+                       note="" if len(x) >= need else f"{len(x)} seed(s): an interval needs at least {need}")
         else:
-            row.update(_compare_one(x, ref, alpha, margin, power))
+            row.update(_compare_one(x, ref, alpha, margin, power, min_seeds))
         rows.append(row)
     tested = [r for r in rows[1:] if r["p"] is not None]
     if tested:

@@ -149,16 +149,16 @@ def test_unpaired_seeds_use_welch():
     assert row(stats.compare(partial, "test_acc"), "ses").test == "Welch t"
 
 
-def test_fewer_than_two_seeds_says_so_in_words_and_shows_no_nan():
+def test_fewer_than_three_seeds_says_so_in_words_and_shows_no_nan():
     table = stats.compare(frame({"baseline": BASE, "one": [0.83], "empty": [math.nan, math.nan]}), "test_acc")
     one = row(table, "one")
     assert one.n == 1 and one["mean"] == pytest.approx(0.83) and one.delta == pytest.approx(0.83 - BASE.mean())
-    assert "at least 2 seeds" in one.note and one.verdict == "inconclusive"
+    assert "at least 3 seeds" in one.note and one.verdict == "inconclusive"
     assert all(one[c] is None for c in ("ci_low", "p", "p_holm", "hedges_g", "seeds_needed", "tost_p"))
     assert row(table, "empty").n == 0 and "no recorded values" in row(table, "empty").note
     assert not any(isinstance(v, float) and math.isnan(v) for v in table.to_numpy().ravel())
     lone = stats.compare(frame({"baseline": [0.8], "ses": [0.81]}), "test_acc")
-    assert "interval needs at least 2" in row(lone, "baseline").note and row(lone, "ses").p is None
+    assert "interval needs at least 3" in row(lone, "baseline").note and row(lone, "ses").p is None
 
 
 def test_identical_differences_are_reported_not_divided_by_zero():
@@ -167,8 +167,9 @@ def test_identical_differences_are_reported_not_divided_by_zero():
     shifted = np.array([0.83, 0.81, 0.68])
     assert np.std(shifted - base) > 0
     r = row(stats.compare(frame({"baseline": base, "same": shifted}), "test_acc"), "same")
-    assert r.p is None and r.delta_ci_low is None and "same difference" in r.note and r.verdict == "inconclusive"
-    welch = stats.compare(frame({"baseline": [0.8, 0.8], "flat": [0.81, 0.81]}, seeds={"flat": [5, 6]}), "test_acc")
+    assert r.p is None and r.delta_ci_low is None and "same amount" in r.note and r.verdict == "inconclusive"
+    welch = stats.compare(frame({"baseline": [0.8, 0.8, 0.8], "flat": [0.81, 0.81, 0.81]}, seeds={"flat": [5, 6, 7]}),
+                          "test_acc")
     assert row(welch, "flat").p is None and "either side" in row(welch, "flat").note
 
 
