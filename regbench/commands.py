@@ -6,7 +6,7 @@ import re
 import sys
 from pathlib import Path
 
-from regbench import registry
+from regbench import faults, registry
 from regbench import tracking as _tracking
 from regbench.config import GENERIC_RECIPE, RECIPES, RunConfig, parse_sets
 from regbench.errors import ConfigError, RegbenchError
@@ -132,7 +132,7 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
         raise ConfigError(f"cannot write to output dir {out}: {exc.strerror}; choose another --out") from None
 
     from regbench import study
-    from regbench.store import OutputLock, default_storage_url, open_storage
+    from regbench.store import OutputLock, default_storage_url, load_spec, open_storage
 
     bench = study.Benchmark(name=name, base=base, fixed={m: _typed_sets(m, overrides.get(m, {})) for m in methods},
                             seeds=seeds, protocol=protocol, command=command_line)
@@ -145,15 +145,23 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
             storage_url = default_storage_url(out)
             storage = open_storage(storage_url)
         splits.save_indices(out / "splits" / f"{args.dataset}-{splits.split_hash[:12]}.json")
-        bench.extra = {"split_hash": splits.split_hash, "storage": _safe(storage_url)}
+        tracking_uri = tracking_uri_for(getattr(args, "tracking_uri", None), out=out)
+        bench.extra = {"split_hash": splits.split_hash, "storage": _safe(storage_url),
+                       "tracking_uri": _safe(tracking_uri)}
+        previous = load_spec(storage, name) or {}
+        if "heartbeat" in previous:  # a stored heartbeat setting is the benchmark's, not this command's
+            bench.extra["heartbeat"] = previous["heartbeat"]
+        apply_heartbeat(storage, bench)
         study.save_spec(storage, bench)
+        if not owned:  # OUT names the shared store, so status/report/export OUT find it (the password is not kept)
+            write_pointer(out, storage_url, name)
         if owned:  # we hold the output dir's lock, so a RUNNING trial in its store belongs to a dead process
             study.fail_dead_trials(storage, study.study_names(bench))
         if args.plan_only:
             print(f"Planned benchmark {name!r} in {_safe(storage_url)}; join it with: regbench worker --storage "
-                  f"{_safe(storage_url)} --benchmark {name}  (or regbench launch {name} --workers N ...)")
+                  f"{_safe(storage_url)} --name {name}  (or regbench launch --name {name} --workers N ...); runs "
+                  f"are mirrored to MLflow at {_safe(tracking_uri)}")
             return 0
-        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or _tracking.default_tracking_uri(out)
         # Checkpoints live with the store: a rerun of this command (the retry of a killed trial) finds them.
         work(storage, bench, splits, tracking_uri, quiet=args.quiet,
              checkpoints=_checkpoint_options(args, out / "checkpoints"), parallel_seeds=args.parallel_seeds)
@@ -169,6 +177,63 @@ def _safe(url: str) -> str:
     from regbench.store import safe_url
 
     return safe_url(url)
+
+
+def tracking_uri_for(option: str | None, bench=None, out: Path | None = None, default_in_out: bool = True) -> str | None:
+    """Where a command mirrors to MLflow, one rule for every command: ``--tracking-uri``, else MLFLOW_TRACKING_URI,
+    else the URI the benchmark's `regbench run` recorded (when it can be used here: not a masked password, not a
+    SQLite file in a folder this machine lacks), else OUT/mlflow.db (``run``; report and sync-mlflow when it
+    exists), else None: not mirrored (see ``not_mirrored``)."""
+    if option or os.environ.get("MLFLOW_TRACKING_URI"):
+        return option or os.environ["MLFLOW_TRACKING_URI"]
+    recorded = (bench.extra.get("tracking_uri") if bench is not None else None) or ""
+    folder = Path(recorded.removeprefix("sqlite:///")).parent if recorded.startswith("sqlite:///") else None
+    if recorded and "***" not in recorded and (folder is None or folder.is_dir()):
+        return recorded
+    if out is not None and (default_in_out or (out / "mlflow.db").is_file()):
+        return _tracking.default_tracking_uri(out)
+    return None
+
+
+def not_mirrored(storage_url: str, name: str) -> str:
+    """The one line a command prints when it has nowhere to mirror to."""
+    return (f"regbench: note: runs are not mirrored to MLflow (no --tracking-uri, MLFLOW_TRACKING_URI is unset and "
+            f"benchmark {name!r} recorded none usable here); the store keeps them: mirror them later with `regbench "
+            f"sync-mlflow --storage {_safe(storage_url)} --name {name} --tracking-uri URI`")
+
+
+def apply_heartbeat(storage, bench) -> None:
+    """A benchmark may record its own heartbeat (spec ``heartbeat``: ``{"interval": s, "grace": s}``; default 10 and
+    30 s, regbench/store.py). Every process of the benchmark applies it, since the processes must agree: a grace
+    period shorter than another worker's heartbeat interval would fail that worker's live trials."""
+    beat = bench.extra.get("heartbeat")
+    if beat and hasattr(storage, "grace_period"):  # RDB storages; the journal file has no heartbeat
+        storage.heartbeat_interval, storage.grace_period = int(beat["interval"]), int(beat["grace"])
+
+
+POINTER_FILE = "store.json"  # OUT/store.json: the shared storage (password masked) and benchmark a run planned there
+
+
+def write_pointer(out: Path, storage_url: str, name: str) -> None:
+    import json
+
+    (out / POINTER_FILE).write_text(json.dumps({"storage": _safe(storage_url), "benchmark": name}, indent=1) + "\n")
+
+
+def benchmark_name(args, command: str) -> tuple[str, str | None]:
+    """(name, deprecation line or None): the benchmark as every command names it, ``--name``; the old spellings
+    (worker ``--benchmark``, launch's positional NAME) still work, with one deprecation line that the caller prints
+    once the benchmark is found (a mistake stays one line)."""
+    old = getattr(args, "benchmark", None) or getattr(args, "name_positional", None)
+    if old is not None:
+        spelling = "--benchmark NAME" if getattr(args, "benchmark", None) else "NAME as a positional argument"
+        if args.name is not None and args.name != old:
+            raise ConfigError(f"{command}: --name {args.name!r} and {spelling} {old!r} differ; give --name only")
+        return old, (f"regbench: note: `{command} {spelling}` is deprecated; use `{command} --name NAME` (as run, "
+                     f"status, report, sync-mlflow and export do)")
+    if args.name is None:
+        raise ConfigError(f"{command}: which benchmark? give --name NAME (as planned by `regbench run --name NAME`)")
+    return args.name, None
 
 
 def _typed_sets(method: str, overrides: dict) -> dict:
@@ -288,12 +353,17 @@ def _mirror_all(storage, tracker, bench) -> None:
             except KeyError:
                 pass
         tracker.summarize(method, selected, curve, bench.protocol.direction)
+    from regbench import report  # each parent run: the method's aggregated final results, as the leaderboard's
+
+    for method, results in report.parent_results(storage, bench.name).items():
+        tracker.log_results(method, **results)
 
 
 def _write_report(storage, name: str, out: Path, tracking_uri: str | None) -> Path:
     from regbench import report, tracking
 
     paths = report.write_report(storage, name, out)
+    faults.point("report")  # test hook (regbench/faults.py): a crash between the leaderboard and its MLflow copy
     if tracking_uri:  # the leaderboard and its figures go to every method's parent run
         tracker = tracking.SafeTracker(tracking_uri, name, lambda msg: print(msg, file=sys.stderr, flush=True))
         for artifact in paths:
@@ -341,18 +411,28 @@ def worker_command(args, default_data_dir: str, argv: list[str] | None = None) -
     per_gpu = getattr(args, "per_gpu", 1)
     if per_gpu < 1:
         raise ConfigError(f"--per-gpu must be at least 1, got {per_gpu}")
+    name, deprecated = benchmark_name(args, "worker")
     if per_gpu > 1:
         from regbench.launch import run_per_device
 
-        _load_benchmark(open_storage(args.storage), args.benchmark)  # one line here, not one per child
-        return run_per_device(_without_option(argv or [], "--per-gpu"), per_gpu)
+        bench = _load_benchmark(open_storage(args.storage), name)  # one line here, not one per child
+        if deprecated:
+            print(deprecated, file=sys.stderr)
+        child = [*_without_option(_without_option(argv or [], "--per-gpu"), "--benchmark"), "--name", name]
+        uri = tracking_uri_for(getattr(args, "tracking_uri", None), bench)
+        if uri is None:  # said once here, not once per child
+            print(not_mirrored(args.storage, name), file=sys.stderr)
+        return run_per_device(child, per_gpu)
 
     data_dir = Path(args.data_dir or default_data_dir).expanduser()
     # A worker's checkpoints are local to its machine: a trial retried by a worker on another machine starts over.
     checkpoint_dir = Path(getattr(args, "checkpoint_dir", None) or data_dir.parent / "regbench-checkpoints")
     checkpoints = _checkpoint_options(args, checkpoint_dir.expanduser())
     storage = open_storage(args.storage)
-    bench = _load_benchmark(storage, args.benchmark)
+    bench = _load_benchmark(storage, name)
+    if deprecated and not os.environ.get("REGBENCH_PER_GPU_CHILD"):
+        print(deprecated, file=sys.stderr)
+    apply_heartbeat(storage, bench)
     if args.device:
         _check_device(args.device)
         bench.base = bench.base.replace(device=args.device)
@@ -361,7 +441,9 @@ def worker_command(args, default_data_dir: str, argv: list[str] | None = None) -
     if want and splits.split_hash != want:
         raise ConfigError(f"this machine's {bench.base.dataset} data gives split {splits.split_hash[:12]}, the "
                           f"benchmark was planned on {want[:12]}; point --data-dir at the same dataset files")
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    tracking_uri = tracking_uri_for(getattr(args, "tracking_uri", None), bench)
+    if tracking_uri is None and not os.environ.get("REGBENCH_PER_GPU_CHILD"):
+        print(not_mirrored(args.storage, name), file=sys.stderr)
     work(storage, bench, splits, tracking_uri, quiet=args.quiet, checkpoints=checkpoints,
          worker=study.worker_identity())
     print(f"worker: benchmark {bench.name!r} has no work left")
@@ -386,10 +468,10 @@ def sync_mlflow_command(args) -> int:
     from regbench import tracking
 
     storage, name, bench = _stored_benchmark(args)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or (tracking.default_tracking_uri(Path(args.out)) if args.out
-                                                     else None)
+    uri = tracking_uri_for(getattr(args, "tracking_uri", None), bench, Path(args.out) if args.out else None)
     if uri is None:
-        raise ConfigError("no MLflow to sync to: set MLFLOW_TRACKING_URI or pass the run's OUT dir")
+        raise ConfigError("no MLflow to sync to: pass --tracking-uri URI, set MLFLOW_TRACKING_URI or pass the run's "
+                          "OUT dir")
     reason = tracking.unreachable(uri)
     if reason is not None:
         raise ConfigError(f"MLflow at {uri} is unreachable ({reason}); start it, then run sync-mlflow again")
@@ -417,20 +499,31 @@ def status_command(args) -> int:
 
 def _stored_benchmark(args):
     """(storage, name, Benchmark) for a command given OUT and/or --storage/--name (status, sync-mlflow)."""
-    from regbench.store import STORE_FILE, default_storage_url, open_storage
-
-    storage = _open_for_reading(args, STORE_FILE, default_storage_url, open_storage)
-    name = _only_benchmark(storage, args.name)
+    storage, pointed = open_store(args.out, args.storage)
+    name = _only_benchmark(storage, args.name or pointed)
     return storage, name, _load_benchmark(storage, name)
 
 
-def _open_for_reading(args, store_file, default_storage_url, open_storage):
-    if args.storage:
-        return open_storage(args.storage)
-    out = Path(args.out or ".")
-    if not (out / store_file).is_file():
-        raise ConfigError(f"{out} holds no store ({store_file}); pass the --out of a `regbench run` or --storage URL")
-    return open_storage(default_storage_url(out))
+def open_store(out, storage_url: str | None):
+    """(storage, benchmark name or None) the same way for status, report, export and sync-mlflow: ``--storage URL``,
+    else OUT's own store (OUT/regbench.db), else the shared store a `regbench run --storage URL --out OUT` planned
+    (OUT/store.json, which also names the benchmark)."""
+    import json
+
+    from regbench.store import STORE_FILE, default_storage_url, open_storage
+
+    if storage_url:
+        return open_storage(storage_url), None
+    out = Path(out or ".")
+    if (out / STORE_FILE).is_file():
+        return open_storage(default_storage_url(out)), None
+    if (out / POINTER_FILE).is_file():
+        pointer = json.loads((out / POINTER_FILE).read_text())
+        if "***" in pointer["storage"]:
+            raise ConfigError(f"{out} was planned on {pointer['storage']}, whose password is not kept there; pass "
+                              f"--storage URL")
+        return open_storage(pointer["storage"]), pointer.get("benchmark")
+    raise ConfigError(f"{out} holds no store ({STORE_FILE}); pass the --out of a `regbench run` or --storage URL")
 
 
 def _only_benchmark(storage, name: str | None) -> str:
@@ -451,22 +544,29 @@ def launch_command(args, default_data_dir: str) -> int:
 
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
-    out = Path(args.out or Path("runs") / args.name)
+    name, deprecated = benchmark_name(args, "launch")
+    out = Path(args.out or Path("runs") / name)
     storage_url = args.storage or default_storage_url(out)
     storage = open_storage(storage_url)
-    _load_benchmark(storage, args.name)  # fails in one line before any job starts
+    bench = _load_benchmark(storage, name)  # fails in one line before any job starts
+    if deprecated:
+        print(deprecated, file=sys.stderr)
+    tracking_uri = tracking_uri_for(getattr(args, "tracking_uri", None), bench)
+    if tracking_uri is None:
+        print(not_mirrored(storage_url, name), file=sys.stderr)
     data_dir = str(Path(args.data_dir or default_data_dir).expanduser())
-    jobs = launch.start_workers(storage_url, args.name, args.workers, out / "workers", data_dir,
-                                slurm_partition=args.slurm, timeout_min=args.timeout_min)
+    jobs = launch.start_workers(storage_url, name, args.workers, out / "workers", data_dir,
+                                slurm_partition=args.slurm, timeout_min=args.timeout_min, tracking_uri=tracking_uri)
     print(f"launched {len(jobs)} workers ({'slurm ' + args.slurm if args.slurm else 'local'}): "
-          f"{', '.join(str(j.job_id) for j in jobs)}; logs in {out / 'workers'}", flush=True)
-    failures = launch.wait(jobs)
+          f"{', '.join(str(j.job_id) for j in jobs)}; logs in {out.resolve() / 'workers'}", flush=True)
+    failures, n = launch.wait(jobs), len(jobs)
+    launch.release(jobs)
     if failures:
-        raise RegbenchError(f"{len(failures)} of {len(jobs)} workers failed: {failures[0]}; see {out / 'workers'}")
+        raise RegbenchError(f"{len(failures)} of {n} workers failed: {failures[0]}; see {out / 'workers'}")
     out.mkdir(parents=True, exist_ok=True)
-    path = _write_report(storage, args.name, out, os.environ.get("MLFLOW_TRACKING_URI"))
+    path = _write_report(storage, name, out, tracking_uri)
     print(path.read_text())
-    print(f"Leaderboard: {path}")
+    print(f"Leaderboard: {path.resolve()}")
     return 0
 
 
@@ -520,11 +620,8 @@ def _report_store(out: Path, storage_url: str | None, name: str | None, several:
     store when no --name); one clear line when either is missing."""
     import optuna
 
-    from regbench.store import STORE_FILE, default_storage_url, open_storage
-
-    if not storage_url and not (out / STORE_FILE).is_file():
-        raise ConfigError(f"{out} holds no store ({STORE_FILE}); pass the --out of a `regbench run` or --storage URL")
-    storage = open_storage(storage_url or default_storage_url(out))
+    storage, pointed = open_store(out, storage_url)
+    name = name or pointed
     if several and name is None:
         names = [s for s in optuna.get_all_study_names(storage) if ":" not in s]
         if not names:
@@ -538,13 +635,17 @@ def report_command(args) -> int:
     from regbench import report
 
     outs = [Path(o) for o in args.out]
+    if not outs:  # report --storage URL [--name NAME]: the leaderboard goes where `regbench run` would put it
+        if not args.storage:
+            raise ConfigError("report: give the OUT dir of a `regbench run`, or --storage URL (and --name NAME)")
+        outs = [Path("runs") / _only_benchmark(open_store(None, args.storage)[0], args.name)]
     if args.storage and len(outs) > 1:
         raise ConfigError("--storage names one store: give one OUT with it, or drop --storage to read each OUT's own")
     if len(outs) > 1 and not args.summary:
         raise ConfigError(f"{len(outs)} output dirs given: add --summary DIR to rank methods across them")
     if not args.margin > 0:
         raise ConfigError(f"--margin {args.margin} must be > 0 (percentage points, e.g. 0.5)")
-    frames, tracking_uri = [], os.environ.get("MLFLOW_TRACKING_URI")
+    frames = []
     stores = [(out, *_report_store(out, args.storage, args.name, several=bool(args.summary))) for out in outs]
     for out, storage, names in stores:  # all checked above, before anything is written
         if args.summary and len(names) > 1:  # a store of several benchmarks: all join the summary, none overwrites
@@ -554,8 +655,13 @@ def report_command(args) -> int:
             continue
         name = names[0]
         paths = report.write_report(storage, name, out, margin_pp=args.margin)
-        uri = tracking_uri or (_tracking.default_tracking_uri(out) if (out / "mlflow.db").is_file() else None)
-        if uri:
+        uri = tracking_uri_for(getattr(args, "tracking_uri", None), _load_benchmark(storage, name), out,
+                               default_in_out=False)
+        if uri is None:
+            print(f"regbench: note: the leaderboard is not attached to MLflow (no --tracking-uri, MLFLOW_TRACKING_URI "
+                  f"is unset and {name!r} recorded none usable here); pass --tracking-uri URI to attach it",
+                  file=sys.stderr)
+        else:
             tracker = _tracking.Tracker(uri, experiment=name)
             for artifact in paths:
                 tracker.log_artifact(None, artifact, all_parents=True,
@@ -564,7 +670,7 @@ def report_command(args) -> int:
         frames.append(report.export_frame(storage, name))
         if not args.summary:
             print(paths[0].read_text())
-        print(f"Leaderboard: {paths[0]} ({len(paths) - 1} figures in {out / 'figures'})")
+        print(f"Leaderboard: {paths[0].resolve()} ({len(paths) - 1} figures in {(out / 'figures').resolve()})")
     if args.summary:
         paths = report.write_summary(frames, Path(args.summary))
         print(paths[0].read_text())

@@ -10,17 +10,19 @@ import os
 from pathlib import Path
 
 
-def _worker(storage_url: str, benchmark: str, data_dir: str) -> int:
+def _worker(storage_url: str, benchmark: str, data_dir: str, tracking_uri: str | None = None) -> int:
     from regbench.cli import main
 
-    code = main(["worker", "--storage", storage_url, "--benchmark", benchmark, "--data-dir", data_dir, "--quiet"])
+    mirror = ["--tracking-uri", tracking_uri] if tracking_uri else []
+    code = main(["worker", "--storage", storage_url, "--name", benchmark, "--data-dir", data_dir, "--quiet", *mirror])
     if code != 0:
         raise RuntimeError(f"regbench worker exited with status {code}")
     return code
 
 
 def start_workers(storage_url: str, benchmark: str, n: int, folder: Path, data_dir: str,
-                  slurm_partition: str | None = None, timeout_min: int = 24 * 60) -> list:
+                  slurm_partition: str | None = None, timeout_min: int = 24 * 60,
+                  tracking_uri: str | None = None) -> list:
     import submitit
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -32,7 +34,7 @@ def start_workers(storage_url: str, benchmark: str, n: int, folder: Path, data_d
         executor = submitit.LocalExecutor(folder=str(folder))
         executor.update_parameters(timeout_min=timeout_min)
     with executor.batch():
-        jobs = [executor.submit(_worker, storage_url, benchmark, data_dir) for _ in range(n)]
+        jobs = [executor.submit(_worker, storage_url, benchmark, data_dir, tracking_uri) for _ in range(n)]
     return jobs
 
 
@@ -46,6 +48,16 @@ def wait(jobs) -> list[str]:
             text = str(exc).strip().splitlines()
             failures.append(f"job {job.job_id}: {text[-1] if text else type(exc).__name__}")
     return failures
+
+
+def release(jobs: list) -> None:
+    """Drop submitit's job objects while the interpreter is whole: they sit in reference cycles, and a LocalJob
+    collected at exit runs its ``__del__`` after the modules it uses are torn down, printing "Exception ignored in:
+    LocalJob.__del__ ... TypeError" once per job after a launch that went well."""
+    import gc
+
+    jobs.clear()
+    gc.collect()
 
 
 def visible_devices() -> list[str | None]:
@@ -72,7 +84,7 @@ def run_per_device(worker_argv: list[str], per_gpu: int) -> int:
 
     children = []
     for device in visible_devices():
-        env = dict(os.environ)
+        env = {**os.environ, "REGBENCH_PER_GPU_CHILD": "1"}  # the parent said where runs are (not) mirrored
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
         for _ in range(per_gpu):

@@ -37,7 +37,7 @@ import optuna
 from optuna.trial import TrialState
 
 import regbench
-from regbench import registry
+from regbench import faults, registry
 from regbench.config import RunConfig
 from regbench.errors import ConfigError, RegbenchError
 from regbench.store import INTERRUPTED, SPEC_ATTR, final_study_name, retry_callback
@@ -149,7 +149,7 @@ class Benchmark:
         return cls(name=spec["benchmark"], base=RunConfig.from_json(spec["base"]),
                    fixed={m: info["fixed"] for m, info in spec["methods"].items()}, seeds=list(spec["seeds"]),
                    protocol=Protocol(**spec["protocol"]), command=spec.get("command", ""),
-                   extra={k: spec[k] for k in ("split_hash", "storage") if k in spec})
+                   extra={k: spec[k] for k in ("split_hash", "storage", "tracking_uri", "heartbeat") if k in spec})
 
 
 # ---- search spaces ------------------------------------------------------------------------------------------------
@@ -536,6 +536,7 @@ class Runner:
 
         def wrapped(trial):
             ran.append(trial._trial_id)
+            faults.point(kind)
             try:
                 return objective(trial)
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM (cli.Terminated), wherever in the trial it landed
@@ -713,6 +714,7 @@ class Runner:
 
         def on_epoch(epoch, row):
             epochs_done[0] = epoch
+            faults.point("epoch")
             trial.report(row[objective], epoch)
             if prune and trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after epoch {epoch} ({objective} {row[objective]:.4f})")

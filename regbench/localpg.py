@@ -1,0 +1,156 @@
+"""`regbench postgres start|url|stop`: a throwaway PostgreSQL cluster on this machine, for many workers on one box.
+
+SQLite serializes every write and the journal file has no heartbeat, so several workers on one machine are best served
+by PostgreSQL. This starts one the way ``.ci/run`` does: ``initdb`` into a folder of its own (default
+``~/.cache/regbench/postgres``; as root ``/tmp/regbench-postgres``), listening on 127.0.0.1 only, on a private port, trust authentication (any local user
+may connect: for a machine you control, not a shared login node), and creates database ``regbench``. ``start``
+prints the storage URL alone on stdout, so ``URL=$(regbench postgres start)`` works; ``stop`` stops it (``--remove``
+also deletes the folder). Needs the server binaries (Debian/Ubuntu: ``apt-get install postgresql``). As root, the
+cluster runs as the ``postgres`` user, as PostgreSQL requires.
+
+A subcommand rather than a shell script: it ships with the package (a pip install has no ``scripts/`` folder), and
+its mistakes are one line and exit 2 like every other command.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from regbench.arguments import OUTPUT_DIR
+from regbench.errors import ConfigError, RegbenchError
+
+DEFAULT_PORT = 55433  # not 5432 (a system server) nor 55432 (.ci/run's)
+DATABASE = "regbench"
+PORT_FILE = "port"
+
+
+class PostgresError(RegbenchError):
+    """The local cluster could not be started or stopped (its log says why)."""
+
+
+def add_parser(sub) -> None:
+    pg = sub.add_parser("postgres", help="start/stop a throwaway local PostgreSQL for many workers on this machine",
+                        description="A throwaway PostgreSQL cluster on 127.0.0.1 (trust auth, private port) for "
+                                    "`regbench worker`s on this machine; `start` prints the storage URL.")
+    pg.add_argument("action", choices=["start", "url", "stop"],
+                    help="start (create on first use) and print the URL; print the URL; stop")
+    pg.add_argument("--dir", default=None, kind=OUTPUT_DIR,
+                    help="the cluster's folder (default ~/.cache/regbench/postgres)")
+    pg.add_argument("--port", type=int, default=None, help=f"port on 127.0.0.1 (default {DEFAULT_PORT}, or the one "
+                                                           "the folder's cluster was started on)")
+    pg.add_argument("--remove", action="store_true", help="with stop: also delete the cluster's folder")
+
+
+def postgres_command(args) -> int:
+    folder = Path(args.dir or default_folder()).expanduser().resolve()
+    cluster = LocalPostgres(folder, args.port)
+    if args.action == "start":
+        cluster.start()
+        print(cluster.url())
+        print(f"regbench: PostgreSQL running in {folder} (log: {cluster.log}); stop it with `regbench postgres stop"
+              f"{'' if args.dir is None else ' --dir ' + str(folder)}`", file=sys.stderr)
+    elif args.action == "url":
+        if not cluster.running():
+            raise ConfigError(f"no PostgreSQL is running in {folder}; start it with `regbench postgres start`")
+        print(cluster.url())
+    else:
+        stopped = cluster.stop()
+        if args.remove and folder.exists():
+            shutil.rmtree(folder)
+        print(f"regbench: PostgreSQL in {folder} {'stopped' if stopped else 'was not running'}"
+              f"{' and removed' if args.remove else ''}", file=sys.stderr)
+    return 0
+
+
+def default_folder() -> Path:
+    """~/.cache/regbench/postgres; for root /tmp/regbench-postgres (the postgres user cannot enter root's home)."""
+    if os.geteuid() == 0:
+        import tempfile
+
+        return Path(tempfile.gettempdir()) / "regbench-postgres"
+    return Path.home() / ".cache" / "regbench" / "postgres"
+
+
+def server_binaries() -> Path:
+    """The folder holding initdb and pg_ctl: pg_config's bindir, Debian's /usr/lib/postgresql/<newest>/bin, or PATH."""
+    candidates = []
+    if shutil.which("pg_config"):
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True, check=False)
+        candidates.append(out.stdout.strip())
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: [int(x) for x in Path(p).parent.name.split(
+        ".") if x.isdigit()])
+    candidates += reversed(versions)
+    if shutil.which("initdb"):
+        candidates.append(str(Path(shutil.which("initdb")).parent))
+    for folder in candidates:
+        if folder and (Path(folder) / "initdb").is_file() and (Path(folder) / "pg_ctl").is_file():
+            return Path(folder)
+    raise ConfigError("PostgreSQL's server programs (initdb, pg_ctl) are not installed; on Debian/Ubuntu: "
+                      "apt-get install postgresql (or give --storage a PostgreSQL you already have)")
+
+
+class LocalPostgres:
+    def __init__(self, folder: Path, port: int | None = None):
+        self.folder, self.data, self.log = folder, folder / "data", folder / "postgres.log"
+        saved = folder / PORT_FILE
+        self.port = port or (int(saved.read_text()) if saved.is_file() else DEFAULT_PORT)
+
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{DATABASE}"
+
+    def _as_owner(self, argv: list[str]) -> list[str]:
+        """PostgreSQL refuses to run as root: root runs it as the postgres user (as .ci/run does)."""
+        if os.geteuid() != 0:
+            return argv
+        import pwd
+
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            raise ConfigError("PostgreSQL cannot run as root and there is no 'postgres' user; run `regbench postgres "
+                              "start` as an ordinary user") from None
+        return ["runuser", "-u", "postgres", "--", *argv]
+
+    def _run(self, argv: list[str], what: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(self._as_owner(argv), capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            reason = (done.stderr.strip() or done.stdout.strip()).splitlines()
+            raise PostgresError(f"{what} failed: {reason[-1] if reason else f'exit {done.returncode}'} "
+                                f"(see {self.log})")
+        return done
+
+    def running(self) -> bool:
+        if not (self.data / "PG_VERSION").is_file():
+            return False
+        argv = self._as_owner([str(server_binaries() / "pg_ctl"), "-D", str(self.data), "status"])
+        return subprocess.run(argv, capture_output=True, check=False).returncode == 0
+
+    def start(self) -> None:
+        binaries = server_binaries()
+        if self.running():
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.folder, "postgres")
+        if not (self.data / "PG_VERSION").is_file():
+            self._run([str(binaries / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"], "initdb")
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1"
+        self._run([str(binaries / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-o", options, "start"],
+                  f"starting PostgreSQL on port {self.port}")
+        (self.folder / PORT_FILE).write_text(str(self.port))
+        created = subprocess.run(self._as_owner([str(binaries / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
+                                                 "-U", "postgres", DATABASE]), capture_output=True, text=True,
+                                 check=False)
+        if created.returncode != 0 and "already exists" not in created.stderr:
+            raise PostgresError(f"createdb {DATABASE} failed: {created.stderr.strip()[:200]}")
+
+    def stop(self) -> bool:
+        if not self.running():
+            return False
+        self._run([str(server_binaries() / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
+                  "stopping PostgreSQL")
+        return True
