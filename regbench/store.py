@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import optuna
+import optuna.storages._heartbeat
 from filelock import FileLock, Timeout
 from optuna.trial import TrialState
 
@@ -41,12 +42,12 @@ def open_storage(url: str):
     """An Optuna storage for an RDB URL (sqlite, postgresql, mysql) or a journal file (``journal:PATH`` or *.log)."""
     try:
         if url.startswith("journal:") or url.endswith((".log", ".jsonl")):
-            from optuna.storages.journal import JournalFileBackend, JournalStorage
+            from optuna.storages.journal import JournalFileBackend
 
             path = Path(url.removeprefix("journal:")).expanduser()
             if not path.parent.is_dir():
                 raise StorageError(f"cannot open storage {safe_url(url)!r}: folder {path.parent} does not exist")
-            return JournalStorage(JournalFileBackend(str(path)))
+            return JournalStore(JournalFileBackend(str(path)))
         if "://" not in url:
             raise StorageError(f"cannot open storage {safe_url(url)!r}: not a URL; use sqlite:///PATH.db, "
                                f"postgresql://USER@HOST/DB or journal:PATH.log")
@@ -84,11 +85,109 @@ def retry_callback():
         return cls(max_retry=1)
 
 
+STALE = "no heartbeat"  # in the fail_reason of a trial whose process died (found stale by another process)
+
+
 def _retry_stale(study, trial) -> None:
-    """Record why a stale trial failed, then queue its retry (a copy of the trial as it was, without that reason)."""
-    study._storage.set_trial_user_attr(trial._trial_id, "fail_reason",
-                                       f"{INTERRUPTED} no heartbeat for {GRACE_PERIOD} s (its worker died)")
-    retry_callback()(study, trial)
+    """Optuna's stale-trial callback: queue the retry of a trial Optuna has just failed (at most once; the reason was
+    written while the trial was still RUNNING, by ``_StaleReasons``). The copy is the run as it was, without the
+    dead attempt's attributes (its fail_reason above all), so it is a plain queued run with the same params."""
+    import copy
+
+    clean = copy.copy(trial)
+    clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in ATTEMPT_ATTRS}
+    clean.system_attrs = {k: v for k, v in trial.system_attrs.items() if k != BEAT_ATTR}  # the copy has not beaten
+    retry_callback()(study, clean)
+
+
+# Attributes of one attempt, not of the run: a retried or resumed copy starts without them.
+ATTEMPT_ATTRS = ("fail_reason", "budget", "env", "split_hash", "resumed_from_epoch", "resumed_from_step",
+                 "resumes_trial")
+
+
+def stale_reason(trial, grace: int) -> str:
+    """Why a stale trial is failed: it is retried once (a copy queued with the same params) unless it already was a
+    retry, in which case it is a failure (a run that kills its process twice)."""
+    first = trial.system_attrs.get("retry_history") or []
+    if first:
+        return (f"error: {STALE} for {grace} s (its process died) and it was already the retry of trial {first[0]}; "
+                f"not retried again")
+    return f"{INTERRUPTED} {STALE} for {grace} s (its process died); queued to retry with the same params"
+
+
+class _StaleReasons:
+    """Finds stale trials for Optuna's ``fail_stale_trials`` and writes each one's reason first.
+
+    Optuna fails a stale trial and only then calls the stale-trial callback, which may no longer write to it (the
+    storage refuses any change to a finished trial: UpdateFinishedTrialError, issue 17). So the reason is written
+    here, while the trial is still RUNNING, just before Optuna fails it. Two processes that find the same stale trial
+    both write the same reason; the storage lets exactly one of them fail it (the other gets
+    UpdateFinishedTrialError, which Optuna ignores), and only that one runs the callback, so the retry is queued
+    once. A trial whose process died before its first heartbeat was stored is stale too once the grace period has
+    passed since it started (Optuna skips trials without a heartbeat, so such a trial stayed RUNNING forever)."""
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        ids = list(dict.fromkeys(self._stale_ids(study_id)))
+        grace = self._grace()
+        for trial_id in ids:
+            try:
+                self.set_trial_user_attr(trial_id, "fail_reason", stale_reason(self.get_trial(trial_id), grace))
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # finished meanwhile (failed by another process, or its worker was alive after all)
+        return ids
+
+    def _grace(self) -> int:
+        return int(self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval)
+
+    def _never_beat(self, study_id: int, beating: set[int]) -> list[int]:
+        """RUNNING trials with no heartbeat stored, started longer than the grace period ago (the storage's clock)."""
+        from datetime import datetime, timedelta
+
+        limit = datetime.now() - timedelta(seconds=self._grace())
+        return [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+                if t._trial_id not in beating and t.datetime_start is not None and t.datetime_start < limit]
+
+
+class RDBStore(_StaleReasons, optuna.storages.RDBStorage):
+    """Optuna's RDBStorage whose stale trials carry their reason (``_StaleReasons``)."""
+
+    def _stale_ids(self, study_id: int) -> list[int]:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(self.scoped_session) as session:
+            beating = {trial_id for (trial_id,) in session.query(models.TrialHeartbeatModel.trial_id)
+                       .join(models.TrialModel).filter(models.TrialModel.study_id == study_id)}
+        return optuna.storages.RDBStorage._get_stale_trial_ids(self, study_id) + self._never_beat(study_id, beating)
+
+
+BEAT_ATTR = "regbench:heartbeat"
+
+
+class JournalStore(_StaleReasons, optuna.storages.JournalStorage, optuna.storages._heartbeat.BaseHeartbeat):
+    """Optuna's JournalStorage with a heartbeat (Optuna 5.1's has none, so a killed process's trial stayed RUNNING
+    and a rerun waited for it forever): each beat is the trial's system attr ``regbench:heartbeat`` (wall-clock
+    seconds; the machines sharing a journal file must agree on the time to within the grace period)."""
+
+    heartbeat_interval, grace_period = HEARTBEAT_INTERVAL, GRACE_PERIOD
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            self.set_trial_system_attr(trial_id, BEAT_ATTR, time.time())
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # the trial ended between two beats
+
+    def _stale_ids(self, study_id: int) -> list[int]:
+        now, running = time.time(), self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        beats = {t._trial_id: t.system_attrs[BEAT_ATTR] for t in running if BEAT_ATTR in t.system_attrs}
+        stale = [tid for tid, beat in beats.items() if now - beat > self._grace()]
+        return stale + self._never_beat(study_id, set(beats))
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self.heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self):
+        return _retry_stale
 
 
 def _rdb_storage(url: str, engine_kwargs: dict):
@@ -101,9 +200,8 @@ def _rdb_storage(url: str, engine_kwargs: dict):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
-                                                     heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
-                                                     **{name: _retry_stale})
+                storage = RDBStore(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
+                                   grace_period=GRACE_PERIOD, **{name: _retry_stale})
             if url.startswith("sqlite"):
                 _serialize_sqlite_transactions(storage.engine)
             return storage

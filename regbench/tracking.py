@@ -10,6 +10,8 @@ import logging
 import re
 from pathlib import Path
 
+from regbench import faults
+
 _BAD_KEY = re.compile(r"[^0-9A-Za-z_\-. /:]")
 
 
@@ -142,6 +144,7 @@ class Tracker:
                    if isinstance(v, (int, float)) and v == v]
         for i in range(0, len(params), 100):  # MLflow caps a batch at 100 params and 1000 metrics
             self.client.log_batch(run.info.run_id, params=params[i:i + 100])
+        faults.point("mirror")  # test hook (regbench/faults.py): a crash with the run half-mirrored
         for i in range(0, len(series), 1000):
             self.client.log_batch(run.info.run_id, metrics=series[i:i + 1000])
         self.client.set_terminated(run.info.run_id, status=status, end_time=end_ms)

@@ -1,0 +1,27 @@
+"""A test hook that kills this process at a named point of its progress, to search the moments a crash can land.
+
+``REGBENCH_FAULT_AT="<event>:<k>"`` makes the k-th ``point(event)`` of this process send itself SIGKILL (no cleanup,
+no atexit, exactly like a kill -9 or a lost machine). Events: ``tune`` and ``final`` (a claimed trial of that kind
+starts), ``epoch`` (a trial reported an epoch), ``mirror`` (halfway through mirroring a trial to MLflow), ``report``
+(the leaderboard is written, its figures not yet attached). Unset, ``point`` is one dictionary lookup. Used by
+tests/test_fault_injection.py and benchmarks/fault_sweep.py; not a user option (it is deliberately undocumented in
+--help)."""
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "REGBENCH_FAULT_AT"
+_seen: dict[str, int] = {}
+
+
+def point(event: str) -> None:
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    name, _, k = spec.partition(":")
+    if name != event:
+        return
+    _seen[event] = _seen.get(event, 0) + 1
+    if _seen[event] == int(k or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
