@@ -18,10 +18,11 @@ WORKERS = 2  # suites that fan out: two single-threaded training processes (the 
 
 
 def t_interval(values, alpha: float = 0.05) -> tuple[float, float, float]:
-    """(mean, low, high): the (1 − alpha) Student-t interval of the mean over seeds (NaN bounds for one value)."""
+    """(mean, low, high): the (1 − alpha) Student-t interval of the mean over seeds (NaN bounds for one value or any
+    non-finite value; the point itself when all values are equal)."""
     v = np.asarray(values, dtype=float)
-    if len(v) < 2:
-        return float(v.mean()), float("nan"), float("nan")
+    if len(v) < 2 or not np.all(np.isfinite(v)):  # one value, or an inf/NaN: no interval (the mean says which)
+        return (float(v.mean()) if len(v) else float("nan")), float("nan"), float("nan")
     if np.ptp(v) == 0:  # no spread: the interval is the point (t would divide by zero)
         return float(v[0]), float(v[0]), float(v[0])
     low, high = DescrStatsW(v).tconfint_mean(alpha=alpha)
