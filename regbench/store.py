@@ -86,6 +86,7 @@ def retry_callback():
 
 
 STALE = "no heartbeat"  # in the fail_reason of a trial whose process died (found stale by another process)
+DIED = "its process died"  # in the fail_reason of every trial failed because its process died (stale or locked)
 
 
 def _retry_stale(study, trial) -> None:
@@ -94,10 +95,20 @@ def _retry_stale(study, trial) -> None:
     dead attempt's attributes (its fail_reason above all), so it is a plain queued run with the same params."""
     import copy
 
+    from regbench import faults
+
+    faults.point("recover")  # test hook: a crash after the stale trial is failed, before its retry is queued
+    retry_callback()(study, _as_retried(trial))
+
+
+def _as_retried(trial):
+    """The trial as its retry copy starts: the run's attrs without the dead attempt's, no heartbeat of its own."""
+    import copy
+
     clean = copy.copy(trial)
     clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in ATTEMPT_ATTRS}
-    clean.system_attrs = {k: v for k, v in trial.system_attrs.items() if k != BEAT_ATTR}  # the copy has not beaten
-    retry_callback()(study, clean)
+    clean.system_attrs = {k: v for k, v in trial.system_attrs.items() if k != BEAT_ATTR}
+    return clean
 
 
 # Attributes of one attempt, not of the run: a retried or resumed copy starts without them.
@@ -110,9 +121,9 @@ def stale_reason(trial, grace: int) -> str:
     retry, in which case it is a failure (a run that kills its process twice)."""
     first = trial.system_attrs.get("retry_history") or []
     if first:
-        return (f"error: {STALE} for {grace} s (its process died) and it was already the retry of trial {first[0]}; "
+        return (f"error: {STALE} for {grace} s ({DIED}) and it was already the retry of trial {first[0]}; "
                 f"not retried again")
-    return f"{INTERRUPTED} {STALE} for {grace} s (its process died); queued to retry with the same params"
+    return f"{INTERRUPTED} {STALE} for {grace} s ({DIED}); queued to retry with the same params"
 
 
 class _StaleReasons:
@@ -127,6 +138,7 @@ class _StaleReasons:
     passed since it started (Optuna skips trials without a heartbeat, so such a trial stayed RUNNING forever)."""
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        self._requeue_lost_retries(study_id)
         ids = list(dict.fromkeys(self._stale_ids(study_id)))
         grace = self._grace()
         for trial_id in ids:
@@ -135,6 +147,31 @@ class _StaleReasons:
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass  # finished meanwhile (failed by another process, or its worker was alive after all)
         return ids
+
+    def _requeue_lost_retries(self, study_id: int) -> None:
+        """Queue the retry of a dead trial whose retry was never queued: the process that failed it died before it
+        queued the copy (a crash inside the recovery itself). Only trials failed as dead ("its process died") more
+        than a heartbeat interval ago, so the process that failed them has had ample time to queue the copy. Two
+        processes may both queue one here; the claim then skips the second as a duplicate (same config key), so the
+        run is still trained once."""
+        from datetime import datetime, timedelta
+
+        failed = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.FAIL,))
+        dead = [t for t in failed if str(t.user_attrs.get("fail_reason", "")).startswith(INTERRUPTED)
+                and DIED in str(t.user_attrs["fail_reason"]) and t.datetime_complete is not None
+                and t.datetime_complete < datetime.now() - timedelta(seconds=self.heartbeat_interval or 10)]
+        if not dead:
+            return
+        retried = {n for t in self.get_all_trials(study_id, deepcopy=False) for n in t.system_attrs.get(
+            "retry_history", [])}
+        for t in dead:
+            if t.number not in retried and not t.system_attrs.get("retry_history"):
+                history = [t.number]
+                template = optuna.trial.create_trial(
+                    state=TrialState.WAITING, params=t.params, distributions=t.distributions,
+                    user_attrs=_as_retried(t).user_attrs,
+                    system_attrs={**_as_retried(t).system_attrs, "failed_trial": t.number, "retry_history": history})
+                self.create_new_trial(study_id, template_trial=template)
 
     def _grace(self) -> int:
         return int(self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval)

@@ -118,6 +118,30 @@ def test_a_retry_that_dies_too_is_a_failure_with_its_reason_and_not_retried_agai
         trials[1].user_attrs["fail_reason"]
 
 
+def test_a_retry_lost_with_the_process_that_failed_the_stale_trial_is_queued_by_the_next_one(tmp_path):
+    """The recovering process itself is killed after it failed the stale trial and before it queued the copy
+    (REGBENCH_FAULT_AT=recover:1): the next process queues the one retry."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    number = _dead_trial(url, "lost")
+    code = ("import optuna, regbench.store as s; st = s.open_storage(%r); "
+            "optuna.storages.fail_stale_trials(optuna.load_study(study_name='lost', storage=st))" % url)
+    env = {**os.environ, "REGBENCH_FAULT_AT": "recover:1"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path).returncode == -signal.SIGKILL
+    storage = open_storage(url)
+    study = optuna.load_study(study_name="lost", storage=storage)
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL]  # failed, with its reason, no retry
+    optuna.storages.fail_stale_trials(study)
+    assert len(study.get_trials()) == 1  # too soon: the failing process may still be queueing the copy
+    with storage.engine.begin() as con:
+        con.execute(sqlalchemy.text("UPDATE trials SET datetime_complete = '2000-01-01 00:00:00'"))
+    for _ in range(2):
+        optuna.storages.fail_stale_trials(study)
+    [dead, copy] = study.get_trials()
+    assert dead.user_attrs["fail_reason"].startswith(INTERRUPTED)
+    assert copy.state == TrialState.WAITING and copy.system_attrs["retry_history"] == [number]
+    assert copy.params == dead.params and "fail_reason" not in copy.user_attrs
+
+
 # ---- killed runs, resumed by reruns --------------------------------------------------------------------------------
 
 SMALL = ["run", "--methods", "ses", "--trials", "2", "--seeds", "2", "--dataset", "digits", "--model", "mlp",
@@ -230,9 +254,8 @@ def test_rerun_after_kill_on_a_given_sqlite_store_once_the_grace_period_passed(t
 
 @pytest.mark.parametrize("fault, where, grace_elapsed", [
     ("final:3", "default", False),   # the default store in --out: the output-dir lock tells the rerun it is dead
-    ("epoch:2", "sqlite", True),      # inside tuning trial 2, on a given SQLite store
     ("mirror:5", "postgresql", True),  # halfway through mirroring a final run to MLflow, on PostgreSQL
-])
+])  # (a given SQLite store, killed inside tuning: the test above; every point x store: benchmarks/fault_sweep.py)
 def test_a_sweep_killed_at_a_point_of_its_progress_is_finished_exactly_by_a_rerun(fault, where, grace_elapsed,
                                                                                   tmp_path, request):
     storage = {"default": None, "sqlite": f"sqlite:///{tmp_path / 'given.db'}",
