@@ -580,6 +580,48 @@ def _typed(rows: list[dict]) -> pd.DataFrame:
     return frame
 
 
+PARENT_METRICS = {"test_acc": "test_acc", "val_acc": "val_acc", "train_acc": "train_acc", "gap": "gap",
+                  "ece": "test_ece", "nll": "test_nll", "shift_acc": "shift_acc"}
+
+
+def parent_results(storage, benchmark: str) -> dict[str, dict]:
+    """Per method, what its MLflow parent run shows: ``metrics`` = each final metric's mean over seeds under the
+    children's name (fractions, as the children log them), ``<name>_ci_low``/``_ci_high`` (95 % t-interval) when the
+    method has at least ``stats.MIN_SEEDS`` seeds, ``n_seeds``, ``seconds_per_epoch_median`` and, against
+    baseline, ``delta_test_acc`` (and ``p_holm_test_acc`` when a test could be made); ``params`` = the selected
+    hparams (``hparams.<name>``) and the recipe as configured. The same numbers as the leaderboard's."""
+    spec = load_spec(storage, benchmark)
+    if spec is None:
+        return {}
+    df = runs_frame(storage, benchmark, spec)
+    if df.empty:
+        return {}
+    table = (stats.compare(df, "test_acc", reference=REFERENCE).set_index("method")
+             if REFERENCE in set(df.method) else None)
+    out = {}
+    for method, mine in df.groupby("method", sort=False):
+        metrics: dict = {"n_seeds": len(mine), "seconds_per_epoch_median": float(mine.seconds_per_epoch.median())}
+        for column, name in PARENT_METRICS.items():
+            values = mine[column].dropna()
+            if values.empty:
+                continue
+            metrics[name] = float(values.mean())
+            low, high = stats._ci(values.to_numpy(float), 0.05, stats.MIN_SEEDS)
+            if low is not None and math.isfinite(low):
+                metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = low, high
+        if table is not None and method in table.index and method != REFERENCE:
+            row = table.loc[method]
+            if row.delta is not None:
+                metrics["delta_test_acc"] = float(row.delta)
+            if row.p_holm is not None:
+                metrics["p_holm_test_acc"] = float(row.p_holm)
+        config = mine.config.iloc[0]
+        params = {f"hparams.{k}": v for k, v in config.get("hparams", {}).items()}
+        params.update({k: config.get(k) for k in RECIPE})
+        out[method] = {"metrics": metrics, "params": params}
+    return out
+
+
 def write_export(storage, benchmark: str, out_dir: Path, fmt: str = "csv") -> Path:
     if fmt not in ("csv", "parquet"):
         raise ConfigError(f"--format {fmt!r} is not one of: csv, parquet")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
 
 from regbench import faults
@@ -19,12 +20,30 @@ def default_tracking_uri(out_dir: Path) -> str:
     return f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
 
 
+UI_RUNS_VIEW = "#/experiments?workflowType=machine_learning"  # MLflow 3.17's "Model training" view (not GenAI)
+
+
 def ui_command(uri: str) -> str:
-    return f"mlflow ui --backend-store-uri {uri}"
+    """How to see the runs: MLflow 3.17 opens in its GenAI view (traces) unless told the workflow is model
+    training, either by the URL parameter or the "Model training" switch at the top left."""
+    page = f"{uri.rstrip('/')}/" if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000/"
+    return (f"mlflow ui --backend-store-uri {uri}, then open {page}{UI_RUNS_VIEW} (or pick \"Model training\" at "
+            f"the top left)")
 
 
 def _key(name: str) -> str:
     return _BAD_KEY.sub("_", name)
+
+
+ARTIFACT_DIR = "mlartifacts"  # beside OUT/mlflow.db: a run folder holds its MLflow artifacts
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+# History names renamed in MLflow so no metric shares a name with a param or reads as something else: ``lr`` is the
+# configured rate (a param); the schedule's per-epoch values are the metric ``scheduled_lr``.
+SERIES_NAMES = {"lr": "scheduled_lr", "seconds": "epoch_seconds"}
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")).expanduser() if uri.startswith("sqlite:///") else None
 
 
 class Tracker:
@@ -39,10 +58,38 @@ class Tracker:
 
         self.uri, self.client = uri, MlflowClient(uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        self.experiment_id = found.experiment_id if found else self._create_experiment(experiment)
+        self._mark_training()
         self._parents: dict[str, str] = {}
         self._ends: dict[str, int] = {}  # latest child end per method, so a parent spans its children
         self._created: set[str] = set()
+
+    def _create_experiment(self, name: str) -> str:
+        """The benchmark's experiment. With a local SQLite store its artifacts go beside the database (OUT/mlartifacts),
+        not to MLflow's default ./mlruns in whatever directory the command ran from; a tracking server keeps its own
+        artifact store. The Default experiment MLflow creates in a fresh local store is deleted when empty, so the
+        UI lists the benchmark alone."""
+        local = _sqlite_path(self.uri)
+        location = (local.parent / ARTIFACT_DIR).resolve().as_uri() if local is not None else None
+        experiment_id = self.client.create_experiment(name, artifact_location=location)
+        if local is not None:
+            try:
+                default = self.client.get_experiment("0")
+                if default.lifecycle_stage == "active" and not self.client.search_runs(["0"], max_results=1,
+                                                                                       run_view_type=3):
+                    self.client.delete_experiment("0")
+            except Exception:  # noqa: BLE001 - a store without a Default experiment, or one we may not delete
+                pass
+        return experiment_id
+
+    def _mark_training(self) -> None:
+        """Mark the experiment a model-training one: the ``mlflow.experimentKind`` tag "custom_model_development"
+        (the UI's "Machine learning" type). MLflow 3.x before the global GenAI/Model-training switch open such an
+        experiment on its runs; 3.17 follows the switch (default GenAI) or the URL's ``workflowType``, which
+        ``ui_command`` therefore prints (checked in a headless Chromium, reports/mlflow/)."""
+        tags = self.client.get_experiment(self.experiment_id).tags
+        if tags.get(EXPERIMENT_KIND_TAG) != TRAINING_KIND:
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
 
     def _find(self, filter_string: str):
         runs = self.client.search_runs([self.experiment_id], filter_string=filter_string, max_results=1)
@@ -138,16 +185,35 @@ class Tracker:
             **{f"env.{k}": str(v) for k, v in env.items()}})
         params = [Param(_key(f"hparams.{k}"), str(v)) for k, v in config.get("hparams", {}).items()]
         params += [Param(_key(k), str(v)) for k, v in config.items() if k != "hparams"]
-        series = [Metric(_key(k), float(v), end_ms, int(row["epoch"])) for row in history for k, v in row.items()
-                  if k != "epoch" and isinstance(v, (int, float)) and v == v]
-        series += [Metric(_key(f"final/{k}"), float(v), end_ms, 0) for k, v in metrics.items()
-                   if isinstance(v, (int, float)) and v == v]
+        # Each metric once: the per-epoch series (the last point is the final value), then the final-only scalars.
+        series = [Metric(_key(SERIES_NAMES.get(k, k)), float(v), end_ms, int(row["epoch"])) for row in history
+                  for k, v in row.items() if k != "epoch" and _number(v)]
+        in_history = {k for row in history for k in row}
+        last = int(history[-1]["epoch"]) if history else 0
+        series += [Metric(_key(k), float(v), end_ms, last) for k, v in metrics.items()
+                   if k not in in_history and k not in ("epoch", "lr", "seconds") and _number(v)]
         for i in range(0, len(params), 100):  # MLflow caps a batch at 100 params and 1000 metrics
             self.client.log_batch(run.info.run_id, params=params[i:i + 100])
         faults.point("mirror")  # test hook (regbench/faults.py): a crash with the run half-mirrored
         for i in range(0, len(series), 1000):
             self.client.log_batch(run.info.run_id, metrics=series[i:i + 1000])
         self.client.set_terminated(run.info.run_id, status=status, end_time=end_ms)
+
+    def log_results(self, method: str, metrics: dict, params: dict) -> None:
+        """The method's aggregated final results on its parent run (mean over seeds and, with enough seeds, the
+        interval ends, as the leaderboard computes them), so the runs table and its charts compare methods directly;
+        ``params``: the selected hparams and recipe. Metrics are logged at step = number of seeds aggregated, so a
+        rerun with more seeds adds a point; params are write-once in MLflow, missing ones are added."""
+        from mlflow.entities import Metric, Param
+
+        run_id = self.parent(method)
+        existing = self.client.get_run(run_id).data.params
+        step = int(metrics.get("n_seeds", 0))
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(_key(k), float(v), now, step) for k, v in metrics.items()
+                                               if _number(v)][:1000],
+                              params=[Param(_key(k), str(v)) for k, v in params.items()
+                                      if _key(k) not in existing][:100])
 
     def log_artifact(self, method: str | None, path: Path, all_parents: bool = False, subdir: str | None = None) -> None:
         """Attach a file (the leaderboard) to a method's parent run, or to every parent when method is None
@@ -168,6 +234,10 @@ class Tracker:
                 self.client.set_terminated(run_id, end_time=self._ends[method])
             elif method in self._created:
                 self.client.set_terminated(run_id)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
 
 
 def unreachable(uri: str, timeout: float = 3.0) -> str | None:

@@ -158,3 +158,43 @@ def test_figures_module_needs_no_store_and_no_torch():
     code = "import sys, regbench.figures, regbench.report; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd="/")
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+def test_mlflow_mirror_compares_methods_on_parent_runs_and_stays_in_out(store, tmp_path, monkeypatch):
+    """sync-mlflow + report on the stored benchmark: a real SQLite MLflow store under OUT (nothing trains)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # artifacts must not land in the current directory
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    assert main(["sync-mlflow", str(store), "--name", "tiny-400"]) == 0
+    assert main(["report", str(store), "--name", "tiny-400", "--tracking-uri", uri]) == 0
+    client = MlflowClient(uri)
+    active = client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
+    assert [e.name for e in active] == ["tiny-400"]  # no stray "Default" experiment
+    exp = active[0]
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # a model-training experiment
+    assert not list(elsewhere.iterdir()) and (store / "mlartifacts").is_dir()
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = {r.data.tags["regbench.parent"]: r for r in runs if "regbench.parent" in r.data.tags}
+    acc = test_acc(store)
+    for method in ("baseline", "ses", "shade"):
+        m = parents[method].data.metrics
+        values = np.array(list(acc[method].values()))
+        low, high = sps.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=sps.sem(values))
+        assert m["test_acc"] == pytest.approx(values.mean()) and m["n_seeds"] == 3
+        assert (m["test_acc_ci_low"], m["test_acc_ci_high"]) == pytest.approx((low, high))
+        assert "leaderboard.md" in [a.path for a in client.list_artifacts(parents[method].info.run_id)]
+    assert parents["ses"].data.params["hparams.beta"] == "0.7" and "delta_test_acc" in parents["ses"].data.metrics
+    child = next(r for r in runs if r.data.tags.get("regbench.method") == "ses" and "mlflow.parentRunId" in r.data.tags)
+    assert not [k for k in child.data.metrics if k.startswith("final/")]  # each metric once
+    with sqlite3.connect(store / "regbench.db") as db:
+        configs = [json.loads(v) for (v,) in db.execute("select value_json from trial_user_attributes "
+                                                         "where key='config'")]
+    configured = {json.loads(c)["lr"] for c in configs}
+    assert len(configured) == 1 and "lr" not in child.data.metrics  # the configured rate is the param, not a metric
+    assert float(child.data.params["lr"]) == configured.pop()
+    assert len(client.get_metric_history(child.info.run_id, "scheduled_lr")) == 3  # the schedule, one per epoch
