@@ -11,12 +11,17 @@ import shlex
 import sys
 from pathlib import Path
 
-from regbench.errors import RegbenchError
+from regbench.arguments import (CACHE_DIR, INPUT_DIR, OUTPUT_DIR, STORAGE_URL, STORE_URL, TRACKING_URI,
+                                KindMixin, check_arguments)
+from regbench.errors import EXIT_BUG, RegbenchError, report_bug  # noqa: F401 (EXIT_BUG: for callers and tests)
 
 EXIT_USAGE = 2
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(KindMixin, argparse.ArgumentParser):
+    """argparse with one-line usage errors; ``add_argument(..., kind=KIND)`` declares a path/URL argument's kind
+    (regbench/arguments.py), checked before any command starts."""
+
     def error(self, message):  # argparse's own usage errors: one line, exit 2
         self.exit(EXIT_USAGE, f"regbench: error: {message} (see `{self.prog} --help`)\n")
 
@@ -61,10 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch.compile the training forward (faster on a GPU after a warm-up; same results up to "
                           "floating-point rounding, same run key)")
     run.add_argument("--name", help="benchmark name (default: DATASET-MODEL)")
-    run.add_argument("--out", help="output dir (default: runs/<benchmark name>)")
-    run.add_argument("--storage", help="Optuna storage URL (default: sqlite:///OUT/regbench.db); "
+    run.add_argument("--out", kind=OUTPUT_DIR, help="output dir (default: runs/<benchmark name>)")
+    run.add_argument("--storage", kind=STORAGE_URL, help="Optuna storage URL (default: sqlite:///OUT/regbench.db); "
                                        "postgresql://… or journal:PATH.log for many workers")
-    run.add_argument("--data-dir", default=None, help="dataset cache (default: $REGBENCH_DATA or ~/.cache/regbench)")
+    run.add_argument("--data-dir", default=None, help="dataset cache (default: $REGBENCH_DATA or ~/.cache/regbench)",
+                     kind=CACHE_DIR)
+    run.add_argument("--tracking-uri", help="MLflow tracking URI to mirror runs to (default: $MLFLOW_TRACKING_URI, "
+                                            "else OUT/mlflow.db); recorded with the benchmark for its workers",
+                                            kind=TRACKING_URI)
     run.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.HPARAM=VALUE",
                      help="override a method hparam, e.g. --set ses.beta=0.6 (repeatable)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
@@ -96,59 +105,77 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("what", choices=["methods", "datasets", "models"])
 
     st = sub.add_parser("status", help="per method: tuning and final runs done, running, failed, pruned, remaining")
-    st.add_argument("out", nargs="?", help="the output dir of a `regbench run` (or give --storage)")
-    st.add_argument("--storage", help="storage URL (default: sqlite:///OUT/regbench.db)")
+    st.add_argument("out", nargs="?", kind=INPUT_DIR, help="the output dir of a `regbench run` (or give --storage)")
+    st.add_argument("--storage", kind=STORE_URL, help="storage URL (default: sqlite:///OUT/regbench.db)")
     st.add_argument("--name", help="benchmark name (default: the only one in the store)")
 
     sy = sub.add_parser("sync-mlflow", help="mirror to MLflow every run of a benchmark that it lacks (e.g. after "
                                              "the server was down)")
-    sy.add_argument("out", nargs="?", help="the output dir of a `regbench run` (or give --storage)")
-    sy.add_argument("--storage", help="storage URL (default: sqlite:///OUT/regbench.db)")
+    sy.add_argument("out", nargs="?", kind=INPUT_DIR, help="the output dir of a `regbench run` (or give --storage)")
+    sy.add_argument("--storage", kind=STORE_URL, help="storage URL (default: sqlite:///OUT/regbench.db)")
     sy.add_argument("--name", help="benchmark name (default: the only one in the store)")
+    sy.add_argument("--tracking-uri", help="MLflow tracking URI to mirror to (default: $MLFLOW_TRACKING_URI, else the "
+                                           "one the benchmark's run recorded, else OUT/mlflow.db)", kind=TRACKING_URI)
 
     wk = sub.add_parser("worker", help="join a benchmark in a shared storage and run its trials until none is left",
                         description="Claim and run trials of a planned benchmark (`regbench run ... --plan-only`, "
                                     "or one being run) from any machine; workers coordinate through the storage.")
-    wk.add_argument("--storage", required=True, help="postgresql://USER@HOST/DB, sqlite:///PATH.db or journal:PATH.log")
-    wk.add_argument("--benchmark", required=True, help="the benchmark's name")
-    wk.add_argument("--data-dir", default=None, help="dataset cache (default: $REGBENCH_DATA or ~/.cache/regbench)")
+    wk.add_argument("--storage", required=True, help="postgresql://USER@HOST/DB, sqlite:///PATH.db or journal:PATH.log",
+                    kind=STORE_URL)
+    wk.add_argument("--name", help="the benchmark's name (as planned by `regbench run --name NAME`)")
+    wk.add_argument("--benchmark", help=argparse.SUPPRESS)  # deprecated spelling of --name
+    wk.add_argument("--tracking-uri", help="MLflow tracking URI to mirror runs to (default: $MLFLOW_TRACKING_URI, "
+                                           "else the one the benchmark's run recorded)", kind=TRACKING_URI)
+    wk.add_argument("--data-dir", default=None, help="dataset cache (default: $REGBENCH_DATA or ~/.cache/regbench)",
+                    kind=CACHE_DIR)
     wk.add_argument("--device", help="override the planned device (auto, cpu, cuda, cuda:N)")
     wk.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
     wk.add_argument("--per-gpu", type=int, default=1, metavar="N",
                     help="run N worker processes on each visible GPU (N on the CPU without one); default 1")
-    wk.add_argument("--checkpoint-dir", help="where this worker's mid-run checkpoints go (default: "
+    wk.add_argument("--checkpoint-dir", kind=OUTPUT_DIR, help="where this worker's mid-run checkpoints go (default: "
                     "regbench-checkpoints next to the --data-dir); local to this machine")
     _checkpoint_arguments(wk, "--checkpoint-dir")
 
     la = sub.add_parser("launch", help="start N workers through submitit (local processes or Slurm), then report")
-    la.add_argument("name", help="a benchmark planned in the storage")
+    la.add_argument("--name", help="a benchmark planned in the storage (`regbench run --name NAME --plan-only`)")
+    la.add_argument("name_positional", nargs="?", metavar="NAME", help=argparse.SUPPRESS)  # deprecated: use --name
+    la.add_argument("--tracking-uri", help="MLflow tracking URI the workers mirror to (default: $MLFLOW_TRACKING_URI, "
+                                           "else the one the benchmark's run recorded)", kind=TRACKING_URI)
     la.add_argument("--workers", type=int, default=2, help="number of workers (default 2)")
-    la.add_argument("--storage", help="storage URL (default: sqlite:///runs/NAME/regbench.db)")
-    la.add_argument("--out", help="where the leaderboard and worker logs go (default runs/NAME)")
+    la.add_argument("--storage", kind=STORE_URL, help="storage URL (default: sqlite:///runs/NAME/regbench.db)")
+    la.add_argument("--out", kind=OUTPUT_DIR, help="where the leaderboard and worker logs go (default runs/NAME)")
     la.add_argument("--slurm", metavar="PARTITION", help="submit Slurm jobs to this partition instead of local "
                                                            "processes")
     la.add_argument("--timeout-min", type=int, default=24 * 60, help="per-worker time limit in minutes")
-    la.add_argument("--data-dir", default=None, help="dataset cache (default: $REGBENCH_DATA or ~/.cache/regbench)")
+    la.add_argument("--data-dir", default=None, help="dataset cache (default: $REGBENCH_DATA or ~/.cache/regbench)",
+                    kind=CACHE_DIR)
 
     rep = sub.add_parser("report", help="regenerate OUT/leaderboard.md and OUT/figures/ from the store; with "
                                         "several OUTs and --summary, rank the methods across them")
-    rep.add_argument("out", nargs="+", help="the output dir of a previous `regbench run` (several with --summary)")
-    rep.add_argument("--storage", help="storage URL (default: sqlite:///OUT/regbench.db; one OUT only)")
+    rep.add_argument("out", nargs="*", help="the output dir of a previous `regbench run` (several with --summary); "
+                                            "the leaderboard is written there (default with --storage: runs/NAME, "
+                                            "relative to the current dir)", kind=OUTPUT_DIR)
+    rep.add_argument("--storage", kind=STORE_URL, help="storage URL (default: sqlite:///OUT/regbench.db; one OUT only)")
     rep.add_argument("--name", help="benchmark name (default: the only one in the store)")
+    rep.add_argument("--tracking-uri", help="MLflow tracking URI to attach the leaderboard to (default: "
+                                            "$MLFLOW_TRACKING_URI, else the one the benchmark's run recorded)",
+                                            kind=TRACKING_URI)
     rep.add_argument("--margin", type=float, default=0.5, metavar="PP",
                      help="equivalence margin in percentage points for the TOST verdict (default 0.5)")
     rep.add_argument("--summary", metavar="DIR", help="also rank methods across the OUTs' benchmarks (Friedman, "
-                                                      "Nemenyi CD diagram) into DIR/summary.md")
+                                                      "Nemenyi CD diagram) into DIR/summary.md", kind=OUTPUT_DIR)
     exp = sub.add_parser("export", help="write the tidy table of final runs to OUT/results.csv or .parquet")
-    exp.add_argument("out", help="the output dir of a previous `regbench run`")
+    exp.add_argument("out", kind=OUTPUT_DIR, help="the output dir of a previous `regbench run`")
     exp.add_argument("--format", choices=["csv", "parquet"], default="csv", help="csv (default) or parquet "
                                                                                  "(needs pyarrow)")
-    exp.add_argument("--storage", help="storage URL (default: sqlite:///OUT/regbench.db)")
+    exp.add_argument("--storage", kind=STORE_URL, help="storage URL (default: sqlite:///OUT/regbench.db)")
     exp.add_argument("--name", help="benchmark name (default: the only one in the store)")
     from regbench.data_commands import add_parser as add_data_parser
     add_data_parser(sub)
     from regbench.suites import add_parser as add_suite_parser
     add_suite_parser(sub)
+    from regbench.localpg import add_parser as add_postgres_parser
+    add_postgres_parser(sub)
     return p
 
 
@@ -162,11 +189,14 @@ def _checkpoint_arguments(parser, where: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     _stop_on_sigterm()
-    from regbench import commands
 
     try:
+        check_arguments(parser, args)  # every path/URL argument (regbench/arguments.py), before any work or import
+        from regbench import commands
+
         if args.command == "run":
             if args.compile:  # no C++ compiler / no Triton: one line before any work
                 from regbench.engine import check_compile
@@ -190,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
             return suite_command(args)
         if args.command == "export":
             return commands.export_command(args)
+        if args.command == "postgres":
+            from regbench.localpg import postgres_command
+            return postgres_command(args)
         return commands.report_command(args)
     except RegbenchError as exc:
         print(f"regbench: error: {exc}", file=sys.stderr)
@@ -200,6 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("regbench: interrupted; rerun the same command to resume where it stopped", file=sys.stderr)
         return 130
+    except Exception as exc:  # the last line of defence: not a user error but a bug; one line, traceback to a file
+        return report_bug(exc, _output_dirs(args))
+
+
+def _output_dirs(args) -> list:
+    """Where a crash report may go, best first: the command's output dir(s), if it has any."""
+    out = getattr(args, "out", None)
+    return [str(o) for o in (out if isinstance(out, list) else [out]) if o]
 
 
 class Terminated(KeyboardInterrupt):

@@ -2,8 +2,11 @@
 regbench.datasets.catalog (what each set is, its files, md5s, URLs, status, verification, preparation)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+from regbench.arguments import LOOKUP_DIR, OUTPUT_DIR
 
 EXIT_CORRUPT = 2
 
@@ -18,13 +21,13 @@ def add_parser(subparsers) -> None:
     help_dir = "dataset cache (default: $REGBENCH_DATA or ~/.cache/regbench)"
     ls = sub.add_parser("list", help="present / missing / partial, with what to download and where to put it")
     ls.add_argument("name", nargs="?", help="one data set (default: all)")
-    ls.add_argument("--data-dir", default=None, help=help_dir)
+    ls.add_argument("--data-dir", default=None, help=help_dir, kind=LOOKUP_DIR)
     ver = sub.add_parser("verify", help="md5-check every present file; exit 2 if any is corrupt")
     ver.add_argument("name", nargs="?", help="one data set (default: all)")
-    ver.add_argument("--data-dir", default=None, help=help_dir)
+    ver.add_argument("--data-dir", default=None, help=help_dir, kind=LOOKUP_DIR)
     prep = sub.add_parser("prepare", help="download (official) or generate (-style) one data set")
     prep.add_argument("name", help="the data set, e.g. cifar10_c_style or cifar10")
-    prep.add_argument("--data-dir", default=None, help=help_dir)
+    prep.add_argument("--data-dir", default=None, help=help_dir, kind=OUTPUT_DIR)
 
 
 def _names(name: str | None) -> list[str]:
@@ -37,6 +40,9 @@ def data_command(args, default_data_dir: str) -> int:
     from regbench.datasets import catalog
 
     data_dir = Path(args.data_dir or default_data_dir).expanduser()
+    if args.data_dir is None:  # --data-dir itself was checked by regbench.arguments; $REGBENCH_DATA is checked here
+        (OUTPUT_DIR if args.data_command == "prepare" else LOOKUP_DIR).check(
+            str(data_dir), "$REGBENCH_DATA" if os.environ.get("REGBENCH_DATA") else "the default data dir")
     if args.data_command == "prepare":
         catalog.prepare(args.name, data_dir, say=lambda msg: print(msg, flush=True))
         return 0

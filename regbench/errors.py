@@ -28,3 +28,38 @@ class DataError(RegbenchError):
 
 class StorageError(RegbenchError):
     """A storage URL that cannot be opened."""
+
+
+EXIT_BUG = 70  # EX_SOFTWARE (sysexits.h): an internal error, distinct from a user error's 2
+
+
+def report_bug(exc: BaseException, output_dirs=()) -> int:
+    """The last line of defence in ``regbench.cli.main``: an exception that is not a RegbenchError is a bug in
+    regbench, not a user mistake. Its full traceback goes to a file (in the first of ``output_dirs`` that is a
+    writable directory, else the temp dir) and stderr gets one line saying so and where; returns EXIT_BUG."""
+    import os
+    import sys
+    import tempfile
+    import time
+    import traceback
+    from pathlib import Path
+
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    header = f"regbench {' '.join(sys.argv[1:])}\n{time.strftime('%Y-%m-%d %H:%M:%S %z')}\n\n"
+    name = f"regbench-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    written = None
+    for folder in [*output_dirs, tempfile.gettempdir()]:
+        try:
+            if not Path(folder).is_dir():
+                continue
+            path = Path(folder) / name
+            path.write_text(header + text)
+            written = path.resolve()
+            break
+        except (OSError, ValueError):
+            continue
+    summary = (str(exc).strip().splitlines() or [""])[0][:160]
+    where = f"the full traceback is in {written}" if written else "its traceback could not be written anywhere"
+    print(f"regbench: internal error: this is a bug in regbench ({type(exc).__name__}{': ' if summary else ''}"
+          f"{summary}); {where}; please report it", file=sys.stderr)
+    return EXIT_BUG

@@ -20,7 +20,7 @@ BAD = {
     "beta at 0": (["--methods", "ses", "--set", "ses.beta=0"], "ses.beta=0.0 is outside (0, 1)"),
     "negative lambda": (["--methods", "ses", "--set", "ses.lam=-0.01"], "ses.lam=-0.01 is outside [0, inf)"),
     "negative shade weight": (["--methods", "shade", "--set", "shade.weight=-1"], "shade.weight=-1.0 is outside"),
-    "storage scheme": (["--methods", "ses", "--storage", "bogus://nowhere"], "cannot open storage 'bogus://nowhere'"),
+    "storage scheme": (["--methods", "ses", "--storage", "bogus://nowhere"], "unknown storage scheme 'bogus'"),
     "storage folder": (["--methods", "ses", "--storage", "sqlite:////no/such/dir/x.db"], "does not exist"),
     "storage not a url": (["--methods", "ses", "--storage", "just words"], "not a URL"),
     "seeds": (["--methods", "ses", "--seeds", "three"], "--seeds 'three'"),

@@ -11,6 +11,7 @@ import importlib
 import time
 from pathlib import Path
 
+from regbench.arguments import CACHE_DIR, OUTPUT_DIR
 from regbench.errors import ConfigError, UnknownNameError
 
 # NAME -> module (relative to this package), in the priority order.
@@ -62,9 +63,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seeds", type=int, help="number of training seeds (default: the suite's, at least 5 where "
                                              "the paper's claim is over seeds)")
     p.add_argument("--smoke", action="store_true", help="the same pipeline, cut to seconds (for tests)")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help=f"report directory (default: {DEFAULT_OUT})")
-    p.add_argument("--data-dir", help="where the data sets live, for suites that read files (ses-cifar, shade-cifar; "
-                                      "default: $REGBENCH_DATA or ~/.cache/regbench)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), kind=OUTPUT_DIR,
+                   help=f"report directory (default: {DEFAULT_OUT})")
+    p.add_argument("--data-dir", kind=CACHE_DIR,
+                   help="where the data sets live, for suites that read files (ses-cifar, shade-cifar; "
+                        "default: $REGBENCH_DATA or ~/.cache/regbench)")
 
 
 def suite_command(args) -> int:

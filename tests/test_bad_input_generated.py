@@ -1,0 +1,260 @@
+"""The generated bad-input matrix (issue 21): every path- or URL-like argument of every command, found in the parser
+itself, crossed with the hostile values of its kind (regbench/arguments.py), run as the real console script.
+
+Each case must exit 2 with exactly one stderr line that names the argument, print no traceback, never reach the last
+line of defence (exit 70, "bug in regbench"), and leave the scratch tree it was pointed at exactly as it was. An
+option whose name looks like a path or URL but declares no kind fails the test, so a new option cannot slip through.
+A new option declared with a kind is covered without editing this file; a new kind must add its hostile values here.
+
+The cases are refused before anything heavy is imported (~0.1-0.3 s each), and run 4 at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from helpers import regbench_cli
+
+from regbench import arguments
+from regbench.cli import build_parser
+from regbench.errors import EXIT_BUG
+
+WORKERS = 4
+UNWRITABLE = "/sys/regbench-cannot-create"  # root ignores mode bits, but sysfs refuses new entries even to root
+PATHY = {"out", "output", "dir", "directory", "path", "file", "storage", "uri", "url", "summary", "db", "log",
+         "cache", "folder", "root", "journal", "tracking", "dest", "destination"}
+NOT_PATHS: dict[str, str] = {}  # "command --option": why it is not a path, for a path-looking name that is not one
+
+
+def subcommands(parser, words=()):
+    """(words, parser) for every leaf (sub)command, nested ones included (``data verify``, ``suite``)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            seen = set()
+            for name, sub in action.choices.items():
+                if id(sub) not in seen:  # aliases share a parser
+                    seen.add(id(sub))
+                    yield from subcommands(sub, (*words, name))
+            return
+    yield words, parser
+
+
+def _takes_value(action) -> bool:
+    return action.nargs != 0 and not isinstance(action, (argparse._HelpAction, argparse._VersionAction))
+
+
+def _looks_like_a_path(action) -> bool:
+    words = [*action.option_strings, action.dest, str(action.metavar or "")]
+    tokens = {t for w in words for t in re.split(r"[-_./ ]+", w.lower()) if t}
+    return bool(tokens & PATHY)
+
+
+def _tree(tmp: Path) -> dict[str, Path]:
+    """The scratch tree every case points into: a text file, an empty file, a folder, a real SQLite database."""
+    (tmp / "afile").write_text("keep me\n")
+    (tmp / "empty").write_bytes(b"")
+    (tmp / "adir").mkdir()
+    (tmp / "adir" / "inside.txt").write_text("keep me too\n")
+    with sqlite3.connect(tmp / "real.db") as con:  # a real database (not an Optuna one: the kinds only look)
+        con.execute("CREATE TABLE t (x INTEGER)")
+    return {"FILE": tmp / "afile", "EMPTY": tmp / "empty", "DIR": tmp / "adir", "DB": tmp / "real.db"}
+
+
+def hostile(kind: arguments.Kind, tmp: Path) -> dict[str, str]:
+    """The hostile values of each kind (a value that is fine for a kind, e.g. a missing folder for an output dir
+    that is created on demand, is not in its list)."""
+    f, d, e = tmp / "afile", tmp / "adir", tmp / "empty"
+    long_path = str(tmp) + "/abc" * 1100  # > 4096 bytes, every component short
+    long_name = str(tmp / ("n" * 256))  # one component > 255 bytes
+    paths = {"empty": "", "root /": "/", "a file where a dir is expected": str(f), "a child of a file": f"{f}/child",
+             "under an unwritable dir": f"{UNWRITABLE}/x", "control character": str(tmp / "bad\x01name"),
+             "newline": str(tmp / "bad\nname"), "path > 4096 bytes": long_path, "name > 255 bytes": long_name}
+    urls = {"empty": "", "sqlite empty path": "sqlite:///", "sqlite no path": "sqlite://",
+            "sqlite on a dir": f"sqlite:///{d}", "sqlite on a text file": f"sqlite:///{f}",
+            "sqlite under a file": f"sqlite:///{f}/child.db", "sqlite under an unwritable dir":
+            f"sqlite:///{UNWRITABLE}/x.db", "sqlite newline": f"sqlite:///{tmp}/bad\nname.db",
+            "sqlite control character": f"sqlite:///{tmp}/bad\x01name.db",
+            "sqlite path > 4096 bytes": f"sqlite:///{long_path}.db", "sqlite name > 255 bytes":
+            f"sqlite:///{long_name}.db"}
+    storages = {**urls, "sqlite on an empty file": f"sqlite:///{e}", "sqlite nonexistent parent":
+                f"sqlite:///{tmp}/none/x.db", "journal empty path": "journal:", "journal on a dir": f"journal:{d}",
+                "journal on a text file": f"journal:{f}", "journal under a file": f"journal:{f}/child.log",
+                "journal under an unwritable dir": f"journal:{UNWRITABLE}/x.log", "postgresql bad port (password kept out)":
+                "postgresql://alice:s3cret@localhost:port/db", "postgresql nothing": "postgresql://",
+                "unknown scheme": "bogus://x", "not a URL": "just words"}
+    table = {
+        "output-dir": {**paths, "an unwritable dir": "/sys"},
+        "cache-dir": paths,
+        "input-dir": {**paths, "nonexistent parent": str(tmp / "none" / "out")},
+        "lookup-dir": {k: v for k, v in paths.items() if k != "under an unwritable dir"},
+        "storage-url": storages,
+        "store-url": {**storages, "sqlite nonexistent": f"sqlite:///{tmp}/missing.db",
+                      "journal nonexistent": f"journal:{tmp}/missing.log"},
+        "tracking-uri": {**urls, "a plain folder": UNWRITABLE, "http without host": "http://",
+                         "unknown scheme": "ftp://x"},
+    }
+    assert kind.name in table, f"argument kind {kind.name!r} has no hostile values here: add them to the table"
+    return table[kind.name]
+
+
+def good(kind: arguments.Kind, tmp: Path) -> str:
+    """A value each kind accepts, for required arguments that are not the one under test (never created)."""
+    return {"output-dir": str(tmp / "new-out"), "cache-dir": str(tmp / "new-data"), "input-dir": str(tmp / "adir"),
+            "lookup-dir": str(tmp / "adir"), "storage-url": f"sqlite:///{tmp}/new.db",
+            "store-url": f"sqlite:///{tmp}/real.db", "tracking-uri": f"sqlite:///{tmp}/new-mlflow.db"}[kind.name]
+
+
+def argv_for(words, parser, target, value: str, tmp: Path) -> list[str]:
+    """``words`` + the required arguments (a good value of their kind, else their first choice, else "x") + the
+    argument under test set to ``value``."""
+    options, positionals = [], []
+    for action in parser._actions:
+        if not _takes_value(action) or isinstance(action, argparse._SubParsersAction):
+            continue
+        if action is target:
+            given = value
+        elif action.required:
+            kind = getattr(action, "kind", None)
+            given = good(kind, tmp) if kind else (str(list(action.choices)[0]) if action.choices else "x")
+        else:
+            continue
+        if action.option_strings:
+            options.append(f"{max(action.option_strings, key=len)}={given}")
+        else:
+            positionals.append(given)
+    return [*words, *options, *positionals]
+
+
+def _cases(tmp: Path) -> list[tuple[str, list[str], str]]:
+    cases = []
+    for words, parser in subcommands(build_parser()):
+        for action in parser._actions:
+            kind = getattr(action, "kind", None)
+            if kind is None:
+                continue
+            for label, value in hostile(kind, tmp).items():
+                cases.append((f"{' '.join(words)} {arguments.option_name(action)} = {label}",
+                              argv_for(words, parser, action, value, tmp), arguments.option_name(action)))
+    return cases
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir")
+            for p in sorted(root.rglob("*"))}
+
+
+def test_every_path_like_option_declares_its_kind():
+    undeclared = []
+    for words, parser in subcommands(build_parser()):
+        for action in parser._actions:
+            name = f"{' '.join(words)} {arguments.option_name(action)}"
+            if _takes_value(action) and getattr(action, "kind", None) is None and _looks_like_a_path(action) \
+                    and name not in NOT_PATHS:
+                undeclared.append(name)
+    assert not undeclared, (f"path-like arguments without a kind (declare kind= from regbench/arguments.py, or list "
+                            f"them in NOT_PATHS with the reason): {undeclared}")
+
+
+def test_the_walk_sees_nested_commands_and_every_kind():
+    found = {(" ".join(w), arguments.option_name(a), a.kind.name) for w, p in subcommands(build_parser())
+             for a in p._actions if getattr(a, "kind", None)}
+    commands = {c for c, _, _ in found}
+    assert {"run", "worker", "report", "data verify", "data prepare", "suite"} <= commands, commands
+    assert {k for _, _, k in found} == {k.name for k in arguments.KINDS}
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hostile")
+    work = tmp / "cwd"
+    work.mkdir()
+    _tree(tmp)
+    cases = _cases(tmp)
+    before = _snapshot(tmp)
+    env = {"REGBENCH_DATA": str(tmp / "default-data"), "TMPDIR": str(tmp / "crash"), "HOME": str(tmp / "home")}
+
+    def run(case):
+        label, argv, option = case
+        return label, argv, option, regbench_cli(*argv, env_extra=env, cwd=work)
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        results = list(pool.map(run, cases))
+    return results, before, _snapshot(tmp)
+
+
+def test_every_hostile_value_is_one_line_exit_2_and_changes_nothing(matrix):
+    """One test, so that pytest-xdist runs the matrix once (a module fixture is built once per worker)."""
+    results, before, after = matrix
+    commands = {label.split(" = ")[0].rsplit(" ", 1)[0] for label, *_ in results}
+    options = {label.split(" = ")[0] for label, *_ in results}
+    print(f"\ngenerated bad-input matrix: {len(commands)} commands, {len(options)} path/URL arguments, "
+          f"{len(results)} cases")
+    assert len(options) >= 25 and len(results) >= 250
+    failures = []
+    for label, argv, option, proc in results:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        problems = []
+        if "Traceback" in proc.stdout + proc.stderr:
+            problems.append("traceback")
+        if "s3cret" in proc.stdout + proc.stderr:
+            problems.append("printed the password")
+        if proc.returncode == EXIT_BUG or "bug in regbench" in proc.stderr:
+            problems.append("the last line of defence fired")
+        if proc.returncode != 2:
+            problems.append(f"exit {proc.returncode}")
+        if len(lines) != 1 or proc.stderr.count("\n") != 1:
+            problems.append(f"{len(lines)} stderr lines")
+        elif not lines[0].startswith("regbench: error: ") or option not in lines[0]:
+            problems.append("the line does not name the argument")
+        if problems:
+            failures.append(f"{label!r}: {', '.join(problems)}: {proc.stderr.strip()[-300:]!r}")
+    assert not failures, f"{len(failures)} of {len(results)} cases:\n" + "\n".join(failures)
+    assert after == before, {k: (before.get(k), after.get(k)) for k in set(before) | set(after)
+                             if before.get(k) != after.get(k)}
+
+
+# ---- the last line of defence ----------------------------------------------------------------------------------
+
+def _corrupt_store(folder: Path) -> Path:
+    """A real Optuna store whose benchmark record is not what regbench writes (its run config is not JSON): no user
+    input is wrong, so reading it is a bug in regbench's handling, and the last line of defence must catch it."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    folder.mkdir(parents=True)
+    study = optuna.create_study(study_name="bench", storage=f"sqlite:///{folder}/regbench.db")
+    study.set_user_attr("spec", {"benchmark": "bench", "base": "{not json", "seeds": [0], "methods": ["baseline"]})
+    return folder / "regbench.db"
+
+
+def _crash_line(proc) -> Path:
+    assert proc.returncode == EXIT_BUG != 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("regbench: internal error: this is a bug in regbench"), lines[0]
+    path = Path(re.search(r"the full traceback is in (\S+?\.txt)", lines[0]).group(1))
+    assert path.is_file() and "Traceback (most recent call last)" in path.read_text(), path
+    return path
+
+
+def test_an_unexpected_exception_is_one_line_with_the_traceback_in_the_output_dir(tmp_path):
+    out = tmp_path / "out"
+    _corrupt_store(out)
+    path = _crash_line(regbench_cli("status", str(out), env_extra={"TMPDIR": str(tmp_path)}, cwd=tmp_path))
+    assert path.parent == out.resolve()
+    assert "JSONDecodeError" in path.read_text()
+
+
+def test_without_an_output_dir_the_traceback_goes_to_the_temp_dir(tmp_path):
+    db = _corrupt_store(tmp_path / "store")
+    crash = tmp_path / "crash"
+    crash.mkdir()
+    path = _crash_line(regbench_cli("status", "--storage", f"sqlite:///{db}", env_extra={"TMPDIR": str(crash)},
+                                    cwd=tmp_path))
+    assert path.parent == crash.resolve()
