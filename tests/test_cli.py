@@ -40,9 +40,10 @@ def test_leaderboard_has_a_row_per_method_with_baseline_first(tiny_run):
     assert list(rows) == ["baseline", "ses", "shade"]
     for cells in rows.values():
         assert cells[1] == "2"                    # seeds
-        assert "±" in cells[2]                    # test acc mean ± std
+        assert "±" not in cells[2]                # 2 seeds: the mean alone, no interval (said in words below)
         assert float(cells[2].split("±")[0]) > 10  # learned something (chance = 10 %)
     assert rows["baseline"][3] == "—" and rows["ses"][3][0] in "+-"
+    assert "Too few seeds for statistics: 2 seeds" in text
     assert text in stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in stdout
 
