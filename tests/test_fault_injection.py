@@ -178,9 +178,10 @@ def age_all_heartbeats(url: str) -> None:
 def check_exact(url: str, bench: str, n_trials: int = 2, seeds=(0, 1)) -> None:
     """Every final run once, the tuning budget exact, each killed trial failed with its reason and retried at most
     once with the same params, nothing left running or queued."""
-    names = optuna.get_all_study_names(url)
+    storage = open_storage(url)  # a journal:PATH is not an SQLAlchemy URL
+    names = optuna.get_all_study_names(storage)
     [tune_name] = [n for n in names if n.startswith(f"{bench}:ses:tune:")]
-    tune = optuna.load_study(study_name=tune_name, storage=url).get_trials()
+    tune = optuna.load_study(study_name=tune_name, storage=storage).get_trials()
     reasons = [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in tune]
     trained = [t for t in tune if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(trained) == n_trials, reasons
@@ -194,7 +195,7 @@ def check_exact(url: str, bench: str, n_trials: int = 2, seeds=(0, 1)) -> None:
                        or r.user_attrs.get("resumes_trial") == t.number]
             assert len(retries) == 1 and retries[0].params == t.params, reasons
     for method in ("baseline", "ses"):
-        finals = optuna.load_study(study_name=f"{bench}:{method}:final", storage=url).get_trials()
+        finals = optuna.load_study(study_name=f"{bench}:{method}:final", storage=storage).get_trials()
         done = [t for t in finals if t.state == TrialState.COMPLETE]
         assert sorted(t.params["seed"] for t in done) == list(seeds), [(t.number, t.state) for t in finals]
         assert not [t for t in finals if t.state in (TrialState.RUNNING, TrialState.WAITING)]

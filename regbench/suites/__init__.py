@@ -63,6 +63,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seeds", type=int, help="number of training seeds (default: the suite's, at least 5 where "
                                              "the paper's claim is over seeds)")
     p.add_argument("--smoke", action="store_true", help="the same pipeline, cut to seconds (for tests)")
+    p.add_argument("--quiet", action="store_true", help="no progress or warnings; print only the report's path")
     p.add_argument("--out", default=str(DEFAULT_OUT), kind=OUTPUT_DIR,
                    help=f"report directory (default: {DEFAULT_OUT})")
     p.add_argument("--data-dir", kind=CACHE_DIR,
@@ -75,6 +76,14 @@ def suite_command(args) -> int:
     from regbench.cli import _default_data_dir
 
     data_dir = Path(getattr(args, "data_dir", None) or _default_data_dir()).expanduser()
+    if getattr(args, "quiet", False):  # as `run --quiet`: nothing but the result (errors still go to stderr)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = run_suite(args.name, args.out, seeds=args.seeds, smoke=args.smoke, data_dir=data_dir)
+        print(result["report"])
+        return 0
     result = run_suite(args.name, args.out, seeds=args.seeds, smoke=args.smoke, data_dir=data_dir)
     print(f"{args.name}: wrote {result['report']} in {time.perf_counter() - started:.0f} s")
     return 0

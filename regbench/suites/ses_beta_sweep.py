@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import shlex
 import time
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -90,10 +91,20 @@ def train_one(root: str, beta: float | None, seed: int, epochs: int, train_size:
 def trend(values: np.ndarray, increasing: bool = True) -> dict:
     """Page's L test that the columns (β in ascending order) rise (or fall) along each row (a seed), plus Spearman's
     ρ of β against every value. ``values``: seeds × betas."""
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 2 or values.shape[0] < 2 or values.shape[1] < 3 or not np.all(np.isfinite(values)):
+        # A diverged run (NaN/inf) or too few seeds/arms: nothing to rank, so no trend is claimed (p = NaN never
+        # passes a verdict) rather than a traceback after hours of training.
+        nan = float("nan")
+        return {"L": nan, "p": nan, "method": "not tested (a NaN/inf value, or fewer than 2 seeds or 3 arms)",
+                "reverse_p": nan, "rho": nan, "rho_p": nan, "means": values.mean(0) if values.ndim == 2 else values,
+                "monotone_means": False}
     data = values if increasing else -values
     page = page_trend_test(data)  # H1: column medians increase left to right
     reverse = page_trend_test(-data)  # the opposite order, so a significant reversal is reported as such
-    rho = spearmanr(np.repeat(np.array(BETAS)[None, :], len(values), 0).ravel(), values.ravel())
+    with warnings.catch_warnings():  # identical values (e.g. seeds that agree exactly): ρ is NaN, said as such
+        warnings.simplefilter("ignore")
+        rho = spearmanr(np.repeat(np.array(BETAS)[None, :], len(values), 0).ravel(), values.ravel())
     return {"L": float(page.statistic), "p": float(page.pvalue), "method": page.method,
             "reverse_p": float(reverse.pvalue),
             "rho": float(rho.statistic), "rho_p": float(rho.pvalue),
@@ -119,7 +130,8 @@ def run(out_dir, seeds: int | None = None, smoke: bool = False, data_dir: Path |
         return np.array([[get(r) for r in rs] for rs in sweep]).T
 
     spectrum = {k: trend(grid(lambda r, k=k: r["erank"][k] / width[k])) for k in layers}
-    holm = multipletests([spectrum[k]["p"] for k in layers], alpha=ALPHA, method="holm")
+    holm = multipletests([spectrum[k]["p"] if np.isfinite(spectrum[k]["p"]) else 1.0 for k in layers], alpha=ALPHA,
+                         method="holm")  # an untested layer (p = NaN) counts as not significant
     for k, p_adj, rejected in zip(layers, holm[1], holm[0]):
         spectrum[k].update(p_holm=float(p_adj), significant=bool(rejected))
     gap = trend(grid(lambda r: r["gap"]))

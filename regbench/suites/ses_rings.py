@@ -199,7 +199,7 @@ def _pooled(rs) -> str:
     finite = k[np.isfinite(k)]
     singular = len(k) - len(finite)
     text = f"{finite.mean():.1f} ± {finite.std(ddof=1):.1f}" if len(finite) > 1 else "n/a"
-    return text + (f" ({singular} singular points left out)" if singular else "")
+    return text + (f" ({singular} singular point{'s' if singular > 1 else ''} left out)" if singular else "")
 
 
 def _markdown(runs, res, layer_ci, command, seconds) -> str:
@@ -231,7 +231,7 @@ def _markdown(runs, res, layer_ci, command, seconds) -> str:
              _pooled(ses)],
             ["κ(J), per-seed mean over finite points, 95 % CI over seeds", "—",
              fmt_ci([r["kappa_mean"] for r in base], 1), "—", fmt_ci([r["kappa_mean"] for r in ses], 1)],
-            ["test points with singular J (κ = ∞), per seed", "—", _counts(res["singular_baseline"]), "—",
+            [f"test points with singular J (κ = ∞) per seed, of {N_TEST}", "—", _counts(res["singular_baseline"]), "—",
              _counts(res["singular_ses"])],
             ["κ(J), per-seed median, 95 % CI", "—", fmt_ci([r["kappa_median"] for r in base], 1), "—",
              fmt_ci([r["kappa_median"] for r in ses], 1)],
@@ -329,7 +329,7 @@ def _ratio(base: float, ses: float) -> str:
 
 
 def _counts(values) -> str:
-    return ", ".join(str(int(v)) for v in values) + f" (of {N_TEST} each)"
+    return ", ".join(str(int(v)) for v in values)
 
 
 def _p4_text(res: dict) -> str:
@@ -339,8 +339,8 @@ def _p4_text(res: dict) -> str:
             "points (κ = ∞) cannot flip; per-seed ratio median_base/median_SES; reproduced when the 95 % t-interval "
             "of the mean log-ratio lies above 0 and the geometric mean ratio is ≥ 2× (P4's low end). ")
     text += (f"Per-seed median κ {' '.join(f'{v:.3g}' for v in base_med)} (baseline) vs "
-             f"{' '.join(f'{v:.3g}' for v in ses_med)} (SES); singular test points per seed "
-             f"{_counts(res['singular_baseline'])} (baseline), {_counts(res['singular_ses'])} (SES)")
+             f"{' '.join(f'{v:.3g}' for v in ses_med)} (SES); singular test points (κ = ∞) per seed, of {N_TEST}: "
+             f"baseline {_counts(res['singular_baseline'])}, SES {_counts(res['singular_ses'])}")
     if np.isfinite(p4["geo_mean"]):
         g = p4["geo_mean"]
         magnitude = ("inside" if 2 <= g <= 5 else "above" if g > 5 else "below") + " P4's expected 2–5×"
