@@ -93,8 +93,6 @@ def _retry_stale(study, trial) -> None:
     """Optuna's stale-trial callback: queue the retry of a trial Optuna has just failed (at most once; the reason was
     written while the trial was still RUNNING, by ``_StaleReasons``). The copy is the run as it was, without the
     dead attempt's attributes (its fail_reason above all), so it is a plain queued run with the same params."""
-    import copy
-
     from regbench import faults
 
     faults.point("recover")  # test hook: a crash after the stale trial is failed, before its retry is queued
