@@ -1,4 +1,4 @@
-"""DLN entropic prior as a regularizer (seed 001_d7b4526c5afb2afe.txt: Chen, Kotwal, Menon 2025, "Entropic
+"""DLN entropic prior as a regularizer (Chen, Kotwal, Menon 2025, "Entropic
 regularization in the Deep Linear Network", arXiv 2512.06137, with the entropy formula of Menon & Yu, arXiv
 2509.09088). Formulas and checks: ../shared/reference/dln.md.
 
@@ -148,7 +148,8 @@ def matrix_entropy(m: Tensor, N: int, normalize: str = "values") -> Tensor:
 class DLNEntropy(Method):
     name = "dln_entropy"
     description = "DLN entropic prior: −(strength/β)·S_N of each weight matrix's (or the product's) singular values"
-    paper = "Chen, Kotwal, Menon 2025 (arXiv 2512.06137), seed 001; entropy of Menon & Yu 2025 (arXiv 2509.09088)"
+    paper = ("Chen, Kotwal, Menon 2025, \"Entropic Regularization in the Deep Linear Network\" (arXiv 2512.06137); "
+             "entropy of Menon & Yu 2025 (arXiv 2509.09088)")
     defaults = {"strength": 1e-3, "beta": 1.0, "depth": 3, "layers": "hidden-weights", "target": "each",
                 "normalize": "values"}
 

@@ -8,7 +8,7 @@ dropout, so eval mode is the identity):
 The paper's p is the *retention* probability (our q) and it rescales the weights by p at test time instead of the
 activations by 1/p in training; both give the same network in expectation.
 
-Placement (../shared/reference/methods.md §4.1; SHADE seed 002 Table 1 "dropout" and "SHADE+D" do not say where,
+Placement (../shared/reference/methods.md §4.1; SHADE (Blot et al., ICIP 2018) Table 1 "dropout" and "SHADE+D" do not say where,
 methods.md §2.5 [?/C]):
 
 * ``placement="classifier"`` (default): dropout on the classifier's input, through a forward pre-hook on
@@ -39,7 +39,7 @@ PLACEMENTS = ("classifier", "timm")
 class Dropout(Method):
     name = "dropout"
     description = "dropout on the classifier's input (or timm's drop_rate / drop_path_rate)"
-    paper = "Srivastava et al. 2014 (JMLR); SHADE seed 002 Table 1"
+    paper = "Srivastava et al. 2014 (JMLR); Blot et al. 2018 (SHADE, ICIP) Table 1"
     defaults = {"rate": 0.3, "placement": "classifier", "drop_path_rate": 0.0}
 
     @classmethod

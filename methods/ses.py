@@ -1,4 +1,5 @@
-"""SES: Spectral Entropy Shaping (seed 000_1ade741b68e5af50.txt, Le Bone 2026, eq. 1-6, Sec. 5.2, Listing 1-2).
+"""SES: Spectral Entropy Shaping (D. Le Bone, "Spectral Entropy Shaping (SES): A Novel Regularization Technique for
+Neural Networks via Layer-wise Spectral Entropy Control", 2026; eq. 1-6, Sec. 5.2, Listing 1-2).
 
 For each hooked layer l with batch activations H ∈ R^{B×d_l}:
 
@@ -38,8 +39,11 @@ Implementation (../shared/reference/methods.md §1.3-1.7; the batched spectral m
   imply "gap". We default to the text and record the choice with each run. (On CPU, ResNet-18 penalty alone, 9
   hooks, fwd+bwd: gap 2.6/4.5/14 ms, positions 43/108/206 ms at B = 16/32/64; gap grows here only because the Gram
   is B×B while B < d.)
-* A layer constant over the batch (all ReLUs dead) has no spectrum; it is skipped (P7). A target above the rank cap
-  log(min(B−1, d)) warns once (P6).
+* A layer constant over the batch (all ReLUs dead) has no spectrum; it is skipped (P7). After centring a batch of n
+  rows has rank ≤ min(n−1, d), so H ≤ log(min(n−1, d)) (P6): a target β·log d above that cap could never be met and
+  its penalty would only push every layer to full rank. The target is clipped to the cap, said once per process
+  (a ``SESTargetClipped`` warning; the CLI prints it as one line). The search space cannot see the model or the
+  batch, so it is the clip, not the space, that keeps tuned β from proposing unreachable targets.
 """
 from __future__ import annotations
 
@@ -65,12 +69,17 @@ from regbench.spectral import (  # noqa: F401
 from .base import Method, StepContext, check_range
 
 _INT_HPARAMS = {"every": 1, "rank": 1, "niter": 0, "probes": 1, "degree": 2}  # name -> minimum
+_CLIP_SAID = False  # the clip notice is printed once per process, not once per run, trial or seed
+
+
+class SESTargetClipped(UserWarning):
+    """An SES target d^β above the batch's rank cap min(n−1, d) was clipped to the cap."""
 
 
 class SES(Method):
     name = "ses"
     description = "Spectral Entropy Shaping: pull each hooked layer's spectral entropy to beta*log(d)"
-    paper = "Le Bone 2026, seed 000, eq. 1-6"
+    paper = "Le Bone 2026, \"Spectral Entropy Shaping (SES)\", eq. 1-6"
     defaults = {"lam": 0.01, "beta": 0.7, "layers": "auto", "conv_reduce": "gap", "every": 1, "scale_by_k": False,
                 "eigen_path": "exact", "rank": 32, "niter": 2, "probes": 16, "degree": 32}
 
@@ -93,11 +102,12 @@ class SES(Method):
     def search_space(cls, trial):
         # Ranges from the paper: beta 0.3-0.9 (Exp. 2, P6), lam 1e-3-1e-1 (Table 4). The paper's hook sets
         # (Table 6: 9/5/3) become every feature layer vs the pooled one: last:K raises on models with fewer than K
-        # feature layers (the MLP has 2), and a search space cannot see the model.
+        # feature layers (the MLP has 2), and a search space cannot see the model. The default "auto" (the model's
+        # diagnostic layers) is a choice too, so the untuned default is a point of the space.
         return {
             "beta": trial.suggest_float("beta", 0.3, 0.9),
             "lam": trial.suggest_float("lam", 1e-3, 1e-1, log=True),
-            "layers": trial.suggest_categorical("layers", ["all", "pool"]),
+            "layers": trial.suggest_categorical("layers", ["auto", "all", "pool"]),
         }
 
     def attach(self, model, ctx):
@@ -107,7 +117,6 @@ class SES(Method):
         self._targets: dict[tuple, Tensor] = {}
         self._last: tuple[list[str], Tensor, Tensor] | None = None
         self._pending = None
-        self._warned_cap = False
 
     def wants_activations(self, step: int) -> bool:
         return step % self.hparams["every"] == 0
@@ -119,7 +128,6 @@ class SES(Method):
             return None
         mats = [entropy_matrix(step.activations[key], hp["conv_reduce"]) for key in self.keys]
         shapes = tuple(tuple(m.shape) for m in mats)
-        self._warn_if_unreachable(shapes)
         h, valid = entropies(mats, hp["eigen_path"], rank=hp["rank"], niter=hp["niter"], probes=hp["probes"],
                              degree=hp["degree"], generator=self._rng(mats[0].device))
         if not bool(valid.any()):  # every layer constant: no spectrum to shape (pitfall P7)
@@ -157,24 +165,29 @@ class SES(Method):
             self._restored_rng = None
 
     def _target(self, shapes, like: Tensor) -> Tensor:
+        """β·log d_l per layer (eq. 5), clipped to the reachable log(min(n−1, d_l)) (pitfall P6, see above)."""
         key = (shapes, like.device, like.dtype)
         if key not in self._targets:
-            beta = self.hparams["beta"]
-            self._targets[key] = torch.tensor([beta * math.log(d) for _n, d in shapes], device=like.device,
-                                              dtype=like.dtype)
+            beta, values = self.hparams["beta"], []
+            for n, d in shapes:
+                target = beta * math.log(d)
+                cap = math.log(min(n - 1, d)) if n > 2 and d > 1 else target
+                if target > cap:
+                    self._say_clipped(n, d)
+                values.append(min(target, cap))
+            self._targets[key] = torch.tensor(values, device=like.device, dtype=like.dtype)
         return self._targets[key]
 
-    def _warn_if_unreachable(self, shapes) -> None:
-        # After centring rank ≤ n−1, so H ≤ log(min(n−1, d)); a higher target never vanishes (pitfall P6).
-        if self._warned_cap:
+    def _say_clipped(self, n: int, d: int) -> None:
+        global _CLIP_SAID
+        if _CLIP_SAID:
             return
+        _CLIP_SAID = True
         beta = self.hparams["beta"]
-        for n, d in shapes:
-            if d > 1 and n > 2 and beta * math.log(d) > math.log(min(n - 1, d)):
-                self._warned_cap = True
-                warnings.warn(f"ses.beta={beta} targets erank {d ** beta:.1f} but a batch of {n} caps it at "
-                              f"{min(n - 1, d)}; the penalty cannot reach zero", stacklevel=3)
-                return
+        warnings.warn(SESTargetClipped(
+            f"ses.beta={beta:.3g} targets erank d^β = {d ** beta:.1f} at a layer of width d = {d}, above the "
+            f"{min(n - 1, d)} a batch of {n} rows allows; SES targets above a batch's rank cap are clipped to it "
+            f"(said once)"))
 
     def diagnostics(self):
         if self._last is None:

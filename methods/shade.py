@@ -1,4 +1,5 @@
-"""SHADE: SHAnnon DEcay (seed 002_d317e923430bbd5c.txt, Blot, Robert, Thome, Cord, ICIP 2018).
+"""SHADE: SHAnnon DEcay (Blot, Robert, Thome, Cord, "SHADE: Information-Based Regularization for Deep Learning",
+ICIP 2018).
 
 Sec. 2.3: for each unit i of each layer l, with pre-ReLU value y and a Bernoulli latent Z ("pattern present"),
 
@@ -223,7 +224,8 @@ class ShadePenalty(torch.autograd.Function):
 class SHADE(Method):
     name = "shade"
     description = "SHAnnon DEcay: conditional-variance bound on each unit's pre-ReLU entropy"
-    paper = "Blot et al. ICIP 2018, seed 002, Sec. 2.3 and Algorithm 1"
+    paper = ("Blot, Robert, Thome, Cord 2018, \"SHADE: Information-Based Regularization for Deep Learning\" (ICIP), "
+             "Sec. 2.3 and Algorithm 1")
     defaults = {"weight": 1e-3, "momentum": 0.8, "layers": "all-relu", "detach_posterior": False, "reduction": "sum"}
 
     @classmethod

@@ -44,7 +44,7 @@ _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class SpectralNorm(Method):
     name = "spectral_norm"
     description = "spectral normalization: each chosen Conv/Linear weight divided by its largest singular value"
-    paper = "Miyato et al. 2018 (ICLR); Yoshida & Miyato 2017; SES seed 000 Exp. 8"
+    paper = "Miyato et al. 2018 (ICLR); Yoshida & Miyato 2017; Le Bone 2026 (SES) Exp. 8"
     defaults = {"layers": "weights", "n_power_iterations": 1}
 
     @classmethod

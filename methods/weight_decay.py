@@ -47,7 +47,7 @@ def weight_decay_groups(model, strength: float, exclude_norm_bias: bool = True) 
 class WeightDecay(Method):
     name = "weight_decay"
     description = "weight decay: coupled L2 with SGD, decoupled with AdamW; norm/bias params excluded by default"
-    paper = "Loshchilov & Hutter 2019 (ICLR); SHADE seed 002 Table 1"
+    paper = "Loshchilov & Hutter 2019 (ICLR); Blot et al. 2018 (SHADE, ICIP) Table 1"
     defaults = {"strength": 5e-4, "exclude_norm_bias": True}
 
     @classmethod

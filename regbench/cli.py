@@ -32,6 +32,8 @@ def _default_data_dir() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="regbench", description="Benchmark entropy-based and classic regularizers with honest error bars.")
+    from regbench import __version__
+    p.add_argument("--version", action="version", version=f"regbench {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="tune each method, rerun the best over seeds, mirror to MLflow, write a leaderboard",
@@ -187,11 +189,19 @@ def _checkpoint_arguments(parser, where: str) -> None:
                         help="keep the checkpoints of finished runs (default: removed when a run finishes)")
 
 
+def _one_line_warnings() -> None:
+    """A warning reaches a CLI user as one line, "regbench: warning: …", without Python's source line."""
+    import warnings
+
+    warnings.formatwarning = lambda message, category, *_args, **_kwargs: f"regbench: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     _stop_on_sigterm()
+    _one_line_warnings()
 
     try:
         check_arguments(parser, args)  # every path/URL argument (regbench/arguments.py), before any work or import

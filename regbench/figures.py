@@ -58,14 +58,9 @@ def seed_points(runs: pd.DataFrame, summary: pd.DataFrame, path, metric_label: s
                         color="black", capsize=4, lw=1.2)
         else:
             no_interval.append(row.method)
-    values = data["value"].dropna()
-    if len(values):
-        low = min(values.min(), *(min(r.ci_low, r.mean) * 100 for r in summary.itertuples() if r.ci_low is not None),
-                  values.min())
-        high = max(values.max(), *(max(r.ci_high, r.mean) * 100 for r in summary.itertuples()
-                                   if r.ci_high is not None), values.max())
-        pad = max((high - low) * 0.08, 0.5)
-        ax.set_ylim(max(low - pad, 0.0), min(high + pad, 100.0))
+    limits = percent_limits(data["value"], summary)
+    if limits is not None:
+        ax.set_ylim(*limits)
     ax.set_xlabel("")
     ax.set_ylabel(metric_label)
     title = "seeds (dots), mean (bar), 95 % CI (whisker)"
@@ -75,6 +70,19 @@ def seed_points(runs: pd.DataFrame, summary: pd.DataFrame, path, metric_label: s
     ax.set_title(title, fontsize=10)
     ax.tick_params(axis="x", rotation=30 if len(order) > 4 else 0)
     return _save(fig, path)
+
+
+def percent_limits(values: pd.Series, summary: pd.DataFrame) -> tuple[float, float] | None:
+    """y-limits of an accuracy axis in percent: the points and the intervals with a margin, never outside [0, 100]
+    (a t-interval past 100 % is drawn up to 100, not as an axis to 120 %). ``values`` in percent, ``summary``
+    fractions as stats.compare gives them."""
+    values = values.dropna()
+    if not len(values):
+        return None
+    ends = [v * 100 for r in summary.itertuples() for v in (r.ci_low, r.ci_high) if v is not None]
+    low, high = min([values.min(), *ends]), max([values.max(), *ends])
+    pad = max((high - low) * 0.08, 0.5)
+    return max(low - pad, 0.0), min(high + pad, 100.0)
 
 
 def erank_curves(history: pd.DataFrame, targets: pd.DataFrame, path) -> Path:

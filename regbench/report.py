@@ -309,19 +309,7 @@ def _figures(df: pd.DataFrame, table, spec: dict, storage, benchmark: str, folde
         panels = {layer: layer.split(" = ") for layer in dict.fromkeys(merged.layer)}
         targets = targets.assign(layer=targets.layer.map(
             {part: name for name, parts in panels.items() for part in parts})).drop_duplicates()
-        caption = ("Effective rank (SES eq. 4) of each diagnostic layer over epochs, mean over seeds with a bootstrap "
-                   "95 % band")
-        if any(len(parts) > 1 for parts in panels.values()):
-            caption += "; a panel named \"a = b\" is one series recorded at two layers with identical values"
-        with_beta = sorted({r.method for r in df.itertuples()
-                            if ses_beta(r.method, r.config.get("hparams", {})) is not None})
-        drawn = sorted(set(targets.method))
-        caption += (f"; dashed: the SES target d^β of {', '.join(drawn)} in its colour (d = layer width)"
-                    if drawn else "")
-        missing = [m for m in with_beta if m not in drawn]
-        caption += (f"; no target for {', '.join(missing)}: its runs recorded no width for the layers it shapes."
-                    if missing else "." if with_beta else "; no SES run here, so no target d^β.")
-        embed(figures.erank_curves(merged, targets, folder / "erank.png"), caption)
+        embed(figures.erank_curves(merged, targets, folder / "erank.png"), erank_caption(df, targets, panels))
     bins = _reliability_bins(df)
     if not bins.empty:
         embed(figures.reliability(bins, folder / "reliability.png"),
@@ -372,6 +360,23 @@ def _erank_history(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return (pd.DataFrame(rows),
             pd.DataFrame([{"method": m, "layer": lay, "target": t} for (m, lay), t in targets.items()],
                          columns=["method", "layer", "target"]))
+
+
+def erank_caption(df: pd.DataFrame, targets: pd.DataFrame, panels: dict) -> str:
+    """The effective-rank figure's caption: what is drawn, and for a method with an SES β and no target line, the
+    reason read from its runs (never a guessed cause). ``panels``: panel name → the layers it shows."""
+    caption = ("Effective rank (SES eq. 4) of each diagnostic layer over epochs, mean over seeds with a bootstrap "
+               "95 % band")
+    if any(len(parts) > 1 for parts in panels.values()):
+        caption += "; a panel named \"a = b\" is one series recorded at two layers with identical values"
+    with_beta = sorted({r.method for r in df.itertuples() if ses_beta(r.method, r.config.get("hparams", {}))
+                        is not None})
+    drawn = sorted(set(targets.method))
+    caption += f"; dashed: the SES target d^β of {', '.join(drawn)} in its colour (d = layer width)" if drawn else ""
+    missing = [m for m in with_beta if m not in drawn]
+    caption += (f"; no target for {', '.join(missing)}: its runs recorded no width for the layers it shapes."
+                if missing else "." if with_beta else "; no SES run here, so no target d^β.")
+    return caption
 
 
 def merge_identical_layers(history: pd.DataFrame) -> pd.DataFrame:

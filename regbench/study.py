@@ -276,9 +276,31 @@ def environment(device: str) -> dict:
     return env
 
 
+SPEC_LABEL = ("regbench benchmark record, not a study: it holds no trials by design, only the benchmark's spec and "
+              "each method's selected configuration. The runs are in the studies NAME:METHOD:tune:… (tuning) and "
+              "NAME:METHOD:final (one trial per seed of the selected configuration).")
+FINAL_LABEL = ("regbench final runs: one trial per seed of the configuration selected on validation. The seed is not "
+               "a hyperparameter (each trial's range is its own seed), so do not pick a 'best' trial here: compare "
+               "methods in the leaderboard or the MLflow parent runs.")
+
+
 def save_spec(storage, bench: Benchmark) -> None:
+    """The benchmark's record: a study named after the benchmark holding the spec as a user attribute (the name every
+    store since the first uses, so old stores stay readable), labelled ``about`` so Optuna's dashboard does not show
+    it as an empty study to be read."""
     study = optuna.create_study(study_name=bench.name, storage=storage, load_if_exists=True)
     study.set_user_attr(SPEC_ATTR, bench.spec())
+    if study.user_attrs.get("about") != SPEC_LABEL:
+        study.set_user_attr("about", SPEC_LABEL)
+
+
+def record_seed(trial, seed: int) -> None:
+    """A final run's seed as its trial param, with the one-value range [seed, seed]: Optuna's importance evaluators
+    skip such fixed ("single") params and its dashboard shows no range to tune (seeds used to be drawn from
+    0…2³¹ − 1, which read as "seed importance 1.00"). The param stays, so stores old and new read alike."""
+    trial.suggest_int("seed", seed, seed)
+    if trial.study.user_attrs.get("about") != FINAL_LABEL:
+        trial.study.set_user_attr("about", FINAL_LABEL)
 
 
 def selection_attr(method: str, ident: str) -> str:
@@ -596,7 +618,7 @@ class Runner:
                     trial.set_user_attr("fail_reason", f"{SKIPPED} duplicate of trial {other.number}")
                     raise _Skip()
             cfg = RunConfig.from_json(trial.user_attrs["config"])
-            trial.suggest_int("seed", 0, 2**31 - 1)  # records the enqueued seed as the trial's param
+            record_seed(trial, cfg.seed)
             if self.parallel_seeds > 1:
                 return self._train_group(study, trial, cfg)
             return self._train(trial, cfg, prune=False)
@@ -648,8 +670,8 @@ class Runner:
         if not siblings:
             return self._train(leader, cfg, prune=False)
         others = [t for t, _ in siblings]
-        for t in others:
-            t.suggest_int("seed", 0, 2**31 - 1)
+        for t, c in siblings:
+            record_seed(t, c.seed)
         started, epochs_done = time.time(), [0] * (1 + len(others))
         try:
             with contextlib.ExitStack() as beats:

@@ -198,3 +198,99 @@ def test_mlflow_mirror_compares_methods_on_parent_runs_and_stays_in_out(store, t
     assert len(configured) == 1 and "lr" not in child.data.metrics  # the configured rate is the param, not a metric
     assert float(child.data.params["lr"]) == configured.pop()
     assert len(client.get_metric_history(child.info.run_id, "scheduled_lr")) == 3  # the schedule, one per epoch
+
+
+# --- issue 20: small-n cells, figures that draw what they say, export a pandas user trusts --------------------
+
+def test_cells_for_one_two_and_three_seeds_and_timings():
+    from regbench.report import mean_cell, timing_cell
+
+    assert mean_cell(pd.Series([0.692]), 100) == "69.20"
+    assert mean_cell(pd.Series([0.60, 0.784]), 100) == "69.20"  # 2 seeds: no ± 45.74 from t = 12.7
+    three = np.array([0.60, 0.784, 0.692]) * 100
+    half = sps.t.ppf(0.975, 2) * three.std(ddof=1) / np.sqrt(3)
+    assert mean_cell(pd.Series([0.60, 0.784, 0.692]), 100) == f"{three.mean():.2f} ± {half:.2f}"
+    assert timing_cell(pd.Series([3.5, 0.2, 7.1])) == "3.500 (0.200–7.100)"  # median (range): never negative
+    assert timing_cell(pd.Series([2.0])) == "2.000" and "±" not in timing_cell(pd.Series([0.1, 7.0]))
+
+
+def test_two_seed_leaderboard_says_so_in_words_and_prints_dashes_with_reasons(store):
+    import optuna
+
+    storage = f"sqlite:///{store / 'regbench.db'}"
+    bench = optuna.load_study(study_name="tiny-400", storage=storage)
+    spec = bench.user_attrs["spec"]
+    bench.set_user_attr("spec", {**spec, "seeds": [0, 1]})  # the same real runs, read as a 2-seed benchmark
+    assert main(["report", str(store), "--name", "tiny-400"]) == 0
+    text = (store / "leaderboard.md").read_text()
+    assert "Too few seeds for statistics: 2 seeds" in text
+    for method in ("baseline", "ses", "shade"):
+        row = cells(text, method)
+        assert row["seeds"] == "2" and "±" not in row["test acc %"] and "±" not in row["ECE %"]
+        assert "±" not in row["s/epoch (median, range)"] and "(" in row["s/epoch (median, range)"]
+    shade = cells(text, "shade")
+    assert shade["Hedges' g"] == "–" and shade["p (Holm)"] == "–" and "[" not in shade["Δ test vs baseline (pp) [95 % CI]"]
+    assert "- shade: 2 seed(s) here and 2 for the reference" in text and "Hedges' g is undefined" in text
+
+
+def _run(method, hparams, history, metrics=None, layers=("block3.act", "pool")):
+    return {"method": method, "seed": 0, "config": {"hparams": hparams}, "history": history,
+            "layers": list(layers), "metrics": metrics or {}}
+
+
+def test_ses_target_is_drawn_for_any_layer_rule_and_composites_never_for_another_methods_beta():
+    from regbench.report import _erank_history, erank_caption
+
+    h = [{"epoch": 1, "erank/block3.act": 5.0, "width/block3.act": 128, "erank/pool": 5.0, "width/pool": 128,
+          "ses_entropy/pool": 1.6}]
+    df = pd.DataFrame([_run("ses", {"beta": 0.5, "layers": "pool"}, h),  # a tuned SES: layers never "auto"
+                       _run("ses+spectral_norm", {"ses.beta": 0.6, "ses.layers": "all"}, h),
+                       _run("confidence_penalty", {"beta": 0.1}, h)])  # its beta is no SES target
+    _, targets = _erank_history(df)
+    got = {(t.method, t.layer): t.target for t in targets.itertuples()}
+    assert got == {("ses", "pool"): pytest.approx(128 ** 0.5), ("ses+spectral_norm", "pool"): pytest.approx(128 ** 0.6)}
+    caption = erank_caption(df, targets, {"block3.act": ["block3.act"], "pool": ["pool"]})
+    assert "of ses, ses+spectral_norm" in caption and "confidence_penalty" not in caption
+    no_width = pd.DataFrame([_run("ses", {"beta": 0.7, "layers": "all"}, [{"epoch": 1, "erank/pool": 3.0}],
+                                  layers=("pool",))])
+    words = erank_caption(no_width, _erank_history(no_width)[1], {"pool": ["pool"]})
+    assert "predates" not in words and "recorded no width" in words  # the reason read from the runs
+
+
+def test_identical_layer_series_become_one_panel():
+    from regbench.report import merge_identical_layers
+
+    rows = [{"method": m, "seed": s, "epoch": e, "layer": layer, "erank": 1.0 + e + s + (layer == "block2.act")}
+            for m in ("baseline", "ses") for s in (0, 1) for e in (1, 2) for layer in ("block2.act", "block3.act",
+                                                                                        "pool")]
+    merged = merge_identical_layers(pd.DataFrame(rows))
+    assert list(dict.fromkeys(merged.layer)) == ["block2.act", "block3.act = pool"]
+    assert len(merged) == len(rows)
+
+
+def test_accuracy_axis_stays_within_0_and_100_percent():
+    from regbench.figures import percent_limits
+
+    summary = pd.DataFrame({"method": ["a"], "mean": [0.97], "ci_low": [0.80], "ci_high": [1.14]})
+    low, high = percent_limits(pd.Series([95.0, 99.0]), summary)
+    assert 0 <= low < 80 and high == 100.0
+
+
+def test_export_has_configured_lr_named_last_epoch_values_and_integer_columns(store):
+    assert main(["export", str(store), "--name", "tiny-400"]) == 0
+    df = pd.read_csv(store / "results.csv")
+    with sqlite3.connect(store / "regbench.db") as db:
+        configured = {json.loads(json.loads(v))["lr"] for (v,) in db.execute(
+            "select value_json from trial_user_attributes where key='config'")}
+    assert set(df.lr) == configured  # the configured peak rate, not the schedule's last value
+    assert "last_epoch_lr" in df and (df.last_epoch_lr != df.lr).all() and "seconds" not in df
+    assert {"last_epoch_seconds", "seconds_per_epoch", "epochs_trained"} <= set(df)
+    text = (store / "results.csv").read_text()
+    header = text.splitlines()[0].split(",")
+    ses_row = next(line.split(",") for line in text.splitlines() if ",ses," in line)
+    assert ses_row[header.index("hp.rank")] == "32" and ses_row[header.index("hp.scale_by_k")] == "False"
+    from regbench.report import export_frame
+    from regbench.store import open_storage
+
+    frame = export_frame(open_storage(f"sqlite:///{store / 'regbench.db'}"), "tiny-400")
+    assert str(frame["hp.rank"].dtype) == "Int64" and str(frame["seed"].dtype) == "Int64"

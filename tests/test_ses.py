@@ -94,13 +94,26 @@ def test_pooled_layer_rule_hooks_only_the_last_feature_layer():
     assert attached(SES({"layers": "pool"}), "cnn1d") == ["act_fc"]
 
 
-def test_unreachable_target_warns_once():
+def test_unreachable_target_is_clipped_to_the_rank_cap_and_said_once(monkeypatch):
+    import warnings
+
+    from regbench.methods import ses as ses_module
+
+    monkeypatch.setattr(ses_module, "_CLIP_SAID", False)
     method = SES({"beta": 0.9})
     attached(method, "mlp")
     few = {"act1": torch.randn(8, 256, dtype=torch.float64), "act2": torch.randn(8, 256, dtype=torch.float64)}
     step = StepContext(inputs=None, targets=None, logits=None, task_loss=None, activations=few)
-    with pytest.warns(UserWarning, match="cannot reach zero"):
-        method.loss(step)
+    with pytest.warns(ses_module.SESTargetClipped, match="clipped"):
+        loss = method.loss(step)
+    # 256^0.9 ≈ 147 > the 7 a batch of 8 allows: the target is log 7, so the penalty is Σ_l (H_l − log 7)².
+    h = torch.stack([spectral_entropy(few[k]) for k in ("act1", "act2")])
+    assert float(loss) == pytest.approx(0.01 * float(((h - math.log(7)) ** 2).sum()), rel=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per process: another run (a new instance) says nothing
+        second = SES({"beta": 0.8})
+        attached(second, "mlp")
+        second.loss(step)
 
 
 def test_constant_layer_is_skipped_not_nan():

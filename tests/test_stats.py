@@ -287,3 +287,32 @@ def test_cd_diagram_writes_a_png(tmp_path):
     image = imread(path)
     assert image.shape[1] > image.shape[0] > 100  # a wide diagram, drawn (not an empty canvas)
     assert (image[..., :3] < 0.5).mean() > 0.005
+
+
+# --- small n (issue 20): below 3 seeds, words instead of intervals; undefined is None, never 0 -------------------
+
+def test_two_seeds_give_means_and_delta_only_and_g_is_undefined_not_zero():
+    base, ses = np.array([0.60, 0.70]), np.array([0.68, 0.81])  # Δ = +9.5 pp with spread: J(1) = 0 made g = 0
+    assert stats.hedges_correction(1) is None and stats.hedges_correction(2) == pytest.approx(1 - 3 / 7)
+    assert stats.hedges_g_paired(ses, base) is None
+    r = row(stats.compare(frame({"baseline": base, "ses": ses}), "test_acc"), "ses")
+    assert r.delta == pytest.approx(0.095) and r.n == 2
+    assert all(r[c] is None for c in ("ci_low", "delta_ci_low", "p", "p_holm", "hedges_g", "seeds_needed", "tost_p"))
+    assert "at least 3 seeds" in r.note and "12.7" in r.note
+
+
+def test_three_seeds_have_intervals_tests_and_g():
+    base, ses = np.array([0.60, 0.70, 0.65]), np.array([0.68, 0.81, 0.70])
+    r = row(stats.compare(frame({"baseline": base, "ses": ses}), "test_acc"), "ses")
+    assert (r.ci_low, r.ci_high) == pytest.approx(t_ci(ses)) and r.p is not None
+    spread = math.sqrt((np.var(ses, ddof=1) + np.var(base, ddof=1)) / 2)
+    assert r.hedges_g == pytest.approx((1 - 3 / 7) * (ses - base).mean() / spread)
+
+
+def test_zero_spread_difference_note_carries_no_number_in_other_units():
+    base = np.array([0.60, 0.70, 0.65])
+    r = row(stats.compare(frame({"baseline": base, "same": base + 0.024}), "test_acc"), "same")
+    assert r.p is None and r.delta == pytest.approx(0.024)
+    assert "0.024" not in r.note and "same amount" in r.note  # the table shows Δ in pp; a fraction here misleads
+    flat = stats.compare(frame({"baseline": [0.6, 0.6, 0.6], "flat": [0.62, 0.62, 0.62]}), "test_acc")
+    assert row(flat, "flat").hedges_g is None and "Hedges' g undefined" in row(flat, "flat").note
