@@ -211,12 +211,12 @@ def build_splits(name, x, y, indices, num_classes, input_shape, pixels=None) -> 
     `pixels` = (uint8 pool aligned with `x`, scale) when `x` is that pool divided by `scale` in float32
     (MNIST-M: 255); a uint8 `x` is its own pixels (scale 1). Their train rows become `Splits.x_train_u8`.
     """
-    y = torch.as_tensor(y, dtype=torch.int64)
-    parts = {k: torch.as_tensor(indices[k], dtype=torch.int64) for k in SPLIT_NAMES}
+    y = torch.as_tensor(y, dtype=torch.int64, device="cpu")  # splits live on the host; DeviceData moves the train split
+    parts = {k: torch.as_tensor(indices[k], dtype=torch.int64, device="cpu") for k in SPLIT_NAMES}
 
     def cut(k):  # slice the (uint8) pool first, then convert: the whole pool is never float32 twice (CIFAR: 737 MB)
         part = x[parts[k]] if isinstance(x, torch.Tensor) else np.asarray(x)[parts[k].numpy()]
-        return torch.as_tensor(part, dtype=torch.float32).contiguous()
+        return torch.as_tensor(part, dtype=torch.float32, device="cpu").contiguous()
 
     xs = {k: cut(k) for k in SPLIT_NAMES}  # fresh copies (fancy indexing), so normalizing in place is safe
     dims = [0] + list(range(2, xs["train"].ndim))
@@ -229,7 +229,7 @@ def build_splits(name, x, y, indices, num_classes, input_shape, pixels=None) -> 
         pixels = (x, 1.0)
     if pixels is not None:
         raw = pixels[0][parts["train"]] if isinstance(pixels[0], torch.Tensor) else pixels[0][parts["train"].numpy()]
-        pixels = (torch.as_tensor(raw, dtype=torch.uint8).contiguous(), float(pixels[1]))
+        pixels = (torch.as_tensor(raw, dtype=torch.uint8, device="cpu").contiguous(), float(pixels[1]))
     return Splits(
         name=name,
         x_train=xs["train"], y_train=ys["train"],

@@ -28,7 +28,7 @@ def images32() -> tuple[torch.Tensor, np.ndarray]:
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    x = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = torch.as_tensor(d.images, dtype=torch.float32, device="cpu").unsqueeze(1) / 16.0
     x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False).clamp_(0.0, 1.0)
     return x.repeat(1, 3, 1, 1), d.target.astype(np.int64)
 

@@ -66,7 +66,7 @@ class ShiftSet:
         if self.scale != 1.0:
             x.div_(self.scale)
         x.sub_(self.mean).div_(self.std)
-        return x, torch.as_tensor(self.labels[i], dtype=torch.int64)
+        return x, torch.as_tensor(self.labels[i], dtype=torch.int64, device="cpu")
 
     def __len__(self) -> int:
         return sum(len(y) for y in self.labels)
@@ -92,7 +92,7 @@ def digits_base(test_indices) -> tuple[np.ndarray, np.ndarray]:
     from .digits import images32
 
     raw, labels = images32()
-    test = torch.as_tensor(list(test_indices), dtype=torch.int64)
+    test = torch.as_tensor(list(test_indices), dtype=torch.int64, device="cpu")
     return _to_uint8_nhwc(raw[test]), labels[test.numpy()]
 
 

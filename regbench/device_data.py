@@ -104,7 +104,7 @@ class DeviceData:
             return False
         rows = slice(0, min(_CHECK_ROWS, len(pixels)))
         table = pixel_table(splits.mean, splits.std, getattr(splits, "pixel_scale", 1.0))
-        offsets = (torch.arange(table.shape[0]) * 256).reshape((1, -1) + (1,) * (pixels.ndim - 2))
+        offsets = (torch.arange(table.shape[0], device=table.device) * 256).reshape((1, -1) + (1,) * (pixels.ndim - 2))
         return torch.equal(torch.take(table, pixels[rows].long() + offsets), splits.x_train[rows])
 
 

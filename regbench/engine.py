@@ -373,7 +373,7 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
                     sum_task, sum_reg = partial["sum_task"].to(device), partial["sum_reg"].to(device)
                     partial = None
                 else:
-                    perm = torch.randperm(n, generator=generator).to(device)
+                    perm = torch.randperm(n, generator=generator, device="cpu").to(device)  # CPU generator: order = seed's
                 for b in range(first, steps_per_epoch):
                     # augmented with the split's train_augment: training batches only, never val/test/erank/shift
                     xb, yb = data.batch(perm[b * batch:(b + 1) * batch], augment_generator)

@@ -65,8 +65,8 @@ def expected_calibration_error(logits: Tensor, targets: Tensor, bins: int = ECE_
     conf, pred = probs.max(dim=1)
     correct = (pred == targets.to(pred.device)).double()
     index = (torch.ceil(conf * bins).long() - 1).clamp(0, bins - 1)
-    conf_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, conf)
-    acc_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct)
+    conf_sum = torch.zeros(bins, dtype=torch.float64, device=conf.device).index_add_(0, index, conf)
+    acc_sum = torch.zeros(bins, dtype=torch.float64, device=conf.device).index_add_(0, index, correct)
     return float((acc_sum - conf_sum).abs().sum() / len(conf))
 
 

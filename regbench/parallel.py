@@ -334,7 +334,7 @@ class _Loop:
             return int(part["batch"])
         seed.sum_task = torch.zeros((), device=self.device)
         seed.sum_reg = torch.zeros((), device=self.device)
-        seed.perm = torch.randperm(self.data.n, generator=seed.batch_order).to(self.device)
+        seed.perm = torch.randperm(self.data.n, generator=seed.batch_order, device="cpu").to(self.device)
         return 0
 
     def _stop(self, epoch: int, next_batch: int, step: int, optimizer_state, scheduler) -> None:

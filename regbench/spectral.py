@@ -137,9 +137,9 @@ class _Plan:
         self.size_groups = list(by_size.items())
         order = [i for _key, gs in self.size_groups for g in gs for i in self.shape_groups[g][0]]
         self.identity = order == list(range(len(sig)))
-        self._order = torch.tensor(order, dtype=torch.long)
-        self._inverse = torch.empty(len(order), dtype=torch.long)
-        self._inverse[self._order] = torch.arange(len(order))
+        self._order = torch.tensor(order, dtype=torch.long, device="cpu")  # host plan; order(device) copies it once
+        self._inverse = torch.empty(len(order), dtype=torch.long, device="cpu")
+        self._inverse[self._order] = torch.arange(len(order), device="cpu")
         self._on: dict = {}
 
     def order(self, device) -> Tensor:

@@ -8,6 +8,43 @@ from helpers import TINY
 from regbench.cli import main
 
 
+def _test_device() -> str:
+    """The device the device-switched tests train on: $REGBENCH_TEST_DEVICE (cpu, cuda, cuda:N), default cpu.
+
+    On CPU those tests compare results bit for bit where regbench promises it; on CUDA they use the tolerances each
+    test states (cuBLAS/cuDNN kernels may reassociate sums between two runs), see ``bit_exact``."""
+    name = os.environ.get("REGBENCH_TEST_DEVICE", "cpu").strip() or "cpu"
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        pytest.exit(f"REGBENCH_TEST_DEVICE={name!r} is not a device; use cpu, cuda or cuda:N", returncode=2)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            pytest.exit(f"REGBENCH_TEST_DEVICE={name!r} but this machine has {count} CUDA device(s); unset it to test "
+                        f"on the CPU", returncode=2)
+    elif device.type != "cpu":
+        pytest.exit(f"REGBENCH_TEST_DEVICE={name!r}: only cpu and cuda[:N] are supported", returncode=2)
+    return name
+
+
+TEST_DEVICE = _test_device()
+
+
+@pytest.fixture(scope="session")
+def test_device() -> str:
+    """$REGBENCH_TEST_DEVICE (default cpu), checked once at collection: an unknown or absent device stops the run."""
+    return TEST_DEVICE
+
+
+@pytest.fixture(scope="session")
+def bit_exact(test_device) -> bool:
+    """True on the CPU, where resumed/parallel runs are promised bit-for-bit; False on CUDA (compare with tolerances)."""
+    return test_device == "cpu"
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data")
