@@ -289,15 +289,18 @@ def save_spec(storage, bench: Benchmark) -> None:
     store since the first uses, so old stores stay readable), labelled ``about`` so Optuna's dashboard does not show
     it as an empty study to be read."""
     study = optuna.create_study(study_name=bench.name, storage=storage, load_if_exists=True)
-    study.set_user_attr(SPEC_ATTR, bench.spec())
-    if study.user_attrs.get("about") != SPEC_LABEL:
+    if study.user_attrs.get("about") != SPEC_LABEL:  # first, so a dashboard lists it above the long spec
         study.set_user_attr("about", SPEC_LABEL)
+    study.set_user_attr(SPEC_ATTR, bench.spec())
 
 
 def record_seed(trial, seed: int) -> None:
-    """A final run's seed as its trial param, with the one-value range [seed, seed]: Optuna's importance evaluators
-    skip such fixed ("single") params and its dashboard shows no range to tune (seeds used to be drawn from
-    0…2³¹ − 1, which read as "seed importance 1.00"). The param stays, so stores old and new read alike."""
+    """A final run's seed as its trial param, with the one-value range [seed, seed] (it used to be a range 0…2³¹ − 1,
+    as if tunable): Optuna's importance evaluators give such fixed ("single") params no importance (fANOVA leaves
+    the seed out, PED-ANOVA gives it 0). optuna-dashboard 0.21 still draws "seed 1.00" because it normalizes
+    importances and the seed is the only param (0/0); a study with no param at all crashes its importance panel
+    (1/len of an empty search space), so the param stays, and old and new stores read alike. The final study's
+    ``about`` attribute says the seed is not a hyperparameter."""
     trial.suggest_int("seed", seed, seed)
     if trial.study.user_attrs.get("about") != FINAL_LABEL:
         trial.study.set_user_attr("about", FINAL_LABEL)

@@ -202,15 +202,15 @@ class Tracker:
     def log_results(self, method: str, metrics: dict, params: dict) -> None:
         """The method's aggregated final results on its parent run (mean over seeds and, with enough seeds, the
         interval ends, as the leaderboard computes them), so the runs table and its charts compare methods directly;
-        ``params``: the selected hparams and recipe. Metrics are logged at step = number of seeds aggregated, so a
-        rerun with more seeds adds a point; params are write-once in MLflow, missing ones are added."""
+        ``params``: the selected hparams and recipe. Metrics are logged at step 0: MLflow 3.17 draws a metric that
+        has only step 0 as one bar per run (a bar chart across methods), and shows the latest value after a rerun
+        with more seeds (``n_seeds`` says how many); params are write-once in MLflow, missing ones are added."""
         from mlflow.entities import Metric, Param
 
         run_id = self.parent(method)
         existing = self.client.get_run(run_id).data.params
-        step = int(metrics.get("n_seeds", 0))
         now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(_key(k), float(v), now, step) for k, v in metrics.items()
+        self.client.log_batch(run_id, metrics=[Metric(_key(k), float(v), now, 0) for k, v in metrics.items()
                                                if _number(v)][:1000],
                               params=[Param(_key(k), str(v)) for k, v in params.items()
                                       if _key(k) not in existing][:100])
