@@ -45,9 +45,13 @@ def _check_device(device: str) -> None:
 
     if device == "auto" or device == "cpu":
         return
-    if device.startswith("cuda"):
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+        count, index = torch.cuda.device_count(), int(device[5:] or 0)
+        if index >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1}); "
+                              f"pick one of those, or --device cpu")
         return
     raise ConfigError(f"--device {device!r} is not one of: auto, cpu, cuda, cuda:N")
 
@@ -91,6 +95,9 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
     _checkpoint_options(args, Path("."))
     if getattr(args, "parallel_seeds", 1) < 1:
         raise ConfigError(f"--parallel-seeds must be at least 1 (1 = one seed at a time), got {args.parallel_seeds}")
+    if getattr(args, "parallel_seeds", 1) > len(seeds):
+        raise ConfigError(f"--parallel-seeds {args.parallel_seeds} is more than the {len(seeds)} seed(s) queued "
+                          f"(--seeds {args.seeds}); use --parallel-seeds {len(seeds)} or more --seeds")
     _check_device(args.device)
     recipe = {**GENERIC_RECIPE, **RECIPES.get(args.dataset, {})}
     for option in ("epochs", "batch_size", "lr", "optimizer", "schedule"):

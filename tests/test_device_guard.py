@@ -86,3 +86,17 @@ def test_a_stop_mid_epoch_and_its_resume_and_parallel_seeds_use_explicit_devices
                                        checkpoint_seconds=0)
             assert all(isinstance(r, engine.RunResult) for r in out), (method, backend)
     assert not guard.violations, guard.report()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"], "--device cuda:"),
+    (["--device", "cuda:x"], "is not one of: auto, cpu, cuda, cuda:N"),
+    (["--seeds", "2", "--parallel-seeds", "3"], "--parallel-seeds 3 is more than the 2 seed(s) queued"),
+])
+def test_a_device_or_group_that_cannot_be_had_is_one_line_exit_2_nothing_written(tmp_path, capsys, args, message):
+    from regbench.cli import main
+
+    out = tmp_path / "out"
+    assert main(["run", "--methods", "ses", "--out", str(out), "--quiet", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and not out.exists()
