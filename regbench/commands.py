@@ -434,6 +434,9 @@ def worker_command(args, default_data_dir: str, argv: list[str] | None = None) -
     data_dir = Path(args.data_dir or default_data_dir).expanduser()
     # A worker's checkpoints are local to its machine: a trial retried by a worker on another machine starts over.
     checkpoint_dir = Path(getattr(args, "checkpoint_dir", None) or data_dir.parent / "regbench-checkpoints")
+    if not getattr(args, "checkpoint_dir", None):  # the default, next to --data-dir: usable before any trial trains
+        from regbench.arguments import OUTPUT_DIR
+        OUTPUT_DIR.check(str(checkpoint_dir), "--checkpoint-dir (default: next to the --data-dir)")
     checkpoints = _checkpoint_options(args, checkpoint_dir.expanduser())
     storage = open_storage(args.storage)
     bench = _load_benchmark(storage, name)

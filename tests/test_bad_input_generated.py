@@ -29,7 +29,9 @@ WORKERS = 4
 UNWRITABLE = "/sys/regbench-cannot-create"  # root ignores mode bits, but sysfs refuses new entries even to root
 PATHY = {"out", "output", "dir", "directory", "path", "file", "storage", "uri", "url", "summary", "db", "log",
          "cache", "folder", "root", "journal", "tracking", "dest", "destination"}
-NOT_PATHS: dict[str, str] = {}  # "command --option": why it is not a path, for a path-looking name that is not one
+NOT_PATHS: dict[str, str] = {}
+# A required choice is filled with its first value, except here: the harmless one, should a check ever let a case run.
+SAFE_CHOICES = {"postgres": "url"}  # "command --option": why it is not a path, for a path-looking name that is not one
 
 
 def subcommands(parser, words=()):
@@ -121,7 +123,8 @@ def argv_for(words, parser, target, value: str, tmp: Path) -> list[str]:
             given = value
         elif action.required:
             kind = getattr(action, "kind", None)
-            given = good(kind, tmp) if kind else (str(list(action.choices)[0]) if action.choices else "x")
+            given = good(kind, tmp) if kind else (SAFE_CHOICES.get(" ".join(words)) or str(list(action.choices)[0])
+                                                  if action.choices else "x")
         else:
             continue
         if action.option_strings:
