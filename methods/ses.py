@@ -14,7 +14,10 @@ Implementation (../shared/reference/methods.md §1.3-1.7; the batched spectral m
 
 * ``eigen_path="exact"`` (default): the value of eq. 3 (to 1e-6 in float32), computed fast: each layer's min-side
   Gram (B×B when B < d, §1.4), Grams of equal size in ONE batched eigensolve (P5), autocast off, float32 (float64
-  for float64 input), relative zero threshold, NaN-safe p·log p, closed-form gradient dH/dG = V diag(dH/dλ) Vᵀ.
+  for float64 input), relative zero threshold, NaN-safe p·log p, closed-form gradient dH/dG = V diag(dH/dλ) Vᵀ
+  (= −(log ρ + H·I)/tr C, gpu.md §3). The eigensolver is chosen per device (``regbench.spectral.eigh_backend``):
+  torch's on the CPU, CuPy's batched cuSOLVER on CUDA when ``regbench[cuda]`` is installed (no host sync in the
+  step); the choice is recorded with each epoch as the diagnostic ``ses_eigh_cupy`` (1 = CuPy, 0 = torch).
 * ``eigen_path="lowrank"``: the paper's randomized top-k (Sec. 5.2): ``rank`` (32, the paper's k) top eigenvalues
   by a randomized range finder (``niter`` = 2 power iterations, 8 oversampling columns) + Rayleigh-Ritz, the tail
   mass spread uniformly over the rank left (§1.7). Biased upward (Ritz values underestimate the top, the uniform
@@ -59,6 +62,7 @@ from regbench.errors import HparamError
 from regbench.spectral import (  # noqa: F401
     PATHS,
     as_matrix,
+    eigh_backend,
     covariance_eigenvalues,
     entropies,
     entropy_matrix,
@@ -130,8 +134,11 @@ class SES(Method):
         shapes = tuple(tuple(m.shape) for m in mats)
         h, valid = entropies(mats, hp["eigen_path"], rank=hp["rank"], niter=hp["niter"], probes=hp["probes"],
                              degree=hp["degree"], generator=self._rng(mats[0].device))
-        if not bool(valid.any()):  # every layer constant: no spectrum to shape (pitfall P7)
+        # Every layer constant: no spectrum to shape (P7). Asked on the CPU only, where it costs nothing; on CUDA
+        # the question is a host sync, so the loss stays a zero with a zero gradient (no sync in the step).
+        if mats[0].device.type == "cpu" and not bool(valid.any()):
             return None
+        self._backend = eigh_backend(mats[0].device) if hp["eigen_path"] == "exact" else "torch"
         target = self._target(shapes, h)
         total = torch.where(valid, (h - target) ** 2, 0).sum()
         self._pending = (h.detach(), valid)
@@ -193,4 +200,7 @@ class SES(Method):
         if self._last is None:
             return {}
         keys, h, valid = self._last
-        return {f"ses_entropy/{k}": v for k, v, ok in zip(keys, h.tolist(), valid.tolist()) if ok}
+        out = {f"ses_entropy/{k}": v for k, v, ok in zip(keys, h.tolist(), valid.tolist()) if ok}
+        # which eigensolver the run used (1 = CuPy's batched cuSOLVER, 0 = torch.linalg.eigh), recorded per epoch
+        out["ses_eigh_cupy"] = float(getattr(self, "_backend", "torch") == "cupy")
+        return out

@@ -8,8 +8,10 @@ as few kernel launches and eigensolver calls as the shapes allow (../shared/refe
 
 * matrices of equal shape are stacked, centred and multiplied in one batched matmul to their *min-side* Gram
   (XᵀX when d ≤ n, XXᵀ when n < d: same nonzero spectrum, cost O(min(n, d)³) for the eigensolver);
-* Grams of equal size m = min(n, d) and dtype go to ONE batched ``torch.linalg.eigh`` call (P5: one host sync
-  per size, not per layer);
+* Grams of equal size m = min(n, d) and dtype go to ONE batched eigensolver call (``batched_eigh``): torch's
+  ``eigh`` on the CPU (the reference), CuPy's batched cuSOLVER solver on CUDA when installed (``regbench[cuda]``;
+  no host sync, no per-matrix loop; see ``eigh_backend`` for why not a polynomial), else torch's (one host sync
+  per size, not per layer, P5);
 * autocast off, float32 (float64 when the input is float64); eigenvalues below 1e-7·λ_max (1e-12 in float64) are
   structural zeros (the single-matrix functions keep their 1e-6 threshold, see REL_ZERO_BATCHED); p·log p finite
   at p = 0 (P2-P4); a layer that is constant over the batch is flagged and gets H = 0, no gradient (P7);
@@ -216,16 +218,74 @@ def _spectrum_entropy_batch(lam: Tensor, floor: Tensor, with_grad: bool):
     return h, valid, grad
 
 
+# ---- the batched eigensolver: torch (reference, CPU) or CuPy's batched cuSOLVER (CUDA) ------------------------
+
+_CUPY: list = []      # [module or None], resolved once
+_BACKEND_SAID = False
+
+
+def _cupy():
+    """CuPy if it imports and sees a GPU (the optional ``regbench[cuda]`` extra), else None. Resolved once."""
+    if not _CUPY:
+        try:
+            import cupy  # noqa: PLC0415 (optional dependency, CUDA only)
+            cupy.cuda.runtime.getDeviceCount()
+            _CUPY.append(cupy)
+        except Exception:  # not installed, no driver, wrong CUDA major: torch's solver is the fallback
+            _CUPY.append(None)
+    return _CUPY[0]
+
+
+def eigh_backend(device) -> str:
+    """The eigensolver the exact path uses on ``device``: "cupy" on CUDA when CuPy is available, else "torch".
+
+    Why (gpu.md §3; measured for issue 18 by benchmarks/ses_penalty.py): ``torch.linalg.eigh`` on CUDA loops
+    one matrix at a time for 32 < n ≤ 512 in float32 (40-45 ms for 9×256² on an H200) and synchronizes with the
+    host; CuPy's ``linalg.eigh`` on 3-D input calls cuSOLVER's batched Jacobi solver with no size gate and checks
+    its info flag only when asked to (no host sync). A matmul-only Chebyshev polynomial of u·log u was rejected: on
+    a spectrum with one dominant eigenvalue its |ΔH| is 5e-2 at degree 64 and still 2-4e-4 at degree 512 (the
+    criterion is 1e-4). On CUDA without CuPy: torch, with one warning per process."""
+    global _BACKEND_SAID
+    if torch.device(device).type != "cuda":
+        return "torch"
+    if _cupy() is not None:
+        return "cupy"
+    if not _BACKEND_SAID:
+        _BACKEND_SAID = True
+        import warnings  # noqa: PLC0415
+        warnings.warn("CuPy is not installed (pip install 'regbench[cuda]'): exact SES uses torch.linalg.eigh on "
+                      "CUDA, which solves one matrix at a time and synchronizes every step (said once)")
+    return "torch"
+
+
+def exact_precision(device) -> torch.dtype:
+    """The exact path's working precision for float32/bf16 activations on ``device``: float64 on CUDA (cheap for
+    ≤ 512² Grams there, and needed for the 1e-3 gradient criterion, see ``entropies``), float32 on the CPU."""
+    return torch.float64 if torch.device(device).type == "cuda" else torch.float32
+
+
+def batched_eigh(gram: Tensor, vectors: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Ascending eigenvalues (and eigenvectors when ``vectors``) of a batch of symmetric [k, m, m] matrices, on the
+    backend ``eigh_backend`` picks for their device. CuPy runs on torch's current stream, zero-copy via DLPack."""
+    if eigh_backend(gram.device) == "cupy":
+        cp = _cupy()
+        with cp.cuda.Device(gram.device.index), \
+                cp.cuda.ExternalStream(torch.cuda.current_stream(gram.device).cuda_stream):
+            w, v = cp.linalg.eigh(cp.from_dlpack(gram.contiguous()))
+            lam, vecs = torch.from_dlpack(w), torch.from_dlpack(v)
+        return lam, vecs if vectors else None
+    if vectors:
+        return torch.linalg.eigh(gram)
+    return torch.linalg.eigvalsh(gram), None
+
+
 class _GramEntropy(torch.autograd.Function):
     """Eq. 2-3 on a batch of PSD Grams [k, m, m] → (H [k], valid [k]); one eigh, closed-form backward
     dH/dG = V diag(dH/dλ) Vᵀ (P1: no eigenvector gradient, finite at repeated eigenvalues)."""
 
     @staticmethod
     def forward(ctx, gram, floor):
-        if ctx.needs_input_grad[0]:
-            lam, vecs = torch.linalg.eigh(gram)
-        else:
-            lam, vecs = torch.linalg.eigvalsh(gram), None
+        lam, vecs = batched_eigh(gram, ctx.needs_input_grad[0])
         h, valid, grad = _spectrum_entropy_batch(lam, floor, vecs is not None)
         if vecs is not None:
             ctx.save_for_backward(vecs, grad)
@@ -249,8 +309,8 @@ class _ExactEntropies(torch.autograd.Function):
     gradient with ~8 more nodes and two extra full-size passes per layer."""
 
     @staticmethod
-    def forward(ctx, plan, *mats):
-        need = any(ctx.needs_input_grad[1:])
+    def forward(ctx, plan, wide, *mats):
+        need = any(ctx.needs_input_grad[2:])
         hs, valids, saved = [], [], []
         for _key, gs in plan.size_groups:
             grams, floors, parts = [], [], []
@@ -258,7 +318,7 @@ class _ExactEntropies(torch.autograd.Function):
                 idx, n, _d, rows = plan.shape_groups[g]
                 x = mats[idx[0]].unsqueeze(0) if len(idx) == 1 else torch.stack([mats[i] for i in idx])
                 if x.dtype != torch.float64:
-                    x = x.float()
+                    x = x.double() if wide else x.float()
                 mean = x.mean(dim=1, keepdim=True)
                 xc = x - mean
                 gram = xc @ xc.mT if rows else xc.mT @ xc
@@ -267,16 +327,14 @@ class _ExactEntropies(torch.autograd.Function):
                 parts.append((idx, rows, xc if need else None))
             gram = grams[0] if len(grams) == 1 else torch.cat(grams)
             floor = floors[0] if len(floors) == 1 else torch.cat(floors)
-            if need:
-                lam, vecs = torch.linalg.eigh(gram)
-            else:
-                lam, vecs = torch.linalg.eigvalsh(gram), None
+            lam, vecs = batched_eigh(gram, need)
             h, valid, grad = _spectrum_entropy_batch(lam, floor, need)
             hs.append(h)
             valids.append(valid)
             saved.append((parts, vecs, grad))
-        dtype = torch.float64 if any(h.dtype == torch.float64 for h in hs) else hs[0].dtype
-        h = hs[0] if len(hs) == 1 else torch.cat([h.to(dtype) for h in hs])
+        # H in the inputs' precision (float64 only for float64 input), whatever precision it was computed in
+        dtype = torch.float64 if any(m.dtype == torch.float64 for m in mats) else torch.float32
+        h = hs[0].to(dtype) if len(hs) == 1 else torch.cat([h.to(dtype) for h in hs])
         valid = valids[0] if len(valids) == 1 else torch.cat(valids)
         if not plan.identity:
             inv = plan.inverse(h.device)
@@ -309,7 +367,7 @@ class _ExactEntropies(torch.autograd.Function):
                     dx = 2 * (xc @ dg)
                 for j, i in enumerate(idx):
                     grads[i] = dx[j].to(ctx.dtypes[i])
-        return (None, *grads)
+        return (None, None, *grads)
 
 
 def _entropy_of_parts(top: Tensor, tail: Tensor, tail_dims: Tensor, s: Tensor) -> Tensor:
@@ -390,11 +448,16 @@ def _hutchinson_entropy(gram, floor, cap, probes: int, degree: int, generator) -
 
 
 def entropies(mats: Sequence[Tensor], path: str = "exact", *, side: str = "min", rank: int = 32, oversample: int = 8,
-              niter: int = 2, probes: int = 16, degree: int = 32, generator: torch.Generator | None = None):
+              niter: int = 2, probes: int = 16, degree: int = 32, generator: torch.Generator | None = None,
+              wide: bool | None = None):
     """Spectral entropy (eq. 3) of every [n, d] matrix in ``mats`` → (H [L], valid [L] bool), in input order.
 
     ``valid`` is False for a layer constant over the batch (P7): its H is 0 with no gradient. Differentiable.
     ``path``: "exact" | "lowrank" | "hutchinson" (see the module docstring for the estimators and their bias).
+    ``wide`` (exact path, float32/bf16 input): centre, multiply and eigensolve in float64. Default (None): on CUDA
+    only (``exact_precision``), where it is what meets |ΔH| ≤ 1e-4 and gradients within 1e-3 relative on adversarial
+    spectra (one dominant eigenvalue: a float32 Gram's absolute error eps·λ_max is a 1e-2 relative gradient error);
+    on the CPU float32 stays the default (half the cost; |ΔH| ≤ 1e-4 on the same spectra, gradients not).
     """
     if path not in PATHS:
         raise ValueError(f"unknown spectral path {path!r}; use one of {', '.join(PATHS)}")
@@ -405,7 +468,9 @@ def entropies(mats: Sequence[Tensor], path: str = "exact", *, side: str = "min",
             raise ValueError(f"entropies expects [n, d] matrices, got shape {tuple(x.shape)}")
     with torch.autocast(device_type=mats[0].device.type, enabled=False):
         if path == "exact":
-            return _ExactEntropies.apply(_plan(mats, side), *mats)
+            if wide is None:
+                wide = exact_precision(mats[0].device) == torch.float64
+            return _ExactEntropies.apply(_plan(mats, side), wide, *mats)
         plan, groups = min_side_grams(mats, side)
         hs, vs = [], []
         for gram, floor, cap in groups:

@@ -284,7 +284,9 @@ def test_every_path_trains_a_real_cnn_with_finite_gradients(path):
         _task, reg = engine.train_step(model, method, capture, opt, x, y, step=step)
         assert torch.isfinite(reg) and reg > 0
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    assert set(method.diagnostics()) == {f"ses_entropy/{k}" for k in method.keys}
+    diagnostics = method.diagnostics()
+    assert set(diagnostics) == {f"ses_entropy/{k}" for k in method.keys} | {"ses_eigh_cupy"}
+    assert diagnostics["ses_eigh_cupy"] == 0.0  # the CPU's solver is torch's, recorded with the run
 
 
 def test_loss_equals_eq5_on_captured_conv_activations():
