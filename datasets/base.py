@@ -16,12 +16,15 @@ import pathlib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
 from regbench.errors import ConfigError, DataError
+
+from .augment import augment as crop_flip
 
 SPLIT_NAMES = ("train", "val", "test")
 AUGMENTS = ("none", "crop_flip")  # training-batch augmentations a dataset can be loaded with
@@ -121,10 +124,6 @@ def augment_fn(augment: str, mean: torch.Tensor, std: torch.Tensor) -> Callable 
     """
     if augment == "none":
         return None
-    from functools import partial
-
-    from .cifar import augment as crop_flip  # lazy: cifar imports this module
-
     fill = (-mean / std).reshape(-1)
     return partial(crop_flip, fill=fill)
 

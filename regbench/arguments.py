@@ -347,3 +347,9 @@ def check_arguments(parser, args) -> None:
             continue
         for item in value if isinstance(value, list) else [value]:
             kind.check(str(item), option_name(action))
+
+
+def default_data_dir() -> str:
+    """Where datasets live unless --data-dir says otherwise: $REGBENCH_DATA, else ~/.cache/regbench. Here (not in
+    cli.py) so that suites can use it without importing the CLI that imports them."""
+    return os.environ.get("REGBENCH_DATA") or str(Path.home() / ".cache" / "regbench")

@@ -11,6 +11,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from regbench.arguments import default_data_dir
 from regbench.arguments import (CACHE_DIR, INPUT_DIR, OUTPUT_DIR, STORAGE_URL, STORE_URL, TRACKING_URI,
                                 KindMixin, check_arguments)
 from regbench.errors import EXIT_BUG, RegbenchError, report_bug  # noqa: F401 (EXIT_BUG: for callers and tests)
@@ -26,8 +27,7 @@ class _Parser(KindMixin, argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"regbench: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _default_data_dir() -> str:
-    return os.environ.get("REGBENCH_DATA") or str(Path.home() / ".cache" / "regbench")
+_default_data_dir = default_data_dir  # the name the commands below were written against
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "worker":
             return commands.worker_command(args, _default_data_dir(), argv)
         if args.command == "launch":
-            return commands.launch_command(args, _default_data_dir())
+            return commands.launch_command(args, _default_data_dir(), main)
         if args.command == "suite":
             from regbench.suites import suite_command
             return suite_command(args)

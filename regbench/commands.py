@@ -547,8 +547,9 @@ def _only_benchmark(storage, name: str | None) -> str:
     return names[0]
 
 
-def launch_command(args, default_data_dir: str) -> int:
-    """Start N workers through submitit (local processes, or Slurm jobs with --slurm), wait, write the leaderboard."""
+def launch_command(args, default_data_dir: str, entry) -> int:
+    """Start N workers through submitit (local processes, or Slurm jobs with --slurm), wait, write the leaderboard.
+    ``entry`` is the CLI's ``main`` each job runs (passed in by cli.py, so nothing below the CLI imports it)."""
     from regbench import launch
     from regbench.store import default_storage_url, open_storage
 
@@ -565,7 +566,7 @@ def launch_command(args, default_data_dir: str) -> int:
     if tracking_uri is None:
         print(not_mirrored(storage_url, name), file=sys.stderr)
     data_dir = str(Path(args.data_dir or default_data_dir).expanduser())
-    jobs = launch.start_workers(storage_url, name, args.workers, out / "workers", data_dir,
+    jobs = launch.start_workers(entry, storage_url, name, args.workers, out / "workers", data_dir,
                                 slurm_partition=args.slurm, timeout_min=args.timeout_min, tracking_uri=tracking_uri)
     print(f"launched {len(jobs)} workers ({'slurm ' + args.slurm if args.slurm else 'local'}): "
           f"{', '.join(str(j.job_id) for j in jobs)}; logs in {out.resolve() / 'workers'}", flush=True)

@@ -10,9 +10,10 @@ import os
 from pathlib import Path
 
 
-def _worker(storage_url: str, benchmark: str, data_dir: str, tracking_uri: str | None = None) -> int:
-    from regbench.cli import main
-
+def _worker(entry, storage_url: str, benchmark: str, data_dir: str, tracking_uri: str | None = None) -> int:
+    """One job: ``entry`` is regbench.cli.main, handed down by the CLI (submitit pickles it by name), so this module
+    never imports the CLI that imports it."""
+    main = entry
     mirror = ["--tracking-uri", tracking_uri] if tracking_uri else []
     code = main(["worker", "--storage", storage_url, "--name", benchmark, "--data-dir", data_dir, "--quiet", *mirror])
     if code != 0:
@@ -20,7 +21,7 @@ def _worker(storage_url: str, benchmark: str, data_dir: str, tracking_uri: str |
     return code
 
 
-def start_workers(storage_url: str, benchmark: str, n: int, folder: Path, data_dir: str,
+def start_workers(entry, storage_url: str, benchmark: str, n: int, folder: Path, data_dir: str,
                   slurm_partition: str | None = None, timeout_min: int = 24 * 60,
                   tracking_uri: str | None = None) -> list:
     import submitit
@@ -34,7 +35,7 @@ def start_workers(storage_url: str, benchmark: str, n: int, folder: Path, data_d
         executor = submitit.LocalExecutor(folder=str(folder))
         executor.update_parameters(timeout_min=timeout_min)
     with executor.batch():
-        jobs = [executor.submit(_worker, storage_url, benchmark, data_dir, tracking_uri) for _ in range(n)]
+        jobs = [executor.submit(_worker, entry, storage_url, benchmark, data_dir, tracking_uri) for _ in range(n)]
     return jobs
 
 

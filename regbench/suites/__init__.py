@@ -73,7 +73,7 @@ def add_parser(subparsers) -> None:
 
 def suite_command(args) -> int:
     started = time.perf_counter()
-    from regbench.cli import _default_data_dir
+    from regbench.arguments import default_data_dir as _default_data_dir
 
     data_dir = Path(getattr(args, "data_dir", None) or _default_data_dir()).expanduser()
     if getattr(args, "quiet", False):  # as `run --quiet`: nothing but the result (errors still go to stderr)

@@ -100,9 +100,9 @@ def torch_threads(n: int):
 def resolve_data_dir(given=None) -> Path:
     """``given`` (resolved at the CLI edge), else the CLI's default (REGBENCH_DATA, else ~/.cache/regbench)."""
     if given is None:
-        from regbench.cli import _default_data_dir
+        from regbench.arguments import default_data_dir
 
-        given = _default_data_dir()
+        given = default_data_dir()
     return Path(given).expanduser()
 
 
