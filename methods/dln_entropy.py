@@ -48,6 +48,16 @@ held constant (same value, same gradient; ``singular_values``), because that let
 512 × 4608 in resnet18) skip the n-long singular vectors: only R of a QR and its SVD are computed. A QR's own backward
 would divide by R's diagonal and fail on rank-deficient weights; this route does not. Squaring into a Gram matrix
 would be faster still but loses singular values below ~1e-8·σ_max (measured 2 % error at 1e-8), so it is not used.
+
+Cost (issue 18): weights of equal shape share ONE batched QR + SVD. ``every=k`` computes the penalty on steps ≡ 0
+mod k only (as SES's ``every``: strength/k on average). ``svd_every=k`` computes the penalty every step but the
+singular vectors (the SVD, the expensive and host-synchronizing part) only on every k-th penalty; in between σ_i =
+‖Wᵀu_i‖ with the stored u (matmuls only). What that costs in accuracy, measured by ``python
+benchmarks/method_overhead.py --setups cnn1d --methods dln_entropy --dln-accuracy`` (cnn1d on mnist1d, AdamW
+3e-3, first steps of training): the total penalty is off by 0.55 % with vectors 1 step old, 1.3 % at 2, 3.3 % at 5,
+6.1 % at 10, 8.8 % at 20 (the log of small σ is sensitive to the mixing of near-null directions). The default stays
+exact (svd_every=1, every=1): no default was measured to meet the GPU target (≤ 25 %, no GPU at hand), and an 8 %
+error at the amortisation it would need is a different regularizer.
 """
 from __future__ import annotations
 
@@ -85,22 +95,36 @@ def dln_entropy(s: Tensor, N: int) -> Tensor:
     return 0.5 * torch.logsumexp(a, dim=-1).sum(-1)
 
 
-def singular_values(m: Tensor) -> Tensor:
+def short_side(m: Tensor) -> Tensor:
+    """``m`` in float64 with its short side first (k × n, k ≤ n): the layout ``singular_values`` works on."""
+    m = m.double()
+    return m if m.shape[-1] >= m.shape[-2] else m.mT
+
+
+@torch.no_grad()
+def left_vectors(a: Tensor) -> Tensor:
+    """The k left singular vectors of a short-side-first ``a`` (..., k, n), as columns; no grad (the expensive,
+    host-synchronizing part: an SVD, of R from a QR when n ≥ 2k)."""
+    if a.shape[-1] >= 2 * a.shape[-2]:  # aᵀ = Q R  ⇒  a aᵀ = Rᵀ R: a's left vectors are R's right ones
+        return torch.linalg.svd(torch.linalg.qr(a.mT, mode="r")[1])[2].mT
+    return torch.linalg.svd(a, full_matrices=False)[0]
+
+
+def singular_values(m: Tensor, u: Tensor | None = None) -> Tensor:
     """Float64 singular values of ``m`` (..., rows, cols), min(rows, cols) of them, descending.
 
     Differentiable, with gradient U diag(g) Vᵀ: the backward of ``torch.linalg.svdvals``, well defined at repeated
     and at zero singular values. The left singular vectors u_i of the short side come from an SVD without grad (of
     the triangular factor of a QR when the matrix is at least twice as long as it is short: same values, less work);
     then p_i = u_iᵀ M is computed with grad and σ_i = p_i · v_i with v_i = p_i/‖p_i‖ held constant (= ‖p_i‖).
+
+    ``u``: left vectors from an earlier SVD (``left_vectors``; ``svd_every`` in DLNEntropy). Then no SVD runs (matmuls
+    only, no host sync) and σ_i = ‖Mᵀu_i‖, exact for the matrix those vectors came from and, for a matrix moved by ΔM
+    since, in error by O(‖ΔM‖²) (a Rayleigh-type estimate; measured in benchmarks/method_overhead.py --dln-accuracy).
     """
-    m = m.double()
-    a = m if m.shape[-1] >= m.shape[-2] else m.mT  # short side first: a is k × n, k ≤ n
-    with torch.no_grad():
-        if a.shape[-1] >= 2 * a.shape[-2]:  # aᵀ = Q R  ⇒  a aᵀ = Rᵀ R: a's left vectors are R's right ones
-            r = torch.linalg.qr(a.mT, mode="r")[1]
-            u = torch.linalg.svd(r)[2].mT
-        else:
-            u = torch.linalg.svd(a, full_matrices=False)[0]
+    a = short_side(m)  # short side first: a is k × n, k ≤ n
+    if u is None:
+        u = left_vectors(a)
     p = u.mT @ a  # row i: σ_i v_iᵀ
     with torch.no_grad():
         length = p.norm(dim=-1, keepdim=True)
@@ -151,7 +175,7 @@ class DLNEntropy(Method):
     paper = ("Chen, Kotwal, Menon 2025, \"Entropic Regularization in the Deep Linear Network\" (arXiv 2512.06137); "
              "entropy of Menon & Yu 2025 (arXiv 2509.09088)")
     defaults = {"strength": 1e-3, "beta": 1.0, "depth": 3, "layers": "hidden-weights", "target": "each",
-                "normalize": "values"}
+                "normalize": "values", "every": 1, "svd_every": 1}
 
     @classmethod
     def validate(cls, hp):
@@ -168,6 +192,10 @@ class DLNEntropy(Method):
         if not isinstance(hp["layers"], str) or not hp["layers"]:
             raise HparamError(f"dln_entropy.layers={hp['layers']!r} is not a layer rule (e.g. hidden-weights, "
                               "weights, linear, name:GLOB)")
+        for key in ("every", "svd_every"):
+            if isinstance(hp[key], bool) or not isinstance(hp[key], int):
+                raise HparamError(f"dln_entropy.{key}={hp[key]!r} is not an integer ≥ 1")
+            check_range("dln_entropy", key, hp[key], 1)
 
     @classmethod
     def search_space(cls, trial):
@@ -204,6 +232,8 @@ class DLNEntropy(Method):
                 by_shape.setdefault(tuple(as_matrix(current_weight(module)).shape), []).append(name)
             self.groups = list(by_shape.values())
         self.modules = dict(layers)
+        self._vectors: dict[int, Tensor] = {}  # group → its left singular vectors from the last SVD
+        self._computed = 0                     # penalties computed so far (the SVD is refreshed every svd_every)
         self._pending: dict[str, Tensor] = {}
         self.last_entropy: dict[str, Tensor] = {}
 
@@ -227,8 +257,30 @@ class DLNEntropy(Method):
     def wants_activations(self, step: int) -> bool:
         return False
 
-    def entropies(self) -> dict[str, Tensor]:
-        """{layer (or 'a*b*c' for the product): S̃_N/n_l}, float64, differentiable w.r.t. the weights."""
+    def _sigma(self, group: int, m: Tensor, refresh: bool) -> Tensor:
+        """σ of ``m`` (a batch of equal-shape weights: ONE batched QR + SVD), or from the group's stored vectors."""
+        a = short_side(m)
+        u = self._vectors.get(group)
+        if refresh or u is None or u.shape[:-1] != a.shape[:-1] or u.device != a.device:
+            u = self._vectors[group] = left_vectors(a)
+        return singular_values(a, u)
+
+    def state_dict(self):
+        """The SVD schedule (penalties computed) and the stored singular vectors: a resumed run continues exactly."""
+        vectors = getattr(self, "_vectors", {})
+        return {"computed": getattr(self, "_computed", 0),
+                "vectors": [vectors.get(g) for g in range(len(getattr(self, "groups", [])))]} if vectors else {}
+
+    def load_state_dict(self, state):
+        if state:
+            self._computed = int(state["computed"])
+            self._vectors = {g: u for g, u in enumerate(state["vectors"]) if u is not None}
+
+    def entropies(self, refresh: bool = True) -> dict[str, Tensor]:
+        """{layer (or 'a*b*c' for the product): S̃_N/n_l}, float64, differentiable w.r.t. the weights.
+
+        ``refresh``: recompute the singular vectors (an SVD per group of equal-shape weights); otherwise reuse the
+        last ones (matmuls only; σ_i = ‖Mᵀu_i‖, see ``singular_values``)."""
         N, normalize = self.hparams["depth"], self.hparams["normalize"]
         out: dict[str, Tensor] = {}
         if self.hparams["target"] == "product":
@@ -236,25 +288,33 @@ class DLNEntropy(Method):
             x = current_weight(self.modules[names[0]]).double()
             for name in names[1:]:
                 x = current_weight(self.modules[name]).double() @ x
-            out["*".join(reversed(names))] = matrix_entropy(x, len(names), normalize)
+            k = min(x.shape)
+            values = dln_entropy(self._sigma(0, x, refresh), len(names)) / norm_factor(k, normalize)
+            out["*".join(reversed(names))] = values
             return out
-        for names in self.groups:
+        for g, names in enumerate(self.groups):
             batch = torch.stack([as_matrix(current_weight(self.modules[n])) for n in names])
-            values = matrix_entropy(batch, N, normalize)
+            k = min(batch.shape[-2:])
+            values = dln_entropy(self._sigma(g, batch, refresh), N) / norm_factor(k, normalize)
             out.update(zip(names, values.unbind(0)))
         return out
 
     def loss(self, step: StepContext):
+        self._pending = {}
+        if step.step % self.hparams["every"]:
+            return None
         device = step.task_loss.device
         with torch.autocast(device_type=device.type, enabled=False):
-            entropies = self.entropies()
+            entropies = self.entropies(refresh=self._computed % self.hparams["svd_every"] == 0)
+            self._computed += 1
             total = torch.stack(list(entropies.values())).sum()
             penalty = -(self.hparams["strength"] / self.hparams["beta"]) * total
         self._pending = {k: v.detach() for k, v in entropies.items()}
         return penalty.to(step.task_loss.dtype)
 
     def after_step(self, step):
-        self.last_entropy = dict(self._pending)  # read back once per epoch in diagnostics(): no per-step sync
+        if self._pending:
+            self.last_entropy = dict(self._pending)  # read back once per epoch in diagnostics(): no per-step sync
 
     def diagnostics(self):
         if not self.last_entropy:

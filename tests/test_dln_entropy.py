@@ -344,3 +344,53 @@ def test_search_space_values_are_valid_and_registered():
         DLNEntropy(space)  # validates
         study.tell(trial, 0.0)
     assert registry.method_class("dln_entropy") is DLNEntropy
+
+
+# ---- issue 18: every=k, svd_every=k ----------------------------------------------------------------------------
+
+def test_every_k_computes_the_penalty_on_due_steps_only():
+    method, model, capture = attach({"every": 2})
+    regs = train_steps(method, model, capture, (1, 40), steps=4)
+    assert [float(r) != 0 for r in regs] == [True, False, True, False]
+
+
+def test_svd_every_reuses_the_vectors_and_is_exact_on_refresh_steps():
+    """svd_every=3: an SVD on penalties 0 and 3 only; in between σ_i = ‖Wᵀu_i‖ from the stored vectors (the exact
+    value when the weight has not moved, a close one after SGD steps); the schedule survives a state_dict trip."""
+    method, model, capture = attach({"svd_every": 3})
+    exact, _m, _c = attach({})
+    svds = []
+    real_left = __import__("regbench.methods.dln_entropy", fromlist=["left_vectors"]).left_vectors
+
+    def counting(a):
+        svds.append(a.shape)
+        return real_left(a)
+    import regbench.methods.dln_entropy as mod
+    mod.left_vectors = counting
+    try:
+        regs = train_steps(method, model, capture, (1, 40), steps=4)
+        ref = train_steps(exact, _m, _c, (1, 40), steps=4)
+    finally:
+        mod.left_vectors = real_left
+    n_groups = len(method.groups)
+    assert len(svds) == 2 * n_groups + 4 * len(exact.groups)
+    assert regs[0].item() == ref[0].item()  # penalty 0 refreshes: the exact value
+    assert regs[1].item() == pytest.approx(ref[1].item(), rel=1e-2) and regs[1].item() != ref[1].item()
+    with torch.no_grad():  # the weights moved since the last SVD: stale close to, not equal to, exact
+        stale, fresh = method.entropies(refresh=False), method.entropies(refresh=True)
+        again_fresh = method.entropies(refresh=False)  # vectors just refreshed: exact again
+    for name, value in fresh.items():
+        w = model.get_submodule(name).weight.detach()
+        assert value.item() == pytest.approx(matrix_entropy(w, 3).item(), rel=1e-9)
+        assert stale[name].item() == pytest.approx(value.item(), rel=1e-2) and stale[name].item() != value.item()
+        assert again_fresh[name].item() == pytest.approx(value.item(), rel=1e-9)
+    state = method.state_dict()
+    again, _m2, _c2 = attach({"svd_every": 3})
+    again.load_state_dict(state)
+    assert again._computed == 4 and all(torch.equal(again._vectors[g], method._vectors[g]) for g in method._vectors)
+
+
+@pytest.mark.parametrize("bad", [{"every": 0}, {"svd_every": 0}, {"every": 1.5}, {"svd_every": True}])
+def test_every_and_svd_every_are_checked(bad):
+    with pytest.raises(HparamError):
+        DLNEntropy(bad)
