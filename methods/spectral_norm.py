@@ -6,7 +6,10 @@ Each chosen weight W is replaced, on every forward pass, by
 
 where W_mat is W reshaped to C_out × (C_in·k…) and u, v come from power iteration on W_mat (15 iterations when it is
 registered, then ``n_power_iterations`` more on each training-mode forward; eval mode reuses the stored u, v). We
-use torch's own ``torch.nn.utils.parametrizations.spectral_norm`` (../shared/reference/methods.md §3.1): the raw
+use torch's own ``torch.nn.utils.parametrizations.spectral_norm``, with one change of schedule (issue 18): the power
+iterations of all layers run once per training forward in a model pre-hook, batched per weight shape, and the
+parametrizations then run in eval mode, so reading a weight never iterates again (same u, v and W_SN as torch's
+training-mode forward after the same updates, tested; ../shared/reference/methods.md §3.1): the raw
 weight becomes ``<layer>.parametrizations.weight.original`` and u, v become buffers, so the state_dict keys change
 while the method is attached. ``detach`` removes the parametrization with ``leave_parametrized=True`` after putting
 the parametrization in eval mode (removal in training mode would run one more power iteration and change the
@@ -30,6 +33,7 @@ Caveats (methods.md §3.1), worth recording next to any SN result:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
@@ -84,6 +88,43 @@ class SpectralNorm(Method):
             self._order[module] = list(module._parameters)  # removal re-registers weight last; we restore order
             spectral_norm(module, "weight", n_power_iterations=self.hparams["n_power_iterations"])
             self.layers.append((name, module))
+        # Issue 18: the power iteration of every layer runs once per training forward, before it, batched over
+        # layers of equal matrix shape; the parametrizations then run in eval mode (σ = uᵀWv and W/σ only).
+        groups: dict[tuple, list] = {}
+        for _, module in self.layers:
+            sn = module.parametrizations.weight[0]
+            shape = sn._reshape_weight_to_matrix(module.parametrizations.weight.original).shape
+            groups.setdefault(tuple(shape), []).append((module, sn))
+        self._groups = list(groups.values())
+        self._hook = model.register_forward_pre_hook(self._before_forward)
+
+    def _before_forward(self, model, _args):
+        if model.training:
+            self.power_iteration()
+
+    @torch.no_grad()
+    def power_iteration(self) -> None:
+        """torch's ``_SpectralNorm._power_method`` (n_power_iterations steps of u ← Wv/‖Wv‖, v ← Wᵀu/‖Wᵀu‖, in place
+        on the u, v buffers) for every layer, batched per matrix shape (one bmm per step per shape; a lone layer uses
+        torch's own mv, bit for bit). Then every parametrization is put in eval mode for the forward that follows, so
+        it does not iterate again: the same u, v and the same W_SN as torch's training-mode forward."""
+        n = self.hparams["n_power_iterations"]
+        for group in self._groups:
+            sns = [sn for _, sn in group]
+            mats = [sn._reshape_weight_to_matrix(m.parametrizations.weight.original) for m, sn in group]
+            eps = sns[0].eps
+            if len(group) == 1:
+                sns[0]._power_method(mats[0], n)
+            else:
+                w = torch.stack(mats)
+                u, v = torch.stack([sn._u for sn in sns]), torch.stack([sn._v for sn in sns])
+                for _ in range(n):
+                    u = F.normalize(torch.bmm(w, v.unsqueeze(-1)).squeeze(-1), dim=1, eps=eps)
+                    v = F.normalize(torch.bmm(w.mT, u.unsqueeze(-1)).squeeze(-1), dim=1, eps=eps)
+                torch._foreach_copy_([sn._u for sn in sns], list(u.unbind(0)))
+                torch._foreach_copy_([sn._v for sn in sns], list(v.unbind(0)))
+            for sn in sns:
+                sn.training = False
 
     @torch.no_grad()
     def diagnostics(self):
@@ -98,6 +139,10 @@ class SpectralNorm(Method):
         return {"sn_sigma/mean": sum(sigmas) / len(sigmas), "sn_sigma/max": max(sigmas)}
 
     def detach(self, model):
+        hook = getattr(self, "_hook", None)
+        if hook is not None:
+            hook.remove()
+            self._hook = None
         for _, module in getattr(self, "layers", []):
             if not parametrize.is_parametrized(module, "weight"):
                 continue

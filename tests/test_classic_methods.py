@@ -107,6 +107,59 @@ def test_sn_one_training_forward_runs_n_power_iterations(iterations):
     assert torch.allclose(conv.weight, conv.parametrizations.weight.original / torch.dot(u, w @ v), atol=1e-6)
 
 
+@pytest.mark.parametrize("iterations", [1, 2])
+def test_sn_equals_torchs_parametrization_after_the_same_updates(iterations):
+    """Issue 18: the method's batched once-per-forward power iteration gives torch's training-mode parametrization
+    (spectral_norm applied directly) after the same SGD updates: same u, v, same W_SN, same outputs. The model has
+    three Linear weights of one shape (batched into one bmm) and two lone ones (torch's own mv)."""
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                             nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 10))
+    ours, theirs = net(), net()
+    method = SpectralNorm({"n_power_iterations": iterations})
+    torch.manual_seed(2)  # the same random u, v at registration (15 power iterations from them)
+    attach(method, ours, (12,))
+    torch.manual_seed(2)
+    for module in theirs:
+        if isinstance(module, nn.Linear):
+            nn.utils.parametrizations.spectral_norm(module, n_power_iterations=iterations)
+    assert sum(len(g) > 1 for g in method._groups) == 1
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ours, theirs)]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        x, y = torch.randn(32, 12, generator=g), torch.randint(0, 10, (32,), generator=g)
+        for model, opt in zip((ours, theirs), opts):
+            model.train()
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    ours.eval()
+    theirs.eval()
+    for a, b in zip(ours, theirs):
+        if isinstance(a, nn.Linear):
+            pa, pb = a.parametrizations.weight[0], b.parametrizations.weight[0]
+            assert torch.allclose(pa._u, pb._u, rtol=1e-5, atol=1e-6) and torch.allclose(pa._v, pb._v, rtol=1e-5,
+                                                                                         atol=1e-6)
+            assert torch.allclose(a.weight, b.weight, rtol=1e-5, atol=1e-6)
+    x = torch.randn(8, 12, generator=g)
+    assert torch.allclose(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
+
+
+def test_sn_power_iteration_runs_once_per_training_forward_not_per_weight_read():
+    """The parametrizations run in eval mode inside a training forward (the method iterated before it): reading
+    the weight again in training mode does not move u."""
+    model = build("cnn", (1, 8, 8))
+    method = SpectralNorm({})
+    attach(method, model, (1, 8, 8))
+    model.train()
+    model(torch.randn(4, 1, 8, 8))
+    _, conv = method.layers[1]
+    u = conv.parametrizations.weight[0]._u.clone()
+    conv.weight  # noqa: B018 (a read of the parametrized weight)
+    assert torch.equal(conv.parametrizations.weight[0]._u, u)
+
+
 def test_sn_hidden_weights_leaves_the_classifier_free():
     model = build("mlp", (1, 40))
     method = SpectralNorm({"layers": "hidden-weights"})
