@@ -77,3 +77,13 @@ def test_final_seeds_are_fixed_params_and_the_studies_are_labelled(tmp_path):
             "select distribution_json from trial_params p join trials t using(trial_id) join studies s "
             "using(study_id) where s.study_name = 'x:ses:final'")}
     assert ranges == {True}
+
+
+def test_cli_prints_a_warning_as_one_line_without_its_source(monkeypatch):
+    from regbench import cli
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    cli._one_line_warnings()
+    text = warnings.formatwarning(UserWarning("ses.beta=0.9 targets …"), UserWarning, "/x/ses.py", 171,
+                                  "warnings.warn(...)")
+    assert text == "regbench: warning: ses.beta=0.9 targets …\n"
