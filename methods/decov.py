@@ -46,11 +46,23 @@ def off_diagonal(c: Tensor) -> Tensor:
     return c * (1 - torch.eye(c.shape[0], device=c.device, dtype=c.dtype))
 
 
-def decov_penalty(h: Tensor) -> Tensor:
-    """½ Σ_{i≠j} C_ij² with C the (1/N) covariance of h [N, d] (Cogswell et al. Sec. 3)."""
-    centred = h - h.mean(dim=0, keepdim=True)
+def off_diagonal_sq_sum(c: Tensor) -> Tensor:
+    """Σ_{i≠j} c_ij² = ‖c‖²_F − ‖diag c‖² (one pass over c, no d×d mask; issue 18 item 5)."""
+    return c.square().sum() - c.diagonal().square().sum()
+
+
+def decov_penalty(h: Tensor, with_rms: bool = False):
+    """½ Σ_{i≠j} C_ij² with C the (1/N) covariance of h [N, d] (Cogswell et al. Sec. 3). ``with_rms``: also the
+    activations' RMS, read off the same covariance and mean (mean h² = (tr C + ‖mean‖²)/d), no extra pass over h."""
+    mean = h.mean(dim=0, keepdim=True)
+    centred = h - mean
     cov = centred.T @ centred / h.shape[0]
-    return 0.5 * off_diagonal(cov).pow(2).sum()
+    term = 0.5 * off_diagonal_sq_sum(cov)
+    if not with_rms:
+        return term
+    with torch.no_grad():
+        rms = ((cov.diagonal().sum() + mean.square().sum()) / h.shape[1]).sqrt()
+    return term, rms
 
 
 class DeCov(Method):
@@ -80,8 +92,8 @@ class DeCov(Method):
                 continue
             with torch.autocast(device_type=a.device.type, enabled=False):
                 h = feature_matrix(a)
-                term = decov_penalty(h)
-            self._pending[key] = (term.detach(), h.detach().pow(2).mean().sqrt())
+                term, rms = decov_penalty(h, with_rms=True)
+            self._pending[key] = (term.detach(), rms)
             total = term if total is None else total + term
         return None if total is None else self.hparams["weight"] * total
 

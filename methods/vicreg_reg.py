@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .base import Method, StepContext, check_range
-from .decov import feature_matrix, off_diagonal
+from .decov import feature_matrix, off_diagonal, off_diagonal_sq_sum  # noqa: F401 (off_diagonal: public)
 
 EPS = 1e-4  # inside the square root, as in the official loss
 
@@ -44,10 +44,16 @@ def variance_term(z: Tensor, gamma: float = 1.0, eps: float = EPS) -> Tensor:
 
 def covariance_term(z: Tensor) -> Tensor:
     """c(Z) = (1/d) Σ_{i≠j} C_ij², C = Z_cᵀZ_c/(n − 1)."""
+    return both_terms(z)[1]
+
+
+def both_terms(z: Tensor, gamma: float = 1.0, eps: float = EPS) -> tuple[Tensor, Tensor]:
+    """(v(Z), c(Z)) from one centring and one covariance: Var(z_j) is C's diagonal (issue 18 item 5)."""
     n, d = z.shape
     centred = z - z.mean(dim=0, keepdim=True)
     cov = centred.T @ centred / (n - 1)
-    return off_diagonal(cov).pow(2).sum() / d
+    v = torch.relu(gamma - torch.sqrt(cov.diagonal() + eps)).mean()
+    return v, off_diagonal_sq_sum(cov) / d
 
 
 class VICRegReg(Method):
@@ -80,7 +86,7 @@ class VICRegReg(Method):
                 continue
             with torch.autocast(device_type=a.device.type, enabled=False):
                 z = feature_matrix(a)
-                v, c = variance_term(z, hp["gamma"]), covariance_term(z)
+                v, c = both_terms(z, hp["gamma"])
             self._pending[key] = (v.detach(), c.detach())
             term = hp["var_weight"] * v + hp["cov_weight"] * c
             total = term if total is None else total + term

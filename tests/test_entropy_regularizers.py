@@ -265,3 +265,17 @@ def test_composed_decov_and_vicreg_share_one_hook_and_add_up():
     step = StepContext(inputs=None, targets=None, logits=None, task_loss=None, activations={"act2": z})
     v = 0.0  # default γ = 1: both stds are ≥ 1
     assert composite.loss(step).item() == pytest.approx(0.5 * 4 / 9 + 0.1 * v + 1.0 * 1.0, rel=1e-12)
+
+
+def test_one_pass_forms_equal_the_textbook_ones():
+    """Issue 18 item 5: DeCov's penalty without a d×d mask and its RMS from the covariance, VICReg's variance from
+    the covariance diagonal, equal the direct formulas (float64)."""
+    from regbench.methods.vicreg_reg import both_terms
+    h = torch.relu(torch.randn(64, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.3)
+    cov = (h - h.mean(0)).T @ (h - h.mean(0)) / 64
+    term, rms = decov_penalty(h, with_rms=True)
+    assert term.item() == pytest.approx(0.5 * (cov.square().sum() - cov.diagonal().square().sum()).item(), rel=1e-12)
+    assert rms.item() == pytest.approx(h.square().mean().sqrt().item(), rel=1e-12)
+    v, c = both_terms(h, 1.0)
+    assert v.item() == pytest.approx(variance_term(h, 1.0).item(), rel=1e-12)
+    assert c.item() == pytest.approx(covariance_term(h).item(), rel=1e-12)
