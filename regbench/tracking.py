@@ -7,6 +7,7 @@ A child run is tagged with the trial's config key, so mirroring the same trial t
 from __future__ import annotations
 
 import logging
+import random
 import re
 import time
 from pathlib import Path
@@ -35,6 +36,34 @@ def _key(name: str) -> str:
     return _BAD_KEY.sub("_", name)
 
 
+SCHEMA_RACE_RETRIES = 8
+_RACE_SIGNS = ("online migration expected", "out-of-date database schema", "already exists", "unique constraint",
+               "duplicate key", "database is locked", "alembic_version")
+
+
+def _lost_first_use_race(exc: Exception) -> bool:
+    """Whether opening an MLflow store failed only because another process was creating its schema (MLflow migrates a
+    fresh SQLite/SQL store on first use; two at once collide: "Online migration expected to match one row ...") or
+    the same experiment at the same moment. Seen as a false "MLflow ... is unreachable" from two workers."""
+    text = str(exc).lower()
+    return any(sign in text for sign in _RACE_SIGNS)
+
+
+def _first_use_lock(uri: str):
+    """A file lock beside a SQLite MLflow store while it is opened: MLflow migrates a fresh store on first use, and two
+    processes migrating one SQLite file at once break it for good (measured: "table _alembic_tmp_tags already
+    exists", "duplicate column name: step" in 3 of 3 two-worker launches). Server databases migrate in transactions;
+    for them the retry above is enough."""
+    import contextlib
+
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    path = Path(uri.removeprefix("sqlite:///")).expanduser()
+    return FileLock(str(path) + ".lock", timeout=300) if path.parent.is_dir() else contextlib.nullcontext()
+
+
 ARTIFACT_DIR = "mlartifacts"  # beside OUT/mlflow.db: a run folder holds its MLflow artifacts
 EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 # History names renamed in MLflow so no metric shares a name with a param or reads as something else: ``lr`` is the
@@ -56,9 +85,19 @@ class Tracker:
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
-        self.uri, self.client = uri, MlflowClient(uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self._create_experiment(experiment)
+        with _first_use_lock(uri):
+            for attempt in range(SCHEMA_RACE_RETRIES + 1):
+                try:
+                    self.uri, self.client = uri, MlflowClient(uri)
+                    found = self.client.get_experiment_by_name(experiment)
+                    self.experiment_id = found.experiment_id if found else self._create_experiment(experiment)
+                    break
+                except Exception as exc:
+                    if attempt == SCHEMA_RACE_RETRIES or not _lost_first_use_race(exc):
+                        raise
+                    # Another process (a worker started at the same moment) is creating this store's schema, or this
+                    # experiment: both are there a moment later, and a retry then only reads them.
+                    time.sleep(random.uniform(0.2, 0.6) * (attempt + 1))
         self._mark_training()
         self._parents: dict[str, str] = {}
         self._ends: dict[str, int] = {}  # latest child end per method, so a parent spans its children
