@@ -129,10 +129,24 @@ class LocalPostgres:
         argv = self._as_owner([str(server_binaries() / "pg_ctl"), "-D", str(self.data), "status"])
         return subprocess.run(argv, capture_output=True, check=False).returncode == 0
 
+    def _check_reachable_by_postgres(self) -> None:
+        """As root the cluster runs as the postgres user, who must be able to pass through every folder above it."""
+        import pwd
+        import stat
+
+        uid = pwd.getpwnam("postgres").pw_uid if self._as_owner(["x"]) != ["x"] else os.geteuid()
+        for parent in [p for p in self.folder.parents if p.exists()]:
+            mode = parent.stat()
+            if not (mode.st_mode & stat.S_IXOTH or (mode.st_uid == uid and mode.st_mode & stat.S_IXUSR)):
+                raise ConfigError(f"--dir {self.folder}: as root the cluster runs as the postgres user, who cannot "
+                                  f"enter {parent}; pick a --dir under /tmp (the default for root)")
+
     def start(self) -> None:
         binaries = server_binaries()
         if self.running():
             return
+        if os.geteuid() == 0:
+            self._check_reachable_by_postgres()
         self.folder.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(self.folder, "postgres")
