@@ -1,7 +1,8 @@
 """The suites' verdict code on degenerate inputs (issue 17): infinite and NaN values, zero variance, a seed identical
 to another. Each verdict is a pure function of the numbers the runs produced; none may raise, and a number a verdict
 cannot carry (a NaN, an undefined ratio) never yields "reproduced". Plus the suites end in a report, not a
-traceback, at --seeds 2 (the CPU suites whose minimum allows it), and `regbench suite --quiet`."""
+traceback, at their default and at --seeds 2 (opt-in: REGBENCH_RUN_SUITES=1, ~25 min on 2 cores); the
+--smoke forms run in CI (tests/test_suites.py, tests/test_suites_small.py)."""
 import os
 
 import numpy as np
@@ -116,18 +117,10 @@ def test_shade_paired_gain_never_raises_and_nan_is_never_consistent(baseline, sh
 @given(seeds_of(anything))
 def test_t_interval_never_raises(values):
     mean, low, high = t_interval(values)
-    if np.all(np.isfinite(values)) and len(values) >= 2:
-        assert low <= mean <= high or np.ptp(values) == 0 and low == high
-    else:
+    if np.isfinite(low) or np.isfinite(high):  # an interval only from finite values, and around its mean
+        assert np.all(np.isfinite(values)) and len(values) >= 2 and low <= mean <= high
+    if not np.all(np.isfinite(values)) or len(values) < 2:
         assert np.isnan(low) and np.isnan(high)
-
-
-def test_suite_quiet_prints_the_report_path_only(tmp_path, capsys):
-    """`regbench suite --quiet`, like `run --quiet`: no progress or warnings, only the result (the report's path)."""
-    assert main(["suite", "dln-equilibrium", "--smoke", "--out", str(tmp_path), "--quiet"]) == 0
-    out, err = capsys.readouterr()
-    assert out.strip() == str(tmp_path / "dln-equilibrium.md") and err == ""
-    assert "**reproduced**" in (tmp_path / "dln-equilibrium.md").read_text()
 
 
 @pytest.mark.slow

@@ -54,7 +54,10 @@ def test_ses_rings_reproduces_p3_and_p4(tmp_path):
 
 
 def test_dln_equilibrium_via_cli(tmp_path, capsys):
-    assert main(["suite", "dln-equilibrium", "--smoke", "--out", str(tmp_path)]) == 0
+    assert main(["suite", "dln-equilibrium", "--smoke", "--out", str(tmp_path), "--quiet"]) == 0
+    # --quiet, like `run --quiet`: no progress or warnings, only the result (the report's path)
+    out, err = capsys.readouterr()
+    assert out.strip() == str(tmp_path / "dln-equilibrium.md") and err == ""
     text = (tmp_path / "dln-equilibrium.md").read_text()
     assert "not reproduced" not in text
     assert text.count("**reproduced**") == 4

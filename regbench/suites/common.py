@@ -25,8 +25,12 @@ def t_interval(values, alpha: float = 0.05) -> tuple[float, float, float]:
         return (float(v.mean()) if len(v) else float("nan")), float("nan"), float("nan")
     if np.ptp(v) == 0:  # no spread: the interval is the point (t would divide by zero)
         return float(v[0]), float(v[0]), float(v[0])
-    low, high = DescrStatsW(v).tconfint_mean(alpha=alpha)
-    return float(v.mean()), float(low), float(high)
+    with np.errstate(over="ignore", invalid="ignore"):  # values near the float limit overflow: no interval either
+        low, high = DescrStatsW(v).tconfint_mean(alpha=alpha)
+        mean = float(v.mean())
+    if not (np.isfinite(low) and np.isfinite(high) and np.isfinite(mean)):
+        return mean, float("nan"), float("nan")
+    return mean, float(low), float(high)
 
 
 def fmt_ci(values, digits: int = 2, scale: float = 1.0) -> str:
