@@ -209,7 +209,7 @@ def leaderboard(storage, benchmark: str, margin_pp: float = 0.5, figures_dir: Pa
     shift_head = " corruption acc % | extra corr. acc % | rel. mCE |" if shifted else ""
     lines += ["", ("| method | seeds | test acc % | Δ test vs baseline (pp) [95 % CI] | p (Holm) | sig. | Hedges' g | "
                   "verdict | seeds for 80 % power | gap (pp) | ECE % | NLL "
-                  f"|{shift_head} final erank | s/epoch (median, range) | hparams; budget spent |"),
+                  f"|{shift_head} final erank | s/epoch | hparams; budget spent |"),
               "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if shifted else "") + "---|---|---|"]
     budgets = {m: _budget(storage, benchmark, m, spec["methods"][m]) for m in methods}
     notes = []
