@@ -132,8 +132,9 @@ class _StaleReasons:
     here, while the trial is still RUNNING, just before Optuna fails it. Two processes that find the same stale trial
     both write the same reason; the storage lets exactly one of them fail it (the other gets
     UpdateFinishedTrialError, which Optuna ignores), and only that one runs the callback, so the retry is queued
-    once. A trial whose process died before its first heartbeat was stored is stale too once the grace period has
-    passed since it started (Optuna skips trials without a heartbeat, so such a trial stayed RUNNING forever)."""
+    once. A trial whose process died before its first heartbeat was stored is stale too once it has been seen
+    without one for the grace period (Optuna skips trials without a heartbeat, so such a trial stayed RUNNING
+    forever)."""
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         self._requeue_lost_retries(study_id)
@@ -175,12 +176,17 @@ class _StaleReasons:
         return int(self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval)
 
     def _never_beat(self, study_id: int, beating: set[int]) -> list[int]:
-        """RUNNING trials with no heartbeat stored, started longer than the grace period ago (the storage's clock)."""
-        from datetime import datetime, timedelta
+        """RUNNING trials with no heartbeat stored, seen so by this process for longer than the grace period.
 
-        limit = datetime.now() - timedelta(seconds=self._grace())
-        return [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-                if t._trial_id not in beating and t.datetime_start is not None and t.datetime_start < limit]
+        Measured on this process's monotonic clock from when it first saw the trial without a heartbeat, not from
+        the trial's start time: that is written by the claiming machine's clock in its local time zone, so comparing
+        it here could fail a live trial claimed a moment ago on a machine with another clock or zone."""
+        now, seen = time.monotonic(), self.__dict__.setdefault("_unbeaten_since", {})
+        unbeaten = [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+                    if t._trial_id not in beating]
+        for trial_id in unbeaten:
+            seen.setdefault(trial_id, now)
+        return [trial_id for trial_id in unbeaten if now - seen[trial_id] > self._grace()]
 
 
 class RDBStore(_StaleReasons, optuna.storages.RDBStorage):
