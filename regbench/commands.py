@@ -672,8 +672,8 @@ def report_command(args) -> int:
             print(f"regbench: note: the leaderboard is not attached to MLflow (no --tracking-uri, MLFLOW_TRACKING_URI "
                   f"is unset and {name!r} recorded none usable here); pass --tracking-uri URI to attach it",
                   file=sys.stderr)
-        else:
-            tracker = _tracking.Tracker(uri, experiment=name)
+        else:  # a broken or unreachable MLflow costs the attachment only (one warning), never the report
+            tracker = _tracking.SafeTracker(uri, name, lambda msg: print(msg, file=sys.stderr, flush=True))
             for artifact in paths:
                 tracker.log_artifact(None, artifact, all_parents=True,
                                      subdir="figures" if artifact.suffix == ".png" else None)
