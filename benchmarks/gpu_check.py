@@ -33,8 +33,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 COMPOSITES = "ses+spectral_norm,shade+dropout"
 # the tests that take their device from REGBENCH_TEST_DEVICE (tests/conftest.py: test_device)
-TEST_FILES = ("tests/test_device_guard.py", "tests/test_calibration.py", "tests/test_interrupts.py",
-              "tests/test_parallel_seeds.py")
+TEST_FILES = ("tests/test_device_guard.py", "tests/test_calibration.py", "tests/test_interrupts.py")
 
 
 def fail(message: str) -> None:
@@ -136,7 +135,7 @@ class Check:
         return args, code, out
 
     def sigint(self):
-        args, code, out = self._stopped_run("sigint", self.args.device, 40)
+        args, code, out = self._stopped_run("sigint", self.args.device, 4 if self.args.device == "cpu" else 40)
         if code != 130:
             return False, f"stopped run exited {code}, expected 130"
         done = self.sh("sigint-resume", args, self.args.part_timeout)
@@ -144,7 +143,7 @@ class Check:
         return done.returncode == 0 and step > 0, f"exit 130, rerun exit {done.returncode}, resumed at step {step}"
 
     def to_cpu(self):
-        args, code, out = self._stopped_run("to-cpu", self.args.device, 12)
+        args, code, out = self._stopped_run("to-cpu", self.args.device, 3 if self.args.device == "cpu" else 12)
         if code != 130:
             return False, f"stopped run exited {code}, expected 130"
         ckpts = list((out / "checkpoints").glob("*.pt")) if (out / "checkpoints").exists() else []

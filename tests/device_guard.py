@@ -82,3 +82,23 @@ class ExplicitDevice(TorchFunctionMode):
         return (f"{len(sites)} factory call site(s) in regbench code create a tensor on the default device without "
                 f"saying so (would be a CPU tensor next to CUDA ones); pass device=<the data's device> or "
                 f"device='cpu' for host-side tensors:\n  " + "\n  ".join(sites))
+
+
+def assert_same_history(got: list[dict], want: list[dict], exact: bool, rel: float = 1e-4, abs_: float = 1e-5) -> None:
+    """Per-epoch rows equal: bit for bit where promised (CPU, ``exact``), else within ``rel``/``abs_`` (CUDA: kernels
+    such as cuDNN's convolution backward may sum in another order between two runs). Nested dicts compared alike."""
+    import pytest
+
+    assert len(got) == len(want)
+    if exact:
+        assert got == want
+        return
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], dict):
+                assert_same_history([a[key]], [b[key]], exact, rel, abs_)
+            elif isinstance(a[key], (int, float)):
+                assert a[key] == pytest.approx(b[key], rel=rel, abs=abs_), key
+            else:
+                assert a[key] == b[key], key

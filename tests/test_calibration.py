@@ -1,4 +1,6 @@
-"""Calibration metrics on clean test data: ECE (15 bins), NLL, Brier, against hand computation and a plain loop."""
+"""Calibration metrics on clean test data: ECE (15 bins), NLL, Brier, against hand computation and a plain loop.
+The metric tests run on $REGBENCH_TEST_DEVICE (conftest.py's ``test_device``; default cpu): float64 throughout, so
+the same tolerances hold on CUDA."""
 import math
 
 import numpy as np
@@ -20,31 +22,33 @@ def loop_ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
     return total
 
 
-def test_hand_computed_two_samples():
+def test_hand_computed_two_samples(test_device):
     # Two samples, two classes: confidences 0.9 (right) and 0.6 (wrong) sit in different bins.
-    logits = torch.log(torch.tensor([[0.9, 0.1], [0.6, 0.4]], dtype=torch.float64))
-    y = torch.tensor([0, 1])
+    logits = torch.log(torch.tensor([[0.9, 0.1], [0.6, 0.4]], dtype=torch.float64, device=test_device))
+    y = torch.tensor([0, 1], device=test_device)
     assert expected_calibration_error(logits, y) == pytest.approx(0.5 * abs(1 - 0.9) + 0.5 * abs(0 - 0.6))
     m = calibration(logits, y)
     assert m["nll"] == pytest.approx(-(math.log(0.9) + math.log(0.4)) / 2)
     assert m["brier"] == pytest.approx(((0.1 ** 2 + 0.1 ** 2) + (0.6 ** 2 + 0.6 ** 2)) / 2)
 
 
-def test_matches_the_plain_loop_on_random_predictions_with_saturated_ones():
+def test_matches_the_plain_loop_on_random_predictions_with_saturated_ones(test_device):
     rng = np.random.default_rng(0)
-    logits = torch.tensor(rng.normal(size=(5000, 10)) * 3)
+    logits = torch.tensor(rng.normal(size=(5000, 10)) * 3, device=test_device)
     logits[:50, 0] = 1e4  # saturated softmax: confidence exactly 1.0 lands in the last bin
-    y = torch.tensor(rng.integers(0, 10, 5000))
-    probs = torch.softmax(logits, 1).numpy()
-    assert expected_calibration_error(logits, y) == pytest.approx(loop_ece(probs, y.numpy()), abs=1e-12)
+    y = torch.tensor(rng.integers(0, 10, 5000), device=test_device)
+    probs = torch.softmax(logits, 1).cpu().numpy()
+    assert expected_calibration_error(logits, y) == pytest.approx(loop_ece(probs, y.cpu().numpy()), abs=1e-12)
+    assert calibration(logits, y)["ece"] == expected_calibration_error(logits, y)
 
 
-def test_perfectly_calibrated_and_overconfident():
+def test_perfectly_calibrated_and_overconfident(test_device):
     # 100 samples with confidence 0.8 of which exactly 80 are right: ECE 0. All wrong: ECE = 0.8.
-    logits = torch.log(torch.tensor([[0.8, 0.2]] * 100, dtype=torch.float64))
-    right = torch.tensor([0] * 80 + [1] * 20)
+    logits = torch.log(torch.tensor([[0.8, 0.2]] * 100, dtype=torch.float64, device=test_device))
+    right = torch.tensor([0] * 80 + [1] * 20, device=test_device)
     assert expected_calibration_error(logits, right) == pytest.approx(0.0, abs=1e-12)
-    assert expected_calibration_error(logits, torch.ones(100, dtype=torch.long)) == pytest.approx(0.8)
+    wrong = torch.ones(100, dtype=torch.long, device=test_device)
+    assert expected_calibration_error(logits, wrong) == pytest.approx(0.8)
 
 
 def test_engine_records_calibration_on_clean_test(tiny_run):

@@ -12,6 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from device_guard import assert_same_history
 from helpers import with_ctrl_c
 from optuna.trial import TrialState
 from test_checkpoint import cfg, mnist1d, no_timing, scramble_global_rngs  # noqa: F401 - mnist1d is a fixture
@@ -33,8 +34,9 @@ def stopping_at(method, step: int, exception=KeyboardInterrupt):
 
 
 @pytest.mark.parametrize("method", ["baseline", "shade", "dropout", "ses"])
-def test_stop_after_a_step_mid_epoch_then_resume_is_bit_for_bit(tmp_path, mnist1d, method):
-    config = cfg(method, epochs=3)
+def test_stop_after_a_step_mid_epoch_then_resume_is_bit_for_bit(tmp_path, mnist1d, method, test_device, bit_exact):
+    # on $REGBENCH_TEST_DEVICE; bit for bit on the CPU, within tolerances on CUDA (device_guard.assert_same_history)
+    config = cfg(method, epochs=3, device=test_device)
     whole = engine.train(config, mnist1d, registry.build_method(method, config.hparams))
     steps_per_epoch = 400 // 64
     stop_at = steps_per_epoch + 2  # the third step of the second epoch: mid-epoch, after one finished epoch
@@ -42,12 +44,12 @@ def test_stop_after_a_step_mid_epoch_then_resume_is_bit_for_bit(tmp_path, mnist1
     with pytest.raises(KeyboardInterrupt):
         engine.train(config, mnist1d, stopping_at(registry.build_method(method, config.hparams), stop_at),
                      checkpoint=path, checkpoint_seconds=3600)  # no epoch checkpoint: only the stop saves
-    saved = torch.load(path, weights_only=True)
+    saved = torch.load(path, weights_only=True, map_location="cpu")
     assert saved["step"] == stop_at + 1 and saved["epoch"] == 1 and saved["partial_epoch"]["batch"] == 3
     scramble_global_rngs()
     resumed = engine.train(config, mnist1d, registry.build_method(method, config.hparams), checkpoint=path)
     assert resumed.resumed_from_step == stop_at + 1 and resumed.resumed_from_epoch == 1
-    assert [no_timing(r) for r in resumed.history] == [no_timing(r) for r in whole.history]
+    assert_same_history([no_timing(r) for r in resumed.history], [no_timing(r) for r in whole.history], bit_exact)
     assert not path.exists()  # finished: its checkpoint is gone
 
 

@@ -1,6 +1,6 @@
 """Real CIFAR-10 images, offline: the shared `cifar10_subset` written back into the official pickle layout.
 
-`/work/shared/data/cifar10_subset/cifar10_subset.npz` (its README) holds the leading 1,017–1,285 images of each of
+A `cifar10_subset.npz` (named by $REGBENCH_CIFAR10_SUBSET; there is no default: tests and benchmarks set it) holds the leading 1,017–1,285 images of each of
 the five official training batches and the first 1,017 images of the test batch, unchanged, each with its source
 batch. `write_cifar10_layout` writes a class-balanced part of them as `ROOT/cifar-10-batches-py/` exactly as the
 official (Python 2) files are laid out: `data_batch_1..5` (every image goes back into the batch it came from, in
@@ -10,8 +10,10 @@ through its real path (restricted unpickler, md5 check); only the md5 table diff
 official ones: `layout_md5s(root)` gives it, and `official_md5s_for(root)` points the reader's table at it for the
 duration of a `with` block (the override the catalog documents: the tables are read at call time).
 
-Used by the `--smoke` forms of the GPU suites (ses-cifar, shade-cifar) and by other benchmarks that need real
-CIFAR pixels on a machine without the official files.
+`write_cifar10_layout(…, arrays=…)` writes the same layout from other CIFAR-10 arrays: the `--smoke` forms of the GPU
+suites (ses-cifar, shade-cifar) cut the user's own CIFAR-10 files (read and md5-checked by regbench.datasets.cifar)
+to a few hundred images that way. Tests and benchmarks use the subset for real CIFAR pixels without the official
+files.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ import numpy as np
 
 from regbench.errors import ConfigError, DataError
 
-SUBSET = Path(os.environ.get("REGBENCH_CIFAR10_SUBSET", "/work/shared/data/cifar10_subset/cifar10_subset.npz"))
+ENV = "REGBENCH_CIFAR10_SUBSET"
+SUBSET = Path(os.environ[ENV]) if os.environ.get(ENV) else None  # None: no subset named (the product never needs one)
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -76,7 +79,10 @@ def _balanced_prefix(y: np.ndarray, n: int) -> np.ndarray:
     return np.sort(order[:n])
 
 
-def load_subset(path: Path | str = SUBSET) -> dict[str, np.ndarray]:
+def load_subset(path: Path | str | None = None) -> dict[str, np.ndarray]:
+    path = path or SUBSET
+    if path is None:
+        raise DataError(f"no cifar10_subset.npz named: set {ENV} to its path")
     path = Path(path)
     if not path.is_file():
         raise DataError(f"missing {path} (the shared cifar10_subset.npz); put it there or set "
@@ -86,14 +92,15 @@ def load_subset(path: Path | str = SUBSET) -> dict[str, np.ndarray]:
 
 
 def write_cifar10_layout(root: Path | str, n_train: int | None = None, n_test: int | None = None,
-                         subset: Path | str = SUBSET) -> Path:
+                         subset: Path | str | None = None, arrays: dict | None = None) -> Path:
     """Write `root/cifar-10-batches-py/` from the real subset images; returns `root` (the data dir to load from).
 
     `n_train` images (default: all 5,438) are split over the five batches in proportion to what the subset holds of
     each, each batch a class-balanced prefix of its images; `n_test` (default: all 1,017) is a class-balanced prefix
     of the test images. Pixels and labels are never changed. Existing files of the folder are overwritten.
+    ``arrays`` (x_train/x_test uint8 NHWC, y_train, y_test, train_batch 1..5) replaces the subset as the source.
     """
-    d = load_subset(subset)
+    d = arrays if arrays is not None else load_subset(subset)
     n_all, n_test_all = len(d["y_train"]), len(d["y_test"])
     n_train = n_all if n_train is None else int(n_train)
     n_test = n_test_all if n_test is None else int(n_test)
@@ -119,6 +126,16 @@ def write_cifar10_layout(root: Path | str, n_train: int | None = None, n_test: i
     meta = {"num_cases_per_batch": 10000, "label_names": list(CLASS_NAMES), "num_vis": 3072}
     (folder / "batches.meta").write_bytes(_py2_pickle(meta))
     return Path(root)
+
+
+def official_arrays(data_dir: Path | str) -> dict[str, np.ndarray]:
+    """The user's official CIFAR-10 files in ``data_dir``, read and md5-checked by regbench.datasets.cifar, as the
+    arrays ``write_cifar10_layout`` takes (train_batch: the 10,000-image batch each training image came from)."""
+    from regbench.datasets import cifar
+
+    x_train, y_train, x_test, y_test = cifar.load_arrays(Path(data_dir), "cifar10")
+    return {"x_train": x_train.transpose(0, 2, 3, 1), "y_train": y_train, "x_test": x_test.transpose(0, 2, 3, 1),
+            "y_test": y_test, "train_batch": np.arange(len(y_train)) // (len(y_train) // 5) + 1}
 
 
 def _write_batch(path: Path, label: str, x_hwc: np.ndarray, y: np.ndarray) -> None:

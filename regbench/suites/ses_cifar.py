@@ -108,14 +108,36 @@ def check_full_mode(suite: str, data_dir, datasets=("cifar10",), need_all: bool 
     return present
 
 
-@contextmanager
-def smoke_data(n_train: int, n_test: int):
-    """A temporary data dir holding real CIFAR-10 images (the shared subset) in the official layout, with the
-    reader's md5 table pointed at them for the duration; removed afterwards (smoke data is never cached)."""
-    from .cifar_subset import official_md5s_for, write_cifar10_layout
+def check_smoke_data(data_dir) -> str:
+    """Where a smoke run's images come from: "files" (the user's CIFAR-10 in ``data_dir``) or "subset"
+    ($REGBENCH_CIFAR10_SUBSET); neither: the one-line missing-data error. Looks at file names only, writes nothing."""
+    from regbench.datasets import catalog, cifar
 
+    from .cifar_subset import ENV, SUBSET
+
+    data_dir = resolve_data_dir(data_dir)
+    if catalog.status("cifar10", data_dir).state == "present":
+        return "files"
+    if SUBSET is not None:
+        return "subset"
+    spec = cifar.SPECS["cifar10"]
+    raise DataError(f"missing CIFAR-10 in {data_dir}: download it with `regbench data prepare cifar10 --data-dir "
+                    f"{data_dir}` (or put {spec['archive']} from {spec['url']} there), or pass --data-dir DIR "
+                    f"where it is ({ENV} names a cifar10_subset.npz instead, for tests)")
+
+
+@contextmanager
+def smoke_data(n_train: int, n_test: int, data_dir=None):
+    """A temporary data dir holding the first ``n_train``/``n_test`` class-balanced images of the user's CIFAR-10
+    files in ``data_dir`` (read and md5-checked by the CIFAR reader) in the official layout, with the reader's md5
+    table pointed at them for the duration; removed afterwards (smoke data is never cached). Without those files:
+    the subset named by $REGBENCH_CIFAR10_SUBSET when set (tests), else the one-line missing-data error."""
+    from .cifar_subset import official_arrays, official_md5s_for, write_cifar10_layout
+
+    data_dir = resolve_data_dir(data_dir)
+    arrays = official_arrays(data_dir) if check_smoke_data(data_dir) == "files" else None
     with tempfile.TemporaryDirectory(prefix="regbench-smoke-") as tmp:
-        root = write_cifar10_layout(tmp, n_train=n_train, n_test=n_test)
+        root = write_cifar10_layout(tmp, n_train=n_train, n_test=n_test, arrays=arrays)
         with official_md5s_for(root):
             yield Path(tmp)
 
@@ -198,6 +220,8 @@ def smoke_note(n_images: int, epochs: int) -> str:
 def preflight(smoke: bool = False, data_dir=None) -> None:
     if not smoke:
         check_full_mode(NAME, data_dir, DATASETS)
+    else:
+        check_smoke_data(data_dir)
 
 
 def run(out_dir, seeds: int | None = None, smoke: bool = False, data_dir=None) -> dict:
@@ -209,7 +233,7 @@ def run(out_dir, seeds: int | None = None, smoke: bool = False, data_dir=None) -
     recipe = SMOKE if smoke else FULL
     results = {}
     if smoke:
-        with smoke_data(SMOKE_TRAIN, SMOKE_TEST) as tmp, torch_threads(1):
+        with smoke_data(SMOKE_TRAIN, SMOKE_TEST, data_dir) as tmp, torch_threads(1):
             datasets, shifts = ["cifar10"], {"cifar10": pick_shift("cifar10", tmp, True)}
             results["cifar10"] = _run_dataset(out_dir, "cifar10", recipe, n_seeds, tmp, "cpu", shifts["cifar10"],
                                               SMOKE_CORRUPTIONS, SMOKE_SEVERITIES, command, SMOKE_MODEL)
@@ -308,7 +332,7 @@ def _markdown(res, command, seconds) -> str:
     smoke, rec, rows = res["smoke"], res["recipe"], res["rows"]
     n = res["seeds"]
     mode = (f"**Smoke run** on CPU (one thread): {SMOKE_TRAIN} real CIFAR-10 training images (108 train / 12 val) and "
-            f"{SMOKE_TEST} test images from the shared subset (`/work/shared/data/cifar10_subset`, written into the "
+            f"{SMOKE_TEST} test images (the first class-balanced images of the CIFAR-10 files given, written into the "
             f"official `cifar-10-batches-py` layout), {rec['epochs']} epoch, batch {rec['batch_size']}; CIFAR-C = "
             f"`cifar10_c_style` generated from those {SMOKE_TEST} test images, evaluated on "
             f"{', '.join(SMOKE_CORRUPTIONS)} × severities 1, 3, 5; resnet18 at a quarter width (channels "

@@ -42,6 +42,7 @@ from .ses_cifar import (
     SMOKE_CORRUPTIONS,
     SMOKE_SEVERITIES,
     check_full_mode,
+    check_smoke_data,
     paired,
     per_seed,
     pick_shift,
@@ -115,6 +116,8 @@ if not timm.is_model("shade_alexnet"):  # registered once, so `create_model("sha
 def preflight(smoke: bool = False, data_dir=None) -> None:
     if not smoke:
         check_full_mode(NAME, data_dir, ("cifar10",), need_all=True)
+    else:
+        check_smoke_data(data_dir)
 
 
 def run(out_dir, seeds: int | None = None, smoke: bool = False, data_dir=None) -> dict:
@@ -137,7 +140,7 @@ def run(out_dir, seeds: int | None = None, smoke: bool = False, data_dir=None) -
                                          command=command)
 
     if smoke:
-        with smoke_data(SMOKE_TRAIN, SMOKE_TEST) as tmp, torch_threads(1):
+        with smoke_data(SMOKE_TRAIN, SMOKE_TEST, data_dir) as tmp, torch_threads(1):
             shift = pick_shift("cifar10", tmp, True)
             run_all(tmp, "cpu", shift, SMOKE_CORRUPTIONS, SMOKE_SEVERITIES)
     else:
@@ -187,7 +190,7 @@ def _claims(rows, smoke: bool, epochs: int) -> list[dict]:
 def _markdown(res, command, seconds) -> str:
     rec, n, smoke = res["recipe"], res["seeds"], res["smoke"]
     mode = (f"**Smoke run** on CPU (one thread): {SMOKE_TRAIN} real CIFAR-10 training images (108 train / 12 val) "
-            f"and {SMOKE_TEST} test images of the shared subset (`/work/shared/data/cifar10_subset`, written into "
+            f"and {SMOKE_TEST} test images (the first class-balanced images of the CIFAR-10 files given, written into "
             f"the official `cifar-10-batches-py` layout), {rec['epochs']} epoch, batch {rec['batch_size']}, "
             f"{res['trials']} tuning trial per method; ResNet-18 at a quarter width (channels 16…128); shift = "
             f"`cifar10_c_style` of those test images on {', '.join(SMOKE_CORRUPTIONS)} × severities 1, 3, 5. These "
