@@ -337,7 +337,8 @@ def test_protocol_bad_input_is_one_line_exit_2_and_the_store_is_unchanged(args, 
 
 def test_worker_for_a_missing_benchmark_and_unreachable_storage(tmp_path):
     store = f"sqlite:///{tmp_path / 's.db'}"
-    missing = regbench_cli("worker", "--storage", store, "--benchmark", "nope", cwd=tmp_path)
+    optuna.create_study(study_name="other", storage=store)  # a store that holds another benchmark
+    missing = regbench_cli("worker", "--storage", store, "--name", "nope", cwd=tmp_path)
     assert missing.returncode == 2 and "benchmark 'nope' does not exist" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
     dead = regbench_cli("worker", "--storage", "postgresql://nobody@127.0.0.1:1/none", "--benchmark", "x",
