@@ -82,8 +82,9 @@ def load(path: Path, config_key: str, device: torch.device) -> dict[str, Any] | 
 
     A file that holds anything but plain tensors and containers (a pickled object: tampered with, or not ours) or that
     is not a readable torch file is refused with a DataError: nothing in it is executed, and the user decides whether
-    to delete it. A readable checkpoint of another run, format or device type is ignored with a warning (the run starts
-    over and overwrites it)."""
+    to delete it. A readable checkpoint of another run or format is ignored with a warning (the run starts over and
+    overwrites it). One written on another device type (a CUDA run resumed with ``--device cpu``, or back) is resumed,
+    with a warning that it is not bit-for-bit (``moved``)."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -109,18 +110,55 @@ def load(path: Path, config_key: str, device: torch.device) -> dict[str, Any] | 
         why = f"format {state.get('format')!r}, this regbench writes {FORMAT}"
     elif state.get("config_key") != config_key:
         why = f"it belongs to run {str(state.get('config_key'))[:12]}, not {config_key[:12]}"
-    elif state.get("device_type") != device.type:
-        why = f"it was saved on {state.get('device_type')}, this run uses {device.type}"
     if why:
         warnings.warn(f"ignoring checkpoint {path} ({why}); the run starts over", stacklevel=2)
         return None
+    if moved(state, device):
+        warnings.warn(f"resuming checkpoint {path}, saved on {state.get('device_type')}, on {device.type} from epoch "
+                      f"{int(state.get('epoch', 0))}, step {int(state.get('step', 0))}: weights, optimizer, schedule and "
+                      f"batch order continue; the device's random streams restart, so the run is not bit-for-bit an "
+                      f"uninterrupted one", stacklevel=2)
     return state
+
+
+def moved(state: dict[str, Any], device: torch.device) -> bool:
+    """Whether a checkpoint was written on another device type than the one resuming it (CUDA → CPU or back).
+    ``torch.load(map_location=device)`` has already moved its tensors; what cannot move is the state of generators
+    that live on the device (a CUDA Philox state is not a CPU Mersenne-Twister state): those restart from their seed."""
+    return state.get("device_type") != device.type
+
+
+# Optimizer options that pick kernels for a device, not training state: kept from the resuming optimizer (a fused
+# CUDA AdamW's checkpoint resumed on a CPU optimizer built without ``fused``, or back).
+_KERNEL_OPTIONS = ("fused", "foreach", "capturable")
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(saved)``, keeping this optimizer's kernel options (``_KERNEL_OPTIONS``)."""
+    kept = [{k: group[k] for k in _KERNEL_OPTIONS if k in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, options in zip(optimizer.param_groups, kept):
+        for key in _KERNEL_OPTIONS:
+            if key in options:
+                group[key] = options[key]
+            else:
+                group.pop(key, None)
+
+
+def restore_generator(generator: torch.Generator, saved: torch.Tensor, state: dict[str, Any]) -> None:
+    """Restore a generator's state, unless it lives on the device and the checkpoint came from another device type
+    (then it keeps the state it was seeded with; see ``moved``)."""
+    if generator.device.type != "cpu" and moved(state, generator.device):
+        return
+    if generator.device.type == "cpu" and saved.numel() != generator.get_state().numel():
+        return  # a device generator's state saved on another device type: not a CPU generator's state
+    generator.set_state(saved.cpu())  # a generator's state is a CPU byte tensor
 
 
 def resume_point(path: Path) -> tuple[int, int, str] | None:
     """Where a run would resume from the checkpoint at ``path``: (epoch, step, device type), or None when there is
     no usable checkpoint (missing, or not a regbench checkpoint of this format). For grouping runs that resume
-    together (equal points: all restored at one step, or all started over by ``load`` on another device type);
+    together (equal points: all restored at one step, on this device type or moved from another);
     ``load`` is what validates a checkpoint before it is used."""
     path = Path(path)
     if not path.is_file():

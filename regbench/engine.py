@@ -328,13 +328,13 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
         state = _checkpoint.load(checkpoint, config.key(), device)
         if state is not None:
             model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            _checkpoint.load_optimizer(optimizer, state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             for name, gen in generators.items():
-                gen.set_state(state["generators"][name].cpu())  # a generator's state is a CPU byte tensor
+                _checkpoint.restore_generator(gen, state["generators"][name], state)
             method.load_state_dict(state["method"])
             _checkpoint.set_rng_state(state["rng"])
-            if fast.scaler is not None and "scaler" in state:
+            if fast.scaler is not None and state.get("scaler"):  # a CPU or bf16 run saved none
                 fast.scaler.load_state_dict(state["scaler"])
             history, step, start_epoch = list(state["history"]), int(state["step"]), int(state["epoch"])
             partial = state.get("partial_epoch")  # stopped mid-epoch: that epoch's order, position and sums

@@ -152,14 +152,14 @@ class _Seed:
     def restore(self, state: dict, device: torch.device) -> None:
         """Load an ``engine.train`` checkpoint of this seed's run, in the order engine.train loads it."""
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        _checkpoint.load_optimizer(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.batch_order.set_state(state["generators"]["batch_order"].cpu())  # a generator state is a CPU tensor
-        self.augment.set_state(state["generators"]["augment"].cpu())
+        _checkpoint.restore_generator(self.batch_order, state["generators"]["batch_order"], state)
+        _checkpoint.restore_generator(self.augment, state["generators"]["augment"], state)
         self.method.load_state_dict(state["method"])
         with self.own_rng(device):  # the saved global RNG becomes this seed's
             _checkpoint.set_rng_state(state["rng"])
-        if self.fast.scaler is not None and "scaler" in state:
+        if self.fast.scaler is not None and state.get("scaler"):
             self.fast.scaler.load_state_dict(state["scaler"])
         self.history = list(state["history"])
         self.partial = state.get("partial_epoch")

@@ -152,6 +152,38 @@ def test_a_checkpoint_of_another_run_is_ignored(tmp_path, mnist1d):
     assert result.resumed_from_epoch == 0
 
 
+def test_a_checkpoint_from_another_device_type_is_resumed_not_restarted(tmp_path, mnist1d):
+    """A run stopped on CUDA and rerun with --device cpu (or back) goes on from its step (issue 16): its tensors are
+    mapped to this device, the device-side generator restarts from its seed (a CUDA Philox state, 16 bytes, is no CPU
+    state) and the optimizer keeps this device's kernel options (a CUDA run's AdamW is fused). Written here as the
+    CUDA run would have written it; the streams this run uses are on the CPU, so it still ends like an uninterrupted run."""
+    config = cfg(optimizer="adamw", lr=0.003)
+    whole = engine.train(config, mnist1d, registry.build_method("baseline"))
+    path = tmp_path / "run.pt"
+    train_interrupted(config, mnist1d, path, stop_after=2)
+    state = torch.load(path, weights_only=True)
+    state["device_type"] = "cuda"
+    state["generators"]["augment"] = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator's get_state gives
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = True
+    checkpoint.save(path, {k: v for k, v in state.items() if k != "format"})
+    scramble_global_rngs()
+    with pytest.warns(UserWarning, match="saved on cuda, on cpu from epoch 2"):
+        resumed = engine.train(config, mnist1d, registry.build_method("baseline"), checkpoint=path)
+    assert resumed.resumed_from_epoch == 2
+    assert no_timing(resumed.metrics) == no_timing(whole.metrics)
+
+
+def test_load_optimizer_keeps_this_devices_kernel_options():
+    weight = torch.nn.Parameter(torch.ones(3, device="cpu"))
+    cuda_like = torch.optim.AdamW([weight], lr=0.1).state_dict()
+    cuda_like["param_groups"][0].update(fused=True, capturable=True)
+    optimizer = torch.optim.AdamW([weight], lr=0.5)
+    checkpoint.load_optimizer(optimizer, cuda_like)
+    group = optimizer.param_groups[0]
+    assert group["lr"] == 0.1 and not group["fused"] and not group["capturable"]
+
+
 class _Payload:
     """A pickled object whose unpickling would create a folder: proves a refused checkpoint runs nothing."""
 
