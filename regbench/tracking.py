@@ -136,15 +136,19 @@ class Tracker:
 
     def parent(self, method: str, hparams: dict | None = None, start_ms: int | None = None) -> str:
         if method not in self._parents:
-            run = self._find(f"tags.`regbench.parent` = '{method}'")
-            if run is None:
-                run = self.client.create_run(self.experiment_id, run_name=method, start_time=start_ms,
-                                             tags={"regbench.parent": method, "regbench.method": method})
-                self._created.add(method)
-                if hparams:
-                    from mlflow.entities import Param
-                    self.client.log_batch(run.info.run_id,
-                                          params=[Param(_key(f"hparams.{k}"), str(v)) for k, v in hparams.items()])
+            # Find-or-create under the store's lock: workers that start together each found no parent and created
+            # one (two parents of one method, then "UNIQUE constraint failed: params.key"). SQLite stores only; a
+            # server store's parents are not serialized (see _first_use_lock).
+            with _first_use_lock(self.uri):
+                run = self._find(f"tags.`regbench.parent` = '{method}'")
+                if run is None:
+                    run = self.client.create_run(self.experiment_id, run_name=method, start_time=start_ms,
+                                                 tags={"regbench.parent": method, "regbench.method": method})
+                    self._created.add(method)
+                    if hparams:
+                        from mlflow.entities import Param
+                        self.client.log_batch(run.info.run_id, params=[Param(_key(f"hparams.{k}"), str(v))
+                                                                       for k, v in hparams.items()])
             self._parents[method] = run.info.run_id
         return self._parents[method]
 
@@ -247,12 +251,13 @@ class Tracker:
         from mlflow.entities import Metric, Param
 
         run_id = self.parent(method)
-        existing = self.client.get_run(run_id).data.params
-        now = int(time.time() * 1000)
-        self.client.log_batch(run_id, metrics=[Metric(_key(k), float(v), now, 0) for k, v in metrics.items()
-                                               if _number(v)][:1000],
-                              params=[Param(_key(k), str(v)) for k, v in params.items()
-                                      if _key(k) not in existing][:100])
+        with _first_use_lock(self.uri):  # params are write-once: read which exist and add the rest in one step
+            existing = self.client.get_run(run_id).data.params
+            now = int(time.time() * 1000)
+            self.client.log_batch(run_id, metrics=[Metric(_key(k), float(v), now, 0) for k, v in metrics.items()
+                                                   if _number(v)][:1000],
+                                  params=[Param(_key(k), str(v)) for k, v in params.items()
+                                          if _key(k) not in existing][:100])
 
     def log_artifact(self, method: str | None, path: Path, all_parents: bool = False, subdir: str | None = None) -> None:
         """Attach a file (the leaderboard) to a method's parent run, or to every parent when method is None
