@@ -12,6 +12,12 @@ from helpers import TINY
 
 from regbench.cli import main
 
+# pytest-xdist runs one test process per core (pyproject.toml's -n auto). Each would otherwise start torch with a
+# thread per core, and the CLI subprocesses the tests start inherit that: N processes × N threads on N cores. Tiny
+# models gain nothing from intra-op threads, so each test process and its children use one. Set before torch loads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def _test_device() -> str:
     """The device the device-switched tests train on: $REGBENCH_TEST_DEVICE (cpu, cuda, cuda:N), default cpu.
