@@ -837,6 +837,15 @@ def _resumable(counts: dict[str, int]) -> str:
     return f", {n} interrupted (resumable, not failed)" if n else ""
 
 
+def _tuning_trials(storage, bench: Benchmark, method: str) -> tuple[list, int | None]:
+    """A method's tuning trials and, when its search space ran out, how many distinct configurations it holds."""
+    try:
+        tune = optuna.load_study(study_name=bench.tune_study_name(method), storage=storage)
+    except KeyError:
+        return [], None
+    return tune.get_trials(deepcopy=False), tune.user_attrs.get(EXHAUSTED_ATTR)
+
+
 def progress(storage, bench: Benchmark) -> list[str]:
     """One line per method: tuning and final runs done, running, failed, pruned, remaining (for `regbench status`).
     An interrupted trial (Ctrl-C, SIGTERM, a dead worker) is not a failure: its resuming copy is queued or running,
@@ -848,11 +857,7 @@ def progress(storage, bench: Benchmark) -> list[str]:
         if bench.protocol.tunes and not bench.tunes(method):
             parts.append("nothing to tune")
         if bench.tunes(method):
-            try:
-                tune = optuna.load_study(study_name=bench.tune_study_name(method), storage=storage)
-                trials, exhausted = tune.get_trials(deepcopy=False), tune.user_attrs.get(EXHAUSTED_ATTR)
-            except KeyError:
-                trials, exhausted = [], None
+            trials, exhausted = _tuning_trials(storage, bench, method)
             c = _counts(trials)
             n, epochs = tuning_spent(trials, bench.base.epochs)
             p = bench.protocol
@@ -897,11 +902,7 @@ def run_counts(storage, bench: Benchmark) -> tuple[int, int | None]:
     root = optuna.load_study(study_name=bench.name, storage=storage)
     for method in bench.methods:
         if bench.tunes(method):
-            try:
-                tune = optuna.load_study(study_name=bench.tune_study_name(method), storage=storage)
-                trials, exhausted = tune.get_trials(deepcopy=False), tune.user_attrs.get(EXHAUSTED_ATTR)
-            except KeyError:
-                trials, exhausted = [], None
+            trials, exhausted = _tuning_trials(storage, bench, method)
             ended = sum(holds_configuration(t) and t.state not in (TrialState.RUNNING, TrialState.WAITING)
                         for t in trials)
             if planned is not None:
