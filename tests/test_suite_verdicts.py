@@ -49,7 +49,17 @@ def test_p4_judgement_never_raises_and_an_undefined_ratio_is_not_comparable(base
     if not defined.all() or n < 2:
         assert out["word"] == NOT_COMPARABLE and out["why"]
     else:
-        assert np.isfinite(out["geo_mean"]) and out["word"] != NOT_COMPARABLE
+        # the ratio of two finite positive κ is defined even when it overflows a float (1e94 / 1e-215): its log is
+        # finite, the geometric mean is a number (+inf past the float range, never NaN) and the seeds are comparable
+        assert np.isfinite(out["log_geo_mean"]) and not np.isnan(out["geo_mean"]) and out["word"] != NOT_COMPARABLE
+
+
+def test_p4_judgement_of_ratios_past_the_float_range():
+    """Found by hypothesis: base / ses overflowed to inf for base = 1.18e94, ses = 6.55e-215 and the mean log-ratio
+    was inf; in log space it is finite."""
+    out = p4_judgement([1.0, 1.18e94], [1.0, 6.55e-215])
+    assert np.isfinite(out["log_geo_mean"]) and out["log_geo_mean"] == pytest.approx((np.log(1.18e94) - np.log(6.55e-215)) / 2)
+    assert out["word"] != NOT_COMPARABLE
 
 
 @settings(max_examples=100, deadline=None)

@@ -99,16 +99,18 @@ def p4_judgement(median_base, median_ses) -> dict:
     ratio undefined, and then the verdict is "not comparable" rather than a number it cannot carry."""
     base, ses = np.asarray(median_base, dtype=float), np.asarray(median_ses, dtype=float)
     ok = np.isfinite(base) & np.isfinite(ses) & (base > 0) & (ses > 0)
-    out = {"geo_mean": float("nan"), "low": float("nan"), "high": float("nan"), "p": float("nan"),
+    out = {"geo_mean": float("nan"), "log_geo_mean": float("nan"), "low": float("nan"), "high": float("nan"), "p": float("nan"),
            "word": NOT_COMPARABLE, "why": ""}
     if not ok.all() or len(base) < 2:
         bad = [int(i) for i in np.flatnonzero(~ok)]
         out["why"] = (f"seed(s) {bad} have no finite positive median κ (half or more of their test points are "
                       f"singular), so their ratio is undefined" if bad else "fewer than 2 seeds")
         return out
-    logs = np.log(base / ses)
+    logs = np.log(base) - np.log(ses)  # in log space: base / ses itself overflows for extreme κ (1e94 / 1e-215)
     mean, low, high = t_interval(logs)
-    out.update(geo_mean=float(np.exp(mean)), low=float(np.exp(low)), high=float(np.exp(high)))
+    with np.errstate(over="ignore"):  # a geometric mean beyond the float range is +inf, said as such; its log is kept
+        out.update(log_geo_mean=float(mean), geo_mean=float(np.exp(mean)), low=float(np.exp(low)),
+                   high=float(np.exp(high)))
     if np.ptp(logs) == 0:  # every seed gives the same ratio: no spread to test, the point is the interval
         out["p"] = 0.0 if mean != 0 else 1.0
     else:
