@@ -8,7 +8,7 @@ os.environ.setdefault("REGBENCH_CIFAR10_SUBSET",
                       str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_subset" / "cifar10_subset.npz"))
 
 import pytest  # noqa: E402
-from helpers import TINY
+from helpers import TINY, need_postgres_driver
 
 from regbench.cli import main
 
@@ -89,4 +89,6 @@ def postgres_url():
         if os.environ.get("REGBENCH_REQUIRE_SERVICES") == "1":
             pytest.fail("REGBENCH_REQUIRE_SERVICES=1 but REGBENCH_TEST_POSTGRES_URL is not set: PostgreSQL did not start")
         pytest.skip("set REGBENCH_TEST_POSTGRES_URL (.ci/run starts a PostgreSQL for this)")
+    need_postgres_driver()
     return url
+

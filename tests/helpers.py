@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 TINY = ["--epochs", "2", "--seeds", "2", "--quiet"]
 
 
@@ -73,3 +75,15 @@ def running_epochs(db: Path, study: str) -> int:
     except sqlite3.OperationalError:
         return 0
     return count
+
+
+def need_postgres_driver() -> None:
+    """A server without the client driver is a half-installed environment (``pip install -e .[dev]`` alone): skip with
+    the fix, or fail under REGBENCH_REQUIRE_SERVICES=1, instead of failing deep inside SQLAlchemy."""
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is None:
+        why = "PostgreSQL tests need its driver: pip install -e '.[dev,postgres]'"
+        if os.environ.get("REGBENCH_REQUIRE_SERVICES") == "1":
+            pytest.fail(why)
+        pytest.skip(why)

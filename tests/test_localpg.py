@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import regbench_cli
+from helpers import need_postgres_driver, regbench_cli
 
 from regbench.errors import ConfigError
 from regbench.localpg import server_binaries
@@ -28,6 +28,7 @@ def cluster_dir():
         if os.environ.get("REGBENCH_REQUIRE_SERVICES") == "1":
             pytest.fail(str(exc))
         pytest.skip(str(exc))
+    need_postgres_driver()
     # Directly under the temp dir: as root the cluster runs as the postgres user, which cannot enter pytest's
     # private (0700) tmp_path.
     folder = Path(tempfile.mkdtemp(prefix="regbench-pg-")) / "cluster"
