@@ -23,6 +23,7 @@ from regbench.errors import ConfigError, UnknownNameError
 __all__ = [
     "LAYER_RULES",
     "classifier_layer",
+    "SpatialMean",
     "create_model",
     "default_layer_rule",
     "feature_layers",
@@ -61,9 +62,32 @@ def _cnn(num_classes: int, input_shape: tuple[int, ...], channels=(32, 64, 128))
             block["maxpool"] = nn.MaxPool2d(2)
         layers[f"block{i}"] = nn.Sequential(block)
         c_in = c_out
-    layers["pool"] = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    layers["pool"] = nn.Sequential(SpatialMean(), nn.Flatten())  # = AdaptiveAvgPool2d(1), vmap-friendly
     layers["head"] = nn.Linear(c_in, num_classes)
     return nn.Sequential(layers)
+
+
+class SpatialMean(nn.Module):
+    """Global average pooling as ``x.mean((-2, -1), keepdim=True)``: [B, C, H, W] -> [B, C, 1, 1].
+
+    ``F.adaptive_avg_pool2d(x, 1)`` is a composite op that computes exactly this mean (same reduction, same bits, same
+    autograd graph, on every device but XPU) and then, for channels-last inputs, restrides the [B, C, 1, 1] result in
+    place with ``as_strided_``. torch.func.vmap has no batching rule for ``as_strided_`` and falls back to a per-sample
+    loop, which made ``--parallel-seeds`` on resnet18 (channels-last on CUDA) 0.35x one run (issue 19). The mean has a
+    batching rule; the restride only changes the strides of a [B, C, 1, 1] tensor, which the flatten after it drops."""
+
+    def forward(self, x):
+        return x.mean((-2, -1), keepdim=True)
+
+
+def _use_spatial_mean(model: nn.Module) -> None:
+    """Swap every ``AdaptiveAvgPool2d`` with output size 1 (timm's global pools included) for ``SpatialMean``: the
+    same numbers, without vmap's per-sample fallback (see SpatialMean). Parameter-free, so state dicts are unchanged."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            size = getattr(child, "output_size", None)
+            if isinstance(child, nn.AdaptiveAvgPool2d) and size in (1, (1, 1), [1, 1]):
+                setattr(parent, name, SpatialMean())
 
 
 class _AddChannelDim(nn.Module):
@@ -166,6 +190,7 @@ def create_model(name: str, num_classes: int, input_shape: tuple[int, ...], cifa
         cifar_stem = has_stem and max(input_shape[1:]) <= 32
     if cifar_stem:
         _apply_cifar_stem(model)
+    _use_spatial_mean(model)
     model.regbench_family = "resnet" if _is_resnet_like(model) else "timm"
     return model
 

@@ -137,3 +137,51 @@ print("timm" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
     assert out.stdout.split() == ["False", "True"], out.stderr
+
+
+def _with_adaptive_pool(model):
+    """A copy of ``model`` with every SpatialMean put back to the AdaptiveAvgPool2d(1) that create_model replaced."""
+    import copy
+
+    from regbench.models import SpatialMean
+
+    original = copy.deepcopy(model)
+    for parent in list(original.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SpatialMean):
+                setattr(parent, name, nn.AdaptiveAvgPool2d(1))
+    return original
+
+
+@pytest.mark.parametrize("name, kwargs", [("resnet18", {"channels": [8, 16, 32, 64]}), ("cnn", {})])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_spatial_mean_pool_is_bit_for_bit_the_adaptive_pool(name, kwargs, channels_last, bf16):
+    """create_model's global pool (a spatial mean, so vmap needs no per-sample fallback) gives the same bits as the
+    AdaptiveAvgPool2d(1) it replaced: outputs in train and eval mode, BatchNorm running stats, every gradient; in
+    float32 and under bf16 autocast, contiguous and channels-last (the layout of CUDA runs)."""
+    from regbench.models import SpatialMean
+
+    torch.manual_seed(0)
+    model = create_model(name, 10, (3, 32, 32), **kwargs)
+    assert any(isinstance(m, SpatialMean) for m in model.modules())
+    assert not any(isinstance(m, nn.AdaptiveAvgPool2d) for m in model.modules())
+    original = _with_adaptive_pool(model)
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    if channels_last:
+        model, original = (m.to(memory_format=torch.channels_last) for m in (model, original))
+        x = x.contiguous(memory_format=torch.channels_last)
+    for mode in ("train", "eval"):
+        outs = []
+        for m in (model, original):
+            getattr(m, mode)()
+            m.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = m(x)
+            out.float().square().sum().backward()
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1]), mode
+        for (n, a), (_, b) in zip(model.state_dict().items(), original.state_dict().items()):
+            assert torch.equal(a, b), n  # running stats updated alike in train mode
+        for (n, a), (_, b) in zip(model.named_parameters(), original.named_parameters()):
+            assert torch.equal(a.grad, b.grad), n
