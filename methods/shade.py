@@ -34,6 +34,13 @@ when |y| ≫ its spread. The derivative is closed-form,
 
 checked against autograd and ``torch.autograd.gradcheck`` in the tests. The forward leaves q = 1[y>0](1 − e(1 + c −
 y)) − 1 so that the backward is a single fused x − d·q.
+
+On CUDA (``kernel_for``) the same sums come from ``shade_triton``: one Triton read of each activation forward (four
+per-channel partial sums, no activation-sized workspace) and one read + one write backward (e recomputed), about a
+sixth of the memory traffic of the ~12 elementwise passes above; equal to this reference to 1e-6 (float32) and
+1e-12 (float64), values, gradients and Algorithm 1's averages (tests/test_shade_triton.py, Triton's interpreter).
+This reference stays the CPU path: Triton has no CPU compiler, and on the CPU the elementwise passes are a few
+percent of a step (benchmarks/method_overhead.py).
 """
 from __future__ import annotations
 
@@ -107,9 +114,10 @@ class _Plan:
     work only. On the CPU the activation-sized workspaces persist between steps too: a fresh tensor each step costs
     page faults there (measured); elsewhere the caching allocator makes that moot."""
 
-    def __init__(self, averages: ShadeAverages, weight: float, reduction: str, detach_posterior: bool):
+    def __init__(self, averages: ShadeAverages, weight: float, reduction: str, detach_posterior: bool,
+                 fused: bool = False):
         self.averages, self.weight, self.reduction = averages, float(weight), reduction
-        self.detach_posterior = detach_posterior
+        self.detach_posterior, self.fused = detach_posterior, fused  # fused: shade_triton's buffers, no workspaces
         self.omega: Tensor | None = None  # Ω (without the weight) of the last forward
         self.sums: Tensor | None = None   # [3, U]: Σe, Σx, Σe·x per unit of the last forward (x = y − μ1)
         self._signature = None
@@ -132,8 +140,12 @@ class _Plan:
         new = lambda *shape: torch.zeros(shape, device=device, dtype=calc)
         self.mu0, self.mu1, self.d, self.h = (new(total) for _ in range(4))
         self.sums, self.sum_sq = new(3, total), new(len(ys))
+        if self.fused:  # [R, 4, U] partial sums of the forward kernel and their totals Σe, Σx, Σe·x, Σx² per unit
+            from .shade_triton import chunks  # noqa: PLC0415 (CUDA path only)
+            self.partials, self.sums4 = new(chunks(ys), 4, total), new(4, total)
+            self.sums = self.sums4[:3]
         self.counts, self.unit_scale, self.layer_scale = new(total), new(total), new(len(ys))
-        persistent = device.type == "cpu"
+        persistent = device.type == "cpu" and not self.fused
         self.layers = []
         for i, y in enumerate(ys):
             lo, hi = offsets[i], offsets[i + 1]
@@ -157,6 +169,8 @@ class _Plan:
         """Ω = Σ_layers (w/K) Σx² + Σ_units (w/K)(2d Σe·x + d² Σe)   (w = 1, or 1/units for reduction="mean")."""
         s_e, _, s_ex = self.sums.unbind(0)
         per_unit = torch.addcmul(s_ex.mul(2.0), self.d, s_e).mul_(self.d)
+        if self.fused:  # Σx² per unit; w is the same for every unit of a layer, so Σ_units w Σx² = the layer term
+            return torch.dot(per_unit.add_(self.sums4[3]), self.unit_scale)
         return torch.dot(per_unit, self.unit_scale) + torch.dot(self.layer_scale, self.sum_sq.square())
 
     def batch_means(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -220,6 +234,16 @@ class ShadePenalty(torch.autograd.Function):
         return tuple(grads)
 
 
+def kernel_for(device) -> str:
+    """The penalty's implementation on ``device``: the fused Triton kernels (``shade_triton``: one read of each
+    activation forward, one read + one write backward) on CUDA when Triton imports, else ``ShadePenalty``, the
+    reference, which is also the CPU path (on the CPU Triton has no compiler backend; its interpreter is for tests)."""
+    if torch.device(device).type != "cuda":
+        return "torch"
+    from .shade_triton import available  # noqa: PLC0415
+    return "triton" if available() else "torch"
+
+
 # ---- the method ----------------------------------------------------------------------------------------------------
 class SHADE(Method):
     name = "shade"
@@ -250,6 +274,7 @@ class SHADE(Method):
         self._pending_update = False
         self._last_penalty = 0.0
         self._omega = None
+        self.kernel: str | None = None  # "triton" | "torch"; None: chosen per device at the first loss
         loaded, self._loaded = getattr(self, "_loaded", None), None
         if loaded is not None:
             self.load_state_dict(loaded)
@@ -264,9 +289,12 @@ class SHADE(Method):
                              f"{self.averages.units} (state from another model?)")
         if self.averages.p0.device != ys[0].device:
             self.averages.to(ys[0].device)
+            self._plan = None
         if self._plan is None:
             hp = self.hparams
-            self._plan = _Plan(self.averages, hp["weight"], hp["reduction"], hp["detach_posterior"])
+            kernel = self.kernel or kernel_for(ys[0].device)
+            self._plan = _Plan(self.averages, hp["weight"], hp["reduction"], hp["detach_posterior"],
+                               fused=kernel == "triton")
         return self._plan
 
     def loss(self, step: StepContext):
@@ -274,7 +302,11 @@ class SHADE(Method):
             return None
         ys = [step.activations[key] for key in self.keys]
         plan = self._ensure_averages(ys)
-        total = ShadePenalty.apply(plan, *ys)
+        if plan.fused:
+            from .shade_triton import TritonShadePenalty  # noqa: PLC0415 (CUDA path)
+            total = TritonShadePenalty.apply(plan, *ys)
+        else:
+            total = ShadePenalty.apply(plan, *ys)
         self._omega = plan.omega
         # Algorithm 1 runs on training batches only: no update when the model is in eval mode.
         self._pending_update = self._model is None or self._model.training
@@ -288,7 +320,10 @@ class SHADE(Method):
             self._last_penalty = self._omega  # a tensor: read back once per epoch, no per-step host sync
 
     def diagnostics(self):
-        return {"shade_omega": float(self._last_penalty)}
+        out = {"shade_omega": float(self._last_penalty)}
+        if self._plan is not None and self._plan.fused:  # which kernel ran, recorded when it is not the reference
+            out["shade_triton"] = 1.0
+        return out
 
     def detach(self, model):
         self._model = None
