@@ -153,7 +153,9 @@ def _with_adaptive_pool(model):
     return original
 
 
-@pytest.mark.parametrize("name, kwargs", [("resnet18", {"channels": [8, 16, 32, 64]}), ("cnn", {})])
+# mobilenetv3: its pooled [B, C, 1, 1] map goes into a 1x1 conv (no flatten first), so the strides matter there
+@pytest.mark.parametrize("name, kwargs", [("resnet18", {"channels": [8, 16, 32, 64]}), ("cnn", {}),
+                                          ("mobilenetv3_small_050", {})])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("bf16", [False, True])
 def test_spatial_mean_pool_is_bit_for_bit_the_adaptive_pool(name, kwargs, channels_last, bf16):
