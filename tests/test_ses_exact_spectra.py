@@ -111,3 +111,29 @@ def test_cuda_backend_is_the_batched_solver_when_cupy_is_installed():
     pytest.importorskip("cupy")
     assert eigh_backend("cuda") == "cupy"
     assert eigh_backend("cpu") == "torch"
+
+
+@pytest.mark.parametrize("side", ["cov", "gram"])
+def test_exact_zero_rows_of_batched_grams_match_float64_eigh(side):
+    """Exactly zero rows of a Gram (dead units on the d×d side, samples equal to the batch mean on the B×B side),
+    with different counts in one batched eigensolve: each layer still matches float64, value and gradient."""
+    g = torch.Generator().manual_seed(7)
+    n, d = (200, 40) if side == "cov" else (30, 64)
+    layers = []
+    for dead in (2, 5, 17):
+        if side == "cov":
+            x = torch.relu(torch.randn(n, d, generator=g, dtype=torch.float64) + 0.3)
+            x[:, torch.randperm(d, generator=g)[:dead]] = 0.0  # never fires
+        else:  # small integers, rows in ± pairs around c: the float32 mean is exactly c, so rows equal to c are
+            c = torch.randint(0, 5, (d,), generator=g).double()  # exact zero rows of the centred B×B Gram
+            v = torch.randint(-4, 5, ((n - dead) // 2, d), generator=g).double()
+            x = torch.cat([c.expand(dead + (n - dead) % 2, d), c + v, c - v])
+        layers.append(x)
+    xs = [x.float().requires_grad_(True) for x in layers]
+    h, valid = entropies(xs, "exact")
+    h.sum().backward()
+    assert valid.all()
+    for x64, hi, x in zip(layers, h, xs):
+        h_ref, g_ref = _reference(x64)
+        assert abs(hi.item() - h_ref) <= 1e-5
+        assert torch.linalg.vector_norm(x.grad.double() - g_ref) <= 1e-3 * torch.linalg.vector_norm(g_ref)
