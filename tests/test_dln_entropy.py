@@ -11,7 +11,8 @@ import torch
 
 from regbench import engine, models, registry
 from regbench.errors import HparamError, RegbenchError
-from regbench.methods.dln_entropy import DLNEntropy, dln_entropy, matrix_entropy, singular_values
+from regbench.methods.dln_entropy import (DLNEntropy, dln_entropy, left_vectors, matrix_entropy, short_side,
+                                          singular_values, vector_route)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -113,6 +114,33 @@ def test_singular_values_keep_full_float64_accuracy_when_ill_conditioned(shape):
     got = singular_values((u * sigma) @ v.T).sort(descending=True).values
     assert (got - sigma).abs().max() < 1e-14
     assert ((got - sigma).abs() / sigma)[sigma >= 1e-9].max() < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(40, 200), (3, 64, 576), (2, 32, 32), (30, 12)])
+def test_gram_route_vectors_give_the_svd_values_and_gradient_down_to_1e_6(shape):
+    """The CUDA route (eigenvectors of a·aᵀ, sync-free there) run on the CPU: σ from 1 down to 1e-6·σ_max, as the
+    QR + SVD route within 1e-9 relative, gradients within 1e-4 of their largest entry (a vector of a close pair of
+    small σ² is resolved to eps·σ_max²/gap only, and the gradient U diag(g) Vᵀ sees it); below, the documented limit."""
+    torch.manual_seed(3)
+    *batch, rows, cols = shape
+    k = min(rows, cols)
+    u, _ = torch.linalg.qr(torch.randn(*batch, rows, k, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(*batch, cols, k, dtype=torch.float64))
+    sigma = torch.logspace(0, -6, k, dtype=torch.float64)
+    m = ((u * sigma) @ v.mT).requires_grad_()
+    a = short_side(m)
+    got, ref = singular_values(a, left_vectors(a, "gram")), singular_values(a, left_vectors(a, "svd"))
+    assert (((got - ref) / ref).abs() < 1e-9).all()
+    assert torch.all(got[..., :-1] >= got[..., 1:])  # descending, as the SVD route
+    weights = torch.randn_like(got)
+    g_got, = torch.autograd.grad((weights * got).sum(), m)
+    g_ref, = torch.autograd.grad((weights * ref).sum(), m)
+    assert (g_got - g_ref).abs().max() < 1e-4 * g_ref.abs().max()
+    assert dln_entropy(got, 3).sub(dln_entropy(ref, 3)).abs().max() < 1e-9
+
+
+def test_vector_route_is_sync_free_gram_on_cuda_and_full_accuracy_svd_elsewhere():
+    assert vector_route("cuda") == "gram" and vector_route("cpu") == "svd"
 
 
 @pytest.mark.parametrize("d,N,s", [(3, 10, 0.7), (2, 2, 1.3), (5, 4, 0.25), (4, 5, 2.0)])
@@ -357,8 +385,8 @@ def test_every_k_computes_the_penalty_on_due_steps_only():
 def test_svd_every_reuses_the_vectors_and_is_exact_on_refresh_steps():
     """svd_every=3: an SVD on penalties 0 and 3 only; in between σ_i = ‖Wᵀu_i‖ from the stored vectors (the exact
     value when the weight has not moved, a close one after SGD steps); the schedule survives a state_dict trip."""
-    method, model, capture = attach({"svd_every": 3})
-    exact, _m, _c = attach({})
+    method, model, capture = attach({"svd_every": 3, "every": 1})
+    exact, _m, _c = attach({"every": 1})
     svds = []
     real_left = __import__("regbench.methods.dln_entropy", fromlist=["left_vectors"]).left_vectors
 
@@ -385,7 +413,7 @@ def test_svd_every_reuses_the_vectors_and_is_exact_on_refresh_steps():
         assert stale[name].item() == pytest.approx(value.item(), rel=1e-2) and stale[name].item() != value.item()
         assert again_fresh[name].item() == pytest.approx(value.item(), rel=1e-9)
     state = method.state_dict()
-    again, _m2, _c2 = attach({"svd_every": 3})
+    again, _m2, _c2 = attach({"svd_every": 3, "every": 1})
     again.load_state_dict(state)
     assert again._computed == 4 and all(torch.equal(again._vectors[g], method._vectors[g]) for g in method._vectors)
 
