@@ -1,8 +1,8 @@
-"""Total training throughput of K seeds trained at once (regbench/parallel.py) vs K × one seed trained alone
+"""Total training throughput of K seeds trained at once (``engine.train_group``) vs K × one seed trained alone
 (issue 9, item 4c), per backend, for the 1-D CNN (cnn1d on mnist1d), the small CNN (cnn on 32×32×3 images) and
 resnet18 (CIFAR stem), measured in one run.
 
-Every number is a real training run: ``engine.train`` for one seed alone, ``parallel.train_seeds`` for K seeds
+Every number is a real training run: ``engine.train`` for one seed alone, ``engine.train_group`` for K seeds
 (baseline method: both backends can run it). Throughput = training images / training wall time, from the runs'
 per-epoch ``seconds`` (the training loop only, evaluation excluded), the first epoch left out as warm-up (cuDNN
 autotuning, allocator growth). ``ratio`` = images/s of the K parallel seeds ÷ images/s of one seed alone: what K
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from regbench.datasets.base import Splits
 
-from regbench import engine, parallel, registry
+from regbench import engine, registry
 from regbench.config import RunConfig
 
 CIFAR_SUBSET = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10_subset" / "cifar10_subset.npz"
@@ -118,8 +118,8 @@ def main(argv=None) -> int:
             for k in ks:
                 configs = [base.replace(seed=s) for s in range(k)]
                 sync(device)
-                results = parallel.train_seeds(configs, splits, lambda c: registry.build_method("baseline"),
-                                               backend=backend)
+                results = engine.train_group(configs, splits, lambda c: registry.build_method("baseline"),
+                                             backend=backend)
                 wall = train_seconds(results[0].history, skip) * k  # a seed's seconds are its share (wall / K)
                 ips = k * images / wall
                 print(f"{setup:9} {backend:8} {k:>2} {ips:>10.0f} {ips / ips_alone:>19.2f}", flush=True)

@@ -8,6 +8,7 @@ an ``on_epoch`` callback.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import time
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from regbench import checkpoint as _checkpoint
-from regbench import models
+from regbench import models, stacked
 from regbench.config import RunConfig
 from regbench.device_data import DeviceData
 from regbench.errors import ConfigError
@@ -232,6 +233,22 @@ def check_compile(device: str) -> None:
                           f"({type(exc).__name__}); install one or drop --compile") from None
 
 
+@contextlib.contextmanager
+def cudnn_autotune(device: torch.device):
+    """cuDNN's autotuner on while a group trains on CUDA (issue 19): every training batch has one shape (drop_last,
+    one model), so the fastest convolution algorithms are measured once and reused for every step. The flag is
+    process-wide, so it is restored afterwards; on the CPU nothing is touched."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def make_scheduler(config: RunConfig, optimizer, total_steps: int):
     """Stepped once per optimizer step, so every schedule sees the same clock."""
     if config.schedule == "onecycle":
@@ -281,153 +298,417 @@ def train(config: RunConfig, splits, method: Method, on_epoch: Callable[[int, di
           checkpoint_seconds: float = 60.0, keep_checkpoint: bool = False) -> RunResult:
     """Train ``config`` on ``splits`` with ``method`` attached; returns final metrics and per-epoch history.
 
-    With ``checkpoint`` (a file path, see regbench/checkpoint.py) the run resumes from that file when it holds this
-    run's state, and saves it at the end of every ``checkpoint_every``-th epoch once ``checkpoint_seconds`` have
-    passed since the last save (0 = every such epoch), so short runs never pay for it. The file is removed when the
-    run finishes or diverges (a rerun would diverge again), unless ``keep_checkpoint``; an exception from
-    ``on_epoch`` or an interrupt leaves it for the retry."""
+    The group of one (``train_group``): the same loop as K seeds trained together. With ``checkpoint`` (a file path,
+    see regbench/checkpoint.py) the run resumes from that file when it holds this run's state, and saves it at the
+    end of every ``checkpoint_every``-th epoch once ``checkpoint_seconds`` have passed since the last save (0 = every
+    such epoch), so short runs never pay for it. The file is removed when the run finishes or diverges (a rerun would
+    diverge again), unless ``keep_checkpoint``; an exception from ``on_epoch`` or an interrupt leaves it for the
+    retry. A NaN/inf loss raises ``Diverged``."""
+    [result] = train_group([config], splits, lambda _config: method,
+                           on_epoch=None if on_epoch is None else lambda _k, epoch, row: on_epoch(epoch, row),
+                           progress=progress, checkpoints=None if checkpoint is None else [checkpoint],
+                           checkpoint_every=checkpoint_every, checkpoint_seconds=checkpoint_seconds,
+                           keep_checkpoint=keep_checkpoint)
+    if isinstance(result, Diverged):
+        raise result
+    return result
+
+
+BACKENDS = ("auto", "vmap", "streams")
+
+
+def train_group(configs, splits, method_factory: Callable[[RunConfig], Method], backend: str = "auto",
+                on_epoch: Callable[[int, int, dict], None] | None = None, progress: bool = False,
+                checkpoints=None, checkpoint_every: int = 1, checkpoint_seconds: float = 60.0,
+                keep_checkpoint: bool = False) -> list[RunResult | Diverged]:
+    """Train K ≥ 1 runs of one configuration (``configs`` differ only in their seed) together, in ONE loop; one
+    result per config, in order (``--parallel-seeds K``, issue 9 item 3; issue 19: a single run is K = 1).
+
+    Each run is built exactly as it would be alone (``_Run``) and keeps its own batch order, augmentation draws,
+    global RNG streams (swapped in around its steps when K > 1), method instance (``method_factory(config)``) and
+    checkpoint file (``checkpoints``, one path per config, in the format of a run alone, so either resumes the
+    other's). Backends: ``streams`` steps the K runs one after the other at each step (each on its own CUDA stream
+    on a GPU, plain interleaving on the CPU) and is bit-for-bit each run alone on the CPU; ``vmap`` stacks their
+    weights into one functional model (regbench/stacked.py: faster for small nets, equal up to float reassociation,
+    only for methods without hooks); ``auto`` takes vmap for K > 1 eligible runs on CUDA, else streams.
+
+    A run whose loss becomes NaN/inf gets a ``Diverged`` in its slot (its ``history`` attribute holds the epochs
+    before) and the others go on. ``on_epoch(index, epoch, row)`` is called per run and epoch, after that epoch's
+    checkpoints are saved; the restored epochs of a resumed group are reported again first (a retried trial is a new
+    Optuna trial: its pruner and budget must see the whole curve). A group resumes only when every run's checkpoint
+    is of one point (epoch, step), or none has one. A Ctrl-C/SIGTERM (``request_stop``) stops the group after its
+    current step and saves every live run mid-epoch. A run's ``seconds`` (per epoch and per run) is its share of the
+    group's wall time (wall / K)."""
+    configs = list(configs)
+    _check_group(configs, backend, checkpoints)
+    config = configs[0]
     device = resolve_device(config.device)
     if config.compile:
         check_compile(config.device)
     fast = fast_step(device, splits.input_shape)
-    generator = seed_everything(config.seed)
-    model = models.create_model(config.model, splits.num_classes, splits.input_shape,
-                                **{**config.model_kwargs, **method.model_options()})
-    model.to(device)
-    if fast.channels_last:
-        model.to(memory_format=torch.channels_last)
-    capture = ActivationCapture(model)
-    method.attach(model, ModelContext(model, capture, splits.num_classes, splits.input_shape))
-    train_keys = set(capture.keys())
-    diag_layers = models.select_layers(model, models.default_layer_rule(model))
-    diag_keys = capture.request(diag_layers, where="output")
-    capture.wanted = train_keys
-    optimizer = build_optimizer(config, model, method.optimizer_options())
-    # The compiled forward shares the module's parameters and hooks; state_dict, eval and detach use the module.
-    forward = torch.compile(model) if config.compile else model
-
-    # The train split lives on the device (uint8 pixels where the dataset has them); batches are gathered,
-    # normalized and augmented there (regbench/device_data.py), equal to the float split's rows for one seed.
+    # The train split lives on the device (uint8 pixels where the dataset has them), once for every run; batches
+    # are gathered, normalized and augmented there (regbench/device_data.py), equal to the float split's rows.
     data = DeviceData(splits, device, channels_last=fast.channels_last)
-    n = data.n
-    batch = min(config.batch_size, n)
-    steps_per_epoch = n // batch  # drop_last: a short last batch skews batch statistics (SES pitfall P6)
-    scheduler = make_scheduler(config, optimizer, steps_per_epoch * config.epochs)
-    erank_x = splits.x_val[:ERANK_BATCH]
+    batch = min(config.batch_size, data.n)
+    steps_per_epoch = data.n // batch  # drop_last: a short last batch skews batch statistics (SES pitfall P6)
+    runs: list[_Run] = []
+    try:
+        for c in configs:
+            runs.append(_Run(c, splits, method_factory(c), device, steps_per_epoch * c.epochs, swap_rng=len(configs) > 1))
+        started = time.perf_counter()
+        start_epoch, start_step = _resume(runs, checkpoints, device)
+        stepper = _stepper(runs, backend, device, resumed=start_step > 0)
+        saver = _GroupCheckpoints(runs, checkpoints, checkpoint_every, checkpoint_seconds, keep_checkpoint, device)
+        loop = _Loop(runs, splits, data, batch, steps_per_epoch, stepper, saver, on_epoch, device)
+        with stoppable(), cudnn_autotune(device):
+            loop.run(start_epoch, start_step, progress)
+        seconds = (time.perf_counter() - started) / len(runs)
+        saver.finish()
+    finally:
+        for r in runs:
+            r.method.detach(r.model)
+            r.capture.remove()
+    return [r.failed if r.failed is not None else r.result(seconds, start_epoch, start_step) for r in runs]
 
-    # Augmentation draws from its own generator, on the batches' device, seeded from the run seed: two runs with one
-    # seed see identical batches, and the batch-order stream is the same with or without augmentation. SeedSequence
-    # derives a seed distinct from the batch-order generator's (one integer on two generators = correlated draws).
-    augment_seed = int(np.random.SeedSequence([config.seed, 0xA5]).generate_state(1)[0])
-    augment_generator = torch.Generator(device=device).manual_seed(augment_seed)
 
-    history: list[dict[str, float]] = []
-    started, step, start_epoch, partial, resumed_step = time.perf_counter(), 0, 0, None, 0
-    generators = {"batch_order": generator, "augment": augment_generator}
-    if checkpoint is not None:
-        state = _checkpoint.load(checkpoint, config.key(), device)
-        if state is not None:
-            model.load_state_dict(state["model"])
-            _checkpoint.load_optimizer(optimizer, state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            for name, gen in generators.items():
-                _checkpoint.restore_generator(gen, state["generators"][name], state)
-            method.load_state_dict(state["method"])
-            _checkpoint.set_rng_state(state["rng"])
-            if fast.scaler is not None and state.get("scaler"):  # a CPU or bf16 run saved none
-                fast.scaler.load_state_dict(state["scaler"])
-            history, step, start_epoch = list(state["history"]), int(state["step"]), int(state["epoch"])
-            partial = state.get("partial_epoch")  # stopped mid-epoch: that epoch's order, position and sums
-            resumed_step = step
-    last_save = time.perf_counter()
+def _check_group(configs: list[RunConfig], backend: str, checkpoints) -> None:
+    """One-line ConfigErrors for a group that cannot be trained together."""
+    import dataclasses
 
-    def save_checkpoint(epoch_done: int, partial_epoch: dict | None = None) -> None:
-        _checkpoint.save(checkpoint, {
-            **({"partial_epoch": partial_epoch} if partial_epoch is not None else {}),
-            **({"scaler": fast.scaler.state_dict()} if fast.scaler is not None else {}),
-            "config_key": config.key(), "device_type": device.type, "epoch": epoch_done, "step": step,
-            "history": history, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "method": method.state_dict(), "rng": _checkpoint.rng_state(),
-            "generators": {name: gen.get_state() for name, gen in generators.items()}})
+    if not configs:
+        raise ConfigError("train_group needs at least one config")
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown parallel backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    ref = dataclasses.replace(configs[0], seed=0)
+    if any(dataclasses.replace(c, seed=0) != ref for c in configs[1:]):
+        raise ConfigError("parallel seeds must share one configuration and differ only in their seed")
+    if len({c.seed for c in configs}) != len(configs):
+        raise ConfigError(f"parallel seeds must be distinct, got {[c.seed for c in configs]}")
+    if checkpoints is not None and len(checkpoints) != len(configs):
+        raise ConfigError(f"train_group got {len(checkpoints)} checkpoint paths for {len(configs)} configs")
 
-    epochs = range(start_epoch, config.epochs)
-    if progress:
-        from tqdm.auto import tqdm
-        epochs = tqdm(epochs, desc=f"{config.method} seed {config.seed}", leave=False, unit="ep",
-                      initial=start_epoch, total=config.epochs)
-    with stoppable():
+
+def _rng_get(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def _rng_set(state: tuple, device: torch.device) -> None:
+    py, npy, cpu, cuda = state
+    random.setstate(py)
+    np.random.set_state(npy)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+
+
+class _Run:
+    """Everything one seed's run holds, built in the order a run alone has always been built (seed, model, attach,
+    capture, optimizer, scheduler, augmentation generator), so that its weights and draws are the run's own."""
+
+    def __init__(self, config: RunConfig, splits, method: Method, device: torch.device, total_steps: int,
+                 swap_rng: bool):
+        self.config, self.method, self.device = config, method, device
+        self.fast = fast_step(device, splits.input_shape)  # its own GradScaler where fp16 needs one
+        self.batch_order = seed_everything(config.seed)
+        self.model = models.create_model(config.model, splits.num_classes, splits.input_shape,
+                                         **{**config.model_kwargs, **method.model_options()})
+        self.model.to(device)
+        if self.fast.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.capture = ActivationCapture(self.model)
+        method.attach(self.model, ModelContext(self.model, self.capture, splits.num_classes, splits.input_shape))
+        self.train_keys = set(self.capture.keys())
+        # Whether vmap can stack this run, judged on what the method attached (before the diagnostic hooks below)
+        self.vmap_blocker = stacked.vmap_blocker(config, method, self.model, self.train_keys, self.fast.scaler)
+        self.diag_layers = models.select_layers(self.model, models.default_layer_rule(self.model))
+        self.diag_keys = self.capture.request(self.diag_layers, where="output")
+        self.capture.wanted = self.train_keys
+        self.optimizer = build_optimizer(config, self.model, method.optimizer_options())
+        # The compiled forward shares the module's parameters and hooks; state_dict, eval and detach use the module.
+        self.forward = torch.compile(self.model) if config.compile else self.model
+        self.scheduler = make_scheduler(config, self.optimizer, total_steps)
+        # Augmentation draws from its own generator, on the batches' device, seeded from the run seed: two runs with
+        # one seed see identical batches, and the batch-order stream is the same with or without augmentation.
+        # SeedSequence derives a seed distinct from the batch-order generator's (one integer on two generators =
+        # correlated draws).
+        augment_seed = int(np.random.SeedSequence([config.seed, 0xA5]).generate_state(1)[0])
+        self.augment = torch.Generator(device=device).manual_seed(augment_seed)
+        # A run of a group owns the global RNG streams only around its own work (dropout masks, SES's probes): its
+        # state after setup is kept here and swapped in. A run alone owns them: no swap, no cost.
+        self.rng = _rng_get(device) if swap_rng else None
+        self.history: list[dict[str, float]] = []
+        self.partial: dict | None = None  # the stopped epoch's order, next batch and sums (a mid-epoch checkpoint)
+        self.failed: Diverged | None = None
+        self.perm = self.sum_task = self.sum_reg = None
+        self.shift_metrics: dict[str, float] = {}
+
+    @property
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"batch_order": self.batch_order, "augment": self.augment}
+
+    @contextlib.contextmanager
+    def own_rng(self):
+        """This run's global RNG streams in place while the block runs (a no-op for a run alone)."""
+        if self.rng is None:
+            yield
+            return
+        _rng_set(self.rng, self.device)
         try:
-            # The restored epochs are reported again: a retried trial is a new Optuna trial with no intermediate values,
-            # and its pruner (and the epoch budget the caller counts) must see the whole curve, not just its tail.
-            for row in history:
-                if on_epoch is not None:
-                    on_epoch(int(row["epoch"]), row)
-            for epoch in epochs:
-                model.train()
-                t0 = time.perf_counter()
-                sum_task = torch.zeros((), device=device)
-                sum_reg = torch.zeros((), device=device)
-                first = 0
-                if partial is not None:  # resume the epoch a stop interrupted: same order, next batch, same sums
-                    perm, first = partial["perm"].to(device), int(partial["batch"])
-                    sum_task, sum_reg = partial["sum_task"].to(device), partial["sum_reg"].to(device)
-                    partial = None
-                else:
-                    perm = torch.randperm(n, generator=generator, device="cpu").to(device)  # CPU generator: order = seed's
-                for b in range(first, steps_per_epoch):
-                    # augmented with the split's train_augment: training batches only, never val/test/erank/shift
-                    xb, yb = data.batch(perm[b * batch:(b + 1) * batch], augment_generator)
-                    task, reg = train_step(forward, method, capture, optimizer, xb, yb, step=step, epoch=epoch,
-                                           autocast=fast.autocast, dtype=fast.dtype, scaler=fast.scaler)
-                    scheduler.step()
-                    sum_task += task
-                    sum_reg += reg
-                    step += 1
-                    if stop_requested():  # Ctrl-C/SIGTERM: this step is done; save it and stop
-                        if checkpoint is not None:
-                            save_checkpoint(epoch, {"perm": perm.cpu(), "batch": b + 1, "sum_task": sum_task.cpu(),
-                                                    "sum_reg": sum_reg.cpu()})
-                        raise take_stop()()
-                train_seconds = time.perf_counter() - t0
-                task_mean = float(sum_task) / max(steps_per_epoch, 1)  # one host sync per epoch
-                reg_mean = float(sum_reg) / max(steps_per_epoch, 1)
-                if not (math.isfinite(task_mean) and math.isfinite(reg_mean)):
-                    raise Diverged(f"non-finite loss in epoch {epoch + 1} (task {task_mean}, regularizer {reg_mean})")
-                row = evaluate_epoch(model, splits, config, capture, diag_keys, erank_x)
-                row.update(epoch=epoch + 1, train_loss=task_mean, reg_loss=reg_mean, seconds=train_seconds,
-                           lr=float(optimizer.param_groups[0]["lr"]))
-                row.update(method.diagnostics())
-                history.append(row)
-                # Saved before on_epoch: a prune or an interrupt there must not lose the epoch just trained.
-                last = epoch + 1 == config.epochs
-                due = time.perf_counter() - last_save >= checkpoint_seconds
-                if checkpoint is not None and (epoch + 1) % max(checkpoint_every, 1) == 0 and (
-                        (keep_checkpoint and last) or (not last and due)):
-                    save_checkpoint(epoch + 1)
-                    last_save = time.perf_counter()
-                if progress:
-                    epochs.set_postfix(val=f"{row['val_acc']:.3f}", loss=f"{task_mean:.3f}")
-                if on_epoch is not None:
-                    on_epoch(epoch + 1, row)
-            # A shift set is built from the test split: a tuning run (eval_test off) must not read it either.
-            shifted = getattr(splits, "shift", None) is not None and config.eval_test
-            shift_metrics = evaluate_shift(model, splits.shift) if shifted else {}
-        except Diverged:
-            if not keep_checkpoint:
-                _checkpoint.remove(checkpoint)
-            raise
+            yield
         finally:
-            method.detach(model)
-            capture.remove()
-    if not keep_checkpoint:
-        _checkpoint.remove(checkpoint)
-    seconds = time.perf_counter() - started
-    final = dict(history[-1])
-    final.update(shift_metrics)
-    final["seconds_per_epoch"] = sum(h["seconds"] for h in history) / len(history)
-    return RunResult(metrics=final, history=history, seconds=seconds,
-                     diagnostic_layers=[name for name, _ in diag_layers], resumed_from_epoch=start_epoch,
-                     resumed_from_step=resumed_step)
+            self.rng = _rng_get(self.device)
+
+    def restore(self, state: dict) -> None:
+        """Load this run's checkpoint (model, optimizer, schedule, generators, method, global RNG, history)."""
+        self.model.load_state_dict(state["model"])
+        _checkpoint.load_optimizer(self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for name, gen in self.generators.items():
+            _checkpoint.restore_generator(gen, state["generators"][name], state)
+        self.method.load_state_dict(state["method"])
+        with self.own_rng():  # the saved global RNG becomes this run's
+            _checkpoint.set_rng_state(state["rng"])
+        if self.fast.scaler is not None and state.get("scaler"):  # a CPU or bf16 run saved none
+            self.fast.scaler.load_state_dict(state["scaler"])
+        self.history = list(state["history"])
+        self.partial = state.get("partial_epoch")
+
+    def start_epoch(self, n: int) -> int:
+        """Training mode, and a fresh order and sums for the epoch (or the stopped epoch's, restored); returns its
+        first batch index."""
+        self.model.train()
+        if self.partial is not None:  # resume the epoch a stop interrupted: same order, next batch, same sums
+            part, self.partial = self.partial, None
+            self.perm = part["perm"].to(self.device)
+            self.sum_task, self.sum_reg = part["sum_task"].to(self.device), part["sum_reg"].to(self.device)
+            return int(part["batch"])
+        self.sum_task = torch.zeros((), device=self.device)
+        self.sum_reg = torch.zeros((), device=self.device)
+        self.perm = torch.randperm(n, generator=self.batch_order, device="cpu").to(self.device)  # order = seed's
+        return 0
+
+    def partial_epoch(self, next_batch: int) -> dict:
+        """What a stop mid-epoch saves to resume this epoch: its order, next batch and loss sums."""
+        return {"perm": self.perm.cpu(), "batch": next_batch, "sum_task": self.sum_task.cpu(),
+                "sum_reg": self.sum_reg.cpu()}
+
+    def result(self, seconds: float, start_epoch: int, start_step: int) -> RunResult:
+        final = dict(self.history[-1])
+        final.update(self.shift_metrics)
+        final["seconds_per_epoch"] = sum(h["seconds"] for h in self.history) / len(self.history)
+        return RunResult(metrics=final, history=self.history, seconds=seconds,
+                         diagnostic_layers=[name for name, _ in self.diag_layers], resumed_from_epoch=start_epoch,
+                         resumed_from_step=start_step)
+
+
+def _resume(runs: list[_Run], paths, device: torch.device) -> tuple[int, int]:
+    """Restore every run from its checkpoint; all must be at one point (epoch, step), or none has one. Returns that
+    point ((0, 0): trained from scratch)."""
+    if paths is None:
+        return 0, 0
+    states = [_checkpoint.load(path, r.config.key(), device) for r, path in zip(runs, paths)]
+    points = {None if st is None else (int(st["epoch"]), int(st["step"])) for st in states}
+    if points == {None}:
+        return 0, 0
+    if len(points) > 1:
+        raise ConfigError(f"parallel seeds resume together only from checkpoints of one point (epoch, step); got "
+                          f"{sorted(str(p) for p in points)}; train them apart (--parallel-seeds 1)")
+    for r, state in zip(runs, states):
+        r.restore(state)
+    [point] = points
+    return point
+
+
+class _Lockstep:
+    """The runs stepped one after the other at each step through ``train_step``, each on its own CUDA stream when
+    there are several on a GPU (one run alone: the current stream, nothing swapped)."""
+
+    def __init__(self, runs: list[_Run], device: torch.device):
+        self.cuda = device.type == "cuda" and len(runs) > 1
+        self.streams = {id(r): torch.cuda.Stream(device) for r in runs} if self.cuda else {}
+        self.main = torch.cuda.current_stream(device) if self.cuda else None
+
+    def stepped(self, live: list[_Run]) -> list[_Run]:
+        return live
+
+    def begin_epoch(self) -> None:
+        if self.cuda:  # each stream sees the epoch's permutation and fresh accumulators made on the main stream
+            for stream in self.streams.values():
+                stream.wait_stream(self.main)
+
+    def step(self, draw, step: int, epoch: int, live: list[_Run]) -> None:
+        for r in live:
+            with r.own_rng(), (torch.cuda.stream(self.streams[id(r)]) if self.cuda else contextlib.nullcontext()):
+                xb, yb = draw(r)
+                task, reg = train_step(r.forward, r.method, r.capture, r.optimizer, xb, yb, step=step, epoch=epoch,
+                                       autocast=r.fast.autocast, dtype=r.fast.dtype, scaler=r.fast.scaler)
+                r.scheduler.step()
+                r.sum_task += task
+                r.sum_reg += reg
+
+    def sync(self) -> None:
+        if self.cuda:
+            for stream in self.streams.values():
+                self.main.wait_stream(stream)
+
+    def gather(self) -> None:
+        """Nothing to gather: every run's weights are in its own model."""
+
+    def optimizer_state(self, run: _Run) -> dict:
+        return run.optimizer.state_dict()
+
+    def scheduler_of(self, run: _Run):
+        return run.scheduler
+
+    def lr(self, run: _Run) -> float:
+        return float(run.optimizer.param_groups[0]["lr"])
+
+
+def _stepper(runs: list[_Run], backend: str, device: torch.device, resumed: bool):
+    """The backend that steps the group: vmap over stacked weights when asked or (auto) when K > 1 runs on CUDA can
+    all be stacked, else lockstep."""
+    blocker = next((r.vmap_blocker for r in runs if r.vmap_blocker), None)
+    if backend == "vmap" and blocker:
+        raise ConfigError(f"the vmap backend cannot train this run: {blocker}; use backend 'streams' (or 'auto')")
+    # auto: vmap on CUDA only. On the CPU the stacked step measured slower than the runs one after the other
+    # (benchmarks/seeds_per_gpu.py, 1 thread: cnn1d K=4 0.96x, small CNN K=4 0.70x; lockstep 1.00x and 1.02x),
+    # and lockstep is bit-for-bit each run alone there.
+    if backend == "vmap" or (backend == "auto" and len(runs) > 1 and blocker is None and device.type == "cuda"):
+        return stacked.StackedStep(runs, runs[0].fast, resumed)
+    return _Lockstep(runs, device)
+
+
+class _GroupCheckpoints:
+    """Every live run's checkpoint, in one format whatever the group (a run resumes alone or in a group alike)."""
+
+    def __init__(self, runs: list[_Run], paths, every: int, every_seconds: float, keep: bool, device: torch.device):
+        self.runs, self.every, self.every_seconds, self.keep, self.device = runs, every, every_seconds, keep, device
+        self.paths = dict(zip(map(id, runs), paths)) if paths is not None else {}
+        self.last_save = time.perf_counter()
+
+    def due(self, epochs_done: int, epochs: int) -> bool:
+        """At the end of every ``every``-th epoch: the last one only when keeping, any other once the interval has
+        passed (so short runs never pay for it)."""
+        if not self.paths or epochs_done % max(self.every, 1):
+            return False
+        if epochs_done == epochs:
+            return self.keep
+        return time.perf_counter() - self.last_save >= self.every_seconds
+
+    def save(self, stepper, epochs_done: int, step: int, next_batch: int | None = None) -> None:
+        """Save every live run; ``next_batch`` is given for a stop mid-epoch (its order, position and sums saved)."""
+        for r in self.runs if self.paths else ():
+            if r.failed is not None:
+                continue
+            with r.own_rng():  # its global RNG exactly as the run alone would hold it at this point
+                rng = _checkpoint.rng_state()
+            _checkpoint.save(self.paths[id(r)], {
+                **({"partial_epoch": r.partial_epoch(next_batch)} if next_batch is not None else {}),
+                **({"scaler": r.fast.scaler.state_dict()} if r.fast.scaler is not None else {}),
+                "config_key": r.config.key(), "device_type": self.device.type, "epoch": epochs_done, "step": step,
+                "history": r.history, "model": r.model.state_dict(), "optimizer": stepper.optimizer_state(r),
+                "scheduler": stepper.scheduler_of(r).state_dict(), "method": r.method.state_dict(), "rng": rng,
+                "generators": {name: gen.get_state() for name, gen in r.generators.items()}})
+        self.last_save = time.perf_counter()
+
+    def drop(self, run: _Run) -> None:
+        """A diverged run's checkpoint goes at once (a rerun would diverge again), unless kept."""
+        if not self.keep:
+            _checkpoint.remove(self.paths.get(id(run)))
+
+    def finish(self) -> None:
+        """The group ended: nothing will resume from its checkpoints, unless kept."""
+        if not self.keep:
+            for path in self.paths.values():
+                _checkpoint.remove(path)
+
+
+class _Loop:
+    """THE epoch / step / evaluation / checkpoint / stop loop, for a group of K ≥ 1 runs and either stepper."""
+
+    def __init__(self, runs, splits, data: DeviceData, batch: int, steps_per_epoch: int, stepper, saver,
+                 on_epoch, device: torch.device):
+        self.runs, self.splits, self.data, self.batch = runs, splits, data, batch
+        self.steps_per_epoch, self.stepper, self.saver, self.on_epoch = steps_per_epoch, stepper, saver, on_epoch
+        self.device = device
+        self.epochs = runs[0].config.epochs
+        self.erank_x = splits.x_val[:ERANK_BATCH]
+
+    def live(self) -> list[_Run]:
+        return [r for r in self.runs if r.failed is None]
+
+    def draw(self, run: _Run, b: int):
+        """Training batch ``b`` of the run's epoch: its order, its augmentation draws (the split's train_augment:
+        training batches only, never val/test/erank/shift)."""
+        return self.data.batch(run.perm[b * self.batch:(b + 1) * self.batch], run.augment)
+
+    def _epochs(self, start: int, progress: bool):
+        if not progress:
+            return range(start, self.epochs)
+        from tqdm.auto import tqdm
+        c = self.runs[0].config
+        seeds = f"seed {c.seed}" if len(self.runs) == 1 else f"seeds {','.join(str(r.config.seed) for r in self.runs)}"
+        return tqdm(range(start, self.epochs), desc=f"{c.method} {seeds}", leave=False, unit="ep", initial=start,
+                    total=self.epochs)
+
+    def run(self, start_epoch: int, step: int, progress: bool) -> None:
+        epochs = self._epochs(start_epoch, progress)
+        if self.on_epoch is not None:  # the restored epochs are reported again (see train_group)
+            for k, r in enumerate(self.runs):
+                for row in r.history:
+                    self.on_epoch(k, int(row["epoch"]), row)
+        for epoch in epochs:
+            live = self.live()
+            if not live:
+                break
+            stepped = self.stepper.stepped(live)
+            first = [r.start_epoch(self.data.n) for r in stepped][0]  # lockstep: all stopped at one batch
+            self.stepper.begin_epoch()
+            t0 = time.perf_counter()
+            for b in range(first, self.steps_per_epoch):
+                self.stepper.step(functools.partial(self.draw, b=b), step, epoch, stepped)
+                step += 1
+                if stop_requested():  # Ctrl-C/SIGTERM: this step is done; save it and stop
+                    self.stepper.sync()
+                    self.stepper.gather()
+                    self.saver.save(self.stepper, epoch, step, next_batch=b + 1)
+                    raise take_stop()()
+            self.stepper.sync()
+            seconds = (time.perf_counter() - t0) / len(live)
+            self.stepper.gather()
+            rows = [(k, r, self._end_epoch(r, epoch, seconds)) for k, r in enumerate(self.runs) if r in live]
+            # Saved before on_epoch: a prune or an interrupt there must not lose the epoch just trained.
+            if self.saver.due(epoch + 1, self.epochs):
+                self.saver.save(self.stepper, epoch + 1, step)
+            done = [(k, row) for k, r, row in rows if row is not None]
+            if progress and done:
+                epochs.set_postfix(val=f"{done[0][1]['val_acc']:.3f}", loss=f"{done[0][1]['train_loss']:.3f}")
+            for k, row in done:
+                if self.on_epoch is not None:
+                    self.on_epoch(k, epoch + 1, row)
+        # A shift set is built from the test split: a tuning run (eval_test off) must not read it either.
+        for r in self.live():
+            if getattr(self.splits, "shift", None) is not None and r.config.eval_test:
+                r.shift_metrics = evaluate_shift(r.model, self.splits.shift)
+
+    def _end_epoch(self, run: _Run, epoch: int, seconds: float) -> dict | None:
+        """A run's epoch end: its divergence check (one host sync per epoch), evaluation and history row; None (and
+        ``run.failed``) when its loss is not finite."""
+        steps = max(self.steps_per_epoch, 1)
+        task_mean, reg_mean = float(run.sum_task) / steps, float(run.sum_reg) / steps
+        if not (math.isfinite(task_mean) and math.isfinite(reg_mean)):
+            run.failed = Diverged(f"non-finite loss in epoch {epoch + 1} (task {task_mean}, regularizer {reg_mean})")
+            run.failed.history = list(run.history)
+            self.saver.drop(run)
+            return None
+        with run.own_rng():
+            row = evaluate_epoch(run.model, self.splits, run.config, run.capture, run.diag_keys, self.erank_x)
+        row.update(epoch=epoch + 1, train_loss=task_mean, reg_loss=reg_mean, seconds=seconds,
+                   lr=self.stepper.lr(run))
+        row.update(run.method.diagnostics())
+        run.history.append(row)
+        return row
 
 
 def evaluate_shift(model, shift) -> dict[str, float]:
@@ -451,7 +732,7 @@ def evaluate_shift(model, shift) -> dict[str, float]:
 
 def evaluate_epoch(model, splits, config, capture, diag_keys, erank_x) -> dict[str, float]:
     """One epoch's history row: train/val(/test) accuracy and val NLL in eval mode, plus the diagnostics (erank of the
-    captured layers on ``erank_x``). Shared with ``parallel``, whose seeds must report exactly what ``train`` would."""
+    captured layers on ``erank_x``). Called per run of a group, each on its own model."""
     model.eval()
     val_logits = predict(model, splits.x_val)
     row = {"train_acc": accuracy(predict(model, splits.x_train), splits.y_train),

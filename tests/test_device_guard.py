@@ -11,7 +11,7 @@ from device_guard import ExplicitDevice
 from regbench.datasets import shift as shift_sets
 from regbench.datasets.digits import Digits
 
-from regbench import engine, metrics, parallel, registry
+from regbench import engine, metrics, registry
 from regbench.config import RunConfig
 
 COMPOSITES = ["ses+spectral_norm", "shade+dropout"]
@@ -81,9 +81,9 @@ def test_a_stop_mid_epoch_and_its_resume_and_parallel_seeds_use_explicit_devices
         assert resumed.resumed_from_step == 5  # 3 steps per epoch: stopped mid-epoch 2
         for method, backend in (("baseline", "vmap"), ("ses", "streams")):
             configs = [cfg(method, seed=s, device=test_device) for s in (0, 1)]
-            out = parallel.train_seeds(configs, digits, lambda c: registry.build_method(c.method, c.hparams),
-                                       backend=backend, checkpoints=[tmp_path / f"{method}{s}.pt" for s in (0, 1)],
-                                       checkpoint_seconds=0)
+            out = engine.train_group(configs, digits, lambda c: registry.build_method(c.method, c.hparams),
+                                     backend=backend, checkpoints=[tmp_path / f"{method}{s}.pt" for s in (0, 1)],
+                                     checkpoint_seconds=0)
             assert all(isinstance(r, engine.RunResult) for r in out), (method, backend)
     assert not guard.violations, guard.report()
 

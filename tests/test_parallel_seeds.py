@@ -2,6 +2,7 @@
 import contextlib
 import io
 import json
+import re
 
 import optuna
 import pytest
@@ -9,7 +10,7 @@ import torch
 from regbench.datasets.digits import Digits
 from regbench.datasets.mnist1d import MNIST1D
 
-from regbench import engine, parallel, registry
+from regbench import engine, registry
 from regbench.cli import main
 from regbench.config import RunConfig
 from regbench.errors import ConfigError
@@ -69,7 +70,7 @@ def compare(sequential, together, atol):
 
 def run_both(splits, configs, backend):
     alone = [engine.train(c, splits, build(c)) for c in configs]
-    together = parallel.train_seeds(configs, splits, build, backend=backend)
+    together = engine.train_group(configs, splits, build, backend=backend)
     return alone, together
 
 
@@ -106,20 +107,20 @@ def test_vmap_stacks_batchnorm_statistics(digits):
                                            ("spectral_norm", "parametrizations")])
 def test_vmap_refuses_methods_it_cannot_reproduce(mnist1d, method, reason):
     with pytest.raises(ConfigError, match=reason):
-        parallel.train_seeds([cfg(method, seed=s) for s in (0, 1)], mnist1d, build, backend="vmap")
+        engine.train_group([cfg(method, seed=s) for s in (0, 1)], mnist1d, build, backend="vmap")
 
 
 def test_configs_must_differ_only_in_seed(mnist1d):
     with pytest.raises(ConfigError, match="differ only in their seed"):
-        parallel.train_seeds([cfg(seed=0), cfg(seed=1, lr=1e-2)], mnist1d, build)
+        engine.train_group([cfg(seed=0), cfg(seed=1, lr=1e-2)], mnist1d, build)
     with pytest.raises(ConfigError, match="distinct"):
-        parallel.train_seeds([cfg(seed=0), cfg(seed=0)], mnist1d, build)
+        engine.train_group([cfg(seed=0), cfg(seed=0)], mnist1d, build)
 
 
 @pytest.mark.parametrize("backend", ["vmap", "streams"])
 def test_a_diverging_seed_gets_diverged_in_its_slot(mnist1d, backend):
     configs = [cfg(seed=s, lr=1e12, optimizer="sgd", schedule="constant") for s in (0, 1)]
-    results = parallel.train_seeds(configs, mnist1d, build, backend=backend)
+    results = engine.train_group(configs, mnist1d, build, backend=backend)
     assert all(isinstance(r, engine.Diverged) for r in results)
     with pytest.raises(engine.Diverged) as alone:
         engine.train(configs[0], mnist1d, build(configs[0]))
@@ -235,19 +236,24 @@ def test_sigkill_during_a_parallel_group_leaves_every_seed_recoverable(tmp_path)
 # ---- mid-run checkpoints of a group (issue 10, item 1, for --parallel-seeds) -----------------------------------------
 
 class _Killed(Exception):
-    """Stands for a kill in the middle of epoch 3 (after epoch 2's checkpoints were written)."""
+    """Stands for a kill right after epoch 2's checkpoints were written (as for a run alone, a group saves an epoch
+    before it reports it: a prune or an interrupt in ``on_epoch`` must not lose the epoch just trained)."""
 
 
 def _killed_group(splits, configs, backend, tmp_path):
     paths = [tmp_path / f"{c.key()}.pt" for c in configs]
+    reported = []
 
-    def kill_in_epoch_3(index, epoch, row):
-        if epoch == 3:
+    def kill_after_epoch_2(index, epoch, row):
+        reported.append((index, epoch))
+        if epoch == 2:
             raise _Killed
 
     with pytest.raises(_Killed):
-        parallel.train_seeds(configs, splits, build, backend=backend, on_epoch=kill_in_epoch_3, checkpoints=paths,
-                             checkpoint_seconds=0)
+        engine.train_group(configs, splits, build, backend=backend, on_epoch=kill_after_epoch_2, checkpoints=paths,
+                           checkpoint_seconds=0)
+    assert reported == [(k, 1) for k in range(len(configs))] + [(0, 2)]  # raised at seed 0's report of epoch 2
+    assert [torch.load(p, weights_only=True)["epoch"] for p in paths] == [2] * len(configs)  # every seed's epoch 2
     return paths
 
 
@@ -272,7 +278,7 @@ def test_a_killed_vmap_group_resumes_each_seed_alone_from_its_slice(mnist1d, tmp
     # up to the batched convs' reassociation (measured 2e-7 on the losses, 1e-4 on the 4-decimal reliability sums; a
     # wrong slice or step count moves the losses by ~1e-1).
     configs = [cfg(seed=s, epochs=4, optimizer="adamw", lr=3e-3) for s in (0, 1, 2)]
-    group = parallel.train_seeds(configs, mnist1d, build, backend="vmap")
+    group = engine.train_group(configs, mnist1d, build, backend="vmap")
     paths = _killed_group(mnist1d, configs, "vmap", tmp_path)
     resumed = []
     for c, path in zip(configs, paths):
@@ -286,10 +292,10 @@ def test_a_killed_vmap_group_resumes_each_seed_alone_from_its_slice(mnist1d, tmp
 def test_group_checkpoints_are_removed_at_the_end_unless_kept(mnist1d, tmp_path):
     configs = [cfg(seed=s) for s in (0, 1)]
     paths = [tmp_path / f"{c.key()}.pt" for c in configs]
-    parallel.train_seeds(configs, mnist1d, build, backend="streams", checkpoints=paths, checkpoint_seconds=0)
+    engine.train_group(configs, mnist1d, build, backend="streams", checkpoints=paths, checkpoint_seconds=0)
     assert not any(p.exists() for p in paths)
-    parallel.train_seeds(configs, mnist1d, build, backend="vmap", checkpoints=paths, checkpoint_seconds=0,
-                         keep_checkpoint=True)
+    engine.train_group(configs, mnist1d, build, backend="vmap", checkpoints=paths, checkpoint_seconds=0,
+                       keep_checkpoint=True)
     assert [torch.load(p, weights_only=True)["epoch"] for p in paths] == [2, 2]
 
 
@@ -298,11 +304,11 @@ def test_a_killed_group_resumes_together_where_it_stopped(mnist1d, backend, meth
     # The retries of a killed group regroup (regbench/study.py claims siblings at the leader's resume point) and
     # continue from their epoch-2 checkpoints: same histories as the uninterrupted group, bit for bit.
     configs = [cfg(method, seed=s, epochs=4, optimizer="adamw", lr=3e-3) for s in (0, 1, 2)]
-    group = parallel.train_seeds(configs, mnist1d, build, backend=backend)
+    group = engine.train_group(configs, mnist1d, build, backend=backend)
     paths = _killed_group(mnist1d, configs, backend, tmp_path)
     seen = []
-    resumed = parallel.train_seeds(configs, mnist1d, build, backend=backend, checkpoints=paths,
-                                   on_epoch=lambda k, epoch, row: seen.append((k, epoch)))
+    resumed = engine.train_group(configs, mnist1d, build, backend=backend, checkpoints=paths,
+                                 on_epoch=lambda k, epoch, row: seen.append((k, epoch)))
     assert [r.resumed_from_epoch for r in resumed] == [2, 2, 2]
     assert sorted(seen) == [(k, e) for k in range(3) for e in range(1, 5)]  # restored epochs reported again
     compare(group, resumed, atol=0)
@@ -314,7 +320,7 @@ def test_a_group_refuses_checkpoints_of_different_points(mnist1d, tmp_path):
     paths = _killed_group(mnist1d, configs, "streams", tmp_path)
     paths[1].unlink()  # seed 1 would start over while seed 0 resumes at epoch 2
     with pytest.raises(ConfigError, match="one point"):
-        parallel.train_seeds(configs, mnist1d, build, backend="streams", checkpoints=paths)
+        engine.train_group(configs, mnist1d, build, backend="streams", checkpoints=paths)
 
 
 def test_resume_point_of_a_checkpoint(mnist1d, tmp_path):
@@ -339,17 +345,17 @@ def test_ctrl_c_stops_a_group_after_its_step_and_it_resumes_bit_for_bit(mnist1d,
     from test_interrupts import stopping_at
 
     configs = [cfg(method, seed=s, epochs=3, optimizer="adamw", lr=3e-3) for s in (0, 1)]
-    group = parallel.train_seeds(configs, mnist1d, build, backend=backend)
+    group = engine.train_group(configs, mnist1d, build, backend=backend)
     stop_at = epoch * (400 // 64) + 2
     paths = [tmp_path / f"{c.key()}.pt" for c in configs]
     with pytest.raises(KeyboardInterrupt):
-        parallel.train_seeds(configs, mnist1d, lambda c: stopping_at(build(c), stop_at) if c.seed == 0 else build(c),
-                             backend=backend, checkpoints=paths, checkpoint_seconds=3600)
+        engine.train_group(configs, mnist1d, lambda c: stopping_at(build(c), stop_at) if c.seed == 0 else build(c),
+                           backend=backend, checkpoints=paths, checkpoint_seconds=3600)
     for path in paths:
         saved = torch.load(path, weights_only=True)
         assert (saved["epoch"], saved["step"], saved["partial_epoch"]["batch"]) == (epoch, stop_at + 1, 3)
     assert not engine.request_stop(KeyboardInterrupt)  # the loop is over: nothing is left pending
-    resumed = parallel.train_seeds(configs, mnist1d, build, backend=backend, checkpoints=paths)
+    resumed = engine.train_group(configs, mnist1d, build, backend=backend, checkpoints=paths)
     assert [r.resumed_from_step for r in resumed] == [stop_at + 1] * 2
     compare(group, resumed, atol=0)
 
@@ -394,3 +400,56 @@ def test_sigint_to_a_parallel_group_run_then_rerun_resumes_the_group_from_the_st
     assert len({t.user_attrs["timings"]["started"] for t in finals}) == 1  # resumed as one group
     stopped = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(stopped) == 3 and all(t.user_attrs["budget"]["epochs"] == saved[0]["epoch"] for t in stopped)
+
+
+class _NanFromEpoch(registry.method_class("baseline")):
+    """Baseline whose loss turns NaN from ``epoch`` on: one seed of a group diverging while the others do not."""
+
+    def __init__(self, epoch: int):
+        super().__init__({})
+        self.from_epoch = epoch
+
+    def loss(self, ctx):
+        if ctx.epoch >= self.from_epoch:
+            return ctx.logits.float().sum() * float("nan")
+        return None
+
+
+@pytest.mark.parametrize("backend,atol", [("streams", 0), ("vmap", 1e-5)])
+def test_one_diverging_seed_leaves_the_others_as_they_would_be_alone(mnist1d, backend, atol, tmp_path):
+    # Seed 1 diverges in epoch 2: its slot holds Diverged (with epoch 1 in its history) and its checkpoint is gone at
+    # once; seed 0 trains on, equal to seed 0 alone, its checkpoint kept to the end.
+    configs = [cfg(seed=s, epochs=3) for s in (0, 1)]
+    paths = [tmp_path / f"{c.seed}.pt" for c in configs]
+    seen = []
+
+    def on_epoch(index, epoch, _row):
+        seen.append((index, epoch))
+        if epoch == 2:  # seed 1 diverged in this epoch: its file is removed, seed 0's was just saved
+            assert paths[0].exists() and not paths[1].exists()
+
+    results = engine.train_group(configs, mnist1d, lambda c: _NanFromEpoch(1 if c.seed == 1 else 99),
+                                 backend=backend, checkpoints=paths, checkpoint_seconds=0, keep_checkpoint=False,
+                                 on_epoch=on_epoch)
+    assert isinstance(results[1], engine.Diverged) and "non-finite loss in epoch 2" in str(results[1])
+    assert [row["epoch"] for row in results[1].history] == [1]
+    assert seen == [(0, 1), (1, 1), (0, 2), (0, 3)]
+    compare([engine.train(configs[0], mnist1d, build(configs[0]))], results[:1], atol=atol)
+    assert not any(p.exists() for p in paths)
+
+
+def test_a_single_run_is_the_group_of_one(mnist1d, tmp_path):
+    # engine.train is train_group of one config: same history, same checkpoint file, the same Diverged raised.
+    config = cfg("shade", epochs=2)
+    alone = engine.train(config, mnist1d, build(config), checkpoint=tmp_path / "a.pt", checkpoint_seconds=0,
+                         keep_checkpoint=True)
+    [group] = engine.train_group([config], mnist1d, build, checkpoints=[tmp_path / "g.pt"], checkpoint_seconds=0,
+                                 keep_checkpoint=True)
+    assert [flat(r) for r in group.history] == [flat(r) for r in alone.history]
+    a, g = (torch.load(tmp_path / name, weights_only=True) for name in ("a.pt", "g.pt"))
+    for part in ("model", "optimizer", "method", "generators", "step", "epoch"):
+        assert repr(a[part]) == repr(g[part]), part
+    bad = cfg(lr=1e12, optimizer="sgd", schedule="constant")
+    [diverged] = engine.train_group([bad], mnist1d, build)
+    with pytest.raises(engine.Diverged, match=re.escape(str(diverged))):
+        engine.train(bad, mnist1d, build(bad))
