@@ -22,8 +22,8 @@ from regbench.errors import ConfigError, UnknownNameError
 
 __all__ = [
     "LAYER_RULES",
-    "classifier_layer",
     "SpatialMean",
+    "classifier_layer",
     "create_model",
     "default_layer_rule",
     "feature_layers",
