@@ -125,6 +125,34 @@ def measure(setup, methods, batch, rounds, steps, device, data_dir):
         cpu = f"≤ {CPU_TARGETS[setup, name]} %" if (setup, name) in CPU_TARGETS and device.type == "cpu" else ""
         print(f"{m:<34}{med * 1e3:>10.2f}{(med / base - 1) * 100:>+10.1f}%{gpu:>12}{cpu:>12}")
     print("(GPU targets: issue 18, paper config on an H200; on the CPU they are printed for reference only)")
+    for m, runner in runners.items():
+        ses_error(m, runner, x[:batch])
+
+
+def ses_error(spec, runner, xb):
+    """For an SES variant (alone or in a composite): |H − H_float64 eigh| per hooked layer on its trained model's
+    activations, with the path and precision the method uses on this device."""
+    from regbench.methods.ses import SES  # noqa: PLC0415
+    from regbench.spectral import eigh_backend, entropies, entropy_matrix  # noqa: PLC0415
+    parts = getattr(runner.method, "members", None) or [runner.method]
+    for part in parts:
+        if not isinstance(part, SES):
+            continue
+        hp = part.hparams
+        runner.capture.active = True
+        with torch.no_grad():
+            runner.model(xb)
+            mats = [entropy_matrix(runner.capture.store[k], hp["conv_reduce"]) for k in part.keys]
+            runner.capture.clear()
+            runner.capture.active = False
+            ref, valid = entropies([mt.double() for mt in mats])
+            gen = torch.Generator(device=xb.device).manual_seed(0)
+            got = entropies([mt.float() for mt in mats], hp["eigen_path"], rank=hp["rank"], niter=hp["niter"],
+                            probes=hp["probes"], degree=hp["degree"], generator=gen)[0].double()
+        err = (got - ref)[valid].abs()
+        backend = eigh_backend(xb.device) if hp["eigen_path"] == "exact" else hp["eigen_path"]
+        print(f"  {spec}: |H − H_float64 eigh| over {len(mats)} layers ({backend}): max {err.max():.2e}, "
+              f"mean {err.mean():.2e} (criterion 1e-4)")
 
 
 def dln_accuracy(setup, batch, steps, device, data_dir, lags=(1, 2, 5, 10, 20)):
@@ -162,9 +190,12 @@ def main() -> None:
     p.add_argument("--batch-cnn1d", type=int, default=128)
     p.add_argument("--batch-resnet18", type=int, help="default: 256 on CUDA, 32 on CPU")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--dln-accuracy", action="store_true", help="also measure dln_entropy's svd_every accuracy cost")
     p.add_argument("--data-dir", default=str(Path(tempfile.gettempdir()) / "regbench-bench-data"))
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = engine.resolve_device(args.device)
     methods = ["baseline"] + [m for m in args.methods.split(",") if m and m != "baseline"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}, python "
