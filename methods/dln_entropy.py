@@ -62,7 +62,9 @@ the penalty and its gradient are exact to float64 rounding), and the penalty is 
 so the time-averaged strength is strength/5 (the tuned range, log-uniform 1e-5…1e-1, absorbs the constant). Why
 not ``svd_every``: stale vectors bias every step by 0.5-9 %, and the penalty's other arithmetic (float64 matmuls,
 the k² pair terms and their backward) stays in every step: on cnn1d (CPU, one process, loaded machine) every=5 cost
-+23 % per step, svd_every=5 +100 %, svd_every=10 +72 %, the old default (every=1) +475 %. The GPU target (≤ 25 %
++23 % per step, svd_every=5 +100 %, svd_every=10 +72 %, the old default (every=1) +475 % (2 threads); in a second
+run with one thread, every=5 +1.2 % and every=1 +101 % (``method_overhead.py --methods
+"dln_entropy,dln_entropy[every=1]" --threads 1``). The GPU target (≤ 25 %
 at the paper config, +2303 % measured with every=1 and the synchronizing SVD) is not measured for this default.
 Callers that step a flow by hand (the dln_equilibrium suite passes step 0 every time) get the penalty every call.
 """
