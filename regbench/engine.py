@@ -353,8 +353,9 @@ def train_group(configs, splits, method_factory: Callable[[RunConfig], Method], 
     steps_per_epoch = data.n // batch  # drop_last: a short last batch skews batch statistics (SES pitfall P6)
     runs: list[_Run] = []
     try:
-        for c in configs:
-            runs.append(_Run(c, splits, method_factory(c), device, steps_per_epoch * c.epochs, swap_rng=len(configs) > 1))
+        for c in configs:  # a run alone owns the global RNG streams; runs of a group swap theirs in (_Run.own_rng)
+            runs.append(_Run(c, splits, method_factory(c), device, steps_per_epoch * c.epochs,
+                             swap_rng=len(configs) > 1))
         started = time.perf_counter()
         start_epoch, start_step = _resume(runs, checkpoints, device)
         stepper = _stepper(runs, backend, device, resumed=start_step > 0)
@@ -402,6 +403,9 @@ def _rng_set(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda, device)
 
 
+_NO_SWAP = contextlib.nullcontext()  # reusable: a run alone swaps nothing
+
+
 class _Run:
     """Everything one seed's run holds, built in the order a run alone has always been built (seed, model, attach,
     capture, optimizer, scheduler, augmentation generator), so that its weights and draws are the run's own."""
@@ -447,12 +451,12 @@ class _Run:
     def generators(self) -> dict[str, torch.Generator]:
         return {"batch_order": self.batch_order, "augment": self.augment}
 
-    @contextlib.contextmanager
     def own_rng(self):
-        """This run's global RNG streams in place while the block runs (a no-op for a run alone)."""
-        if self.rng is None:
-            yield
-            return
+        """This run's global RNG streams in place while the block runs (nothing for a run alone: no cost per step)."""
+        return _NO_SWAP if self.rng is None else self._swapped_rng()
+
+    @contextlib.contextmanager
+    def _swapped_rng(self):
         _rng_set(self.rng, self.device)
         try:
             yield
@@ -539,7 +543,7 @@ class _Lockstep:
 
     def step(self, draw, step: int, epoch: int, live: list[_Run]) -> None:
         for r in live:
-            with r.own_rng(), (torch.cuda.stream(self.streams[id(r)]) if self.cuda else contextlib.nullcontext()):
+            with r.own_rng(), (torch.cuda.stream(self.streams[id(r)]) if self.cuda else _NO_SWAP):
                 xb, yb = draw(r)
                 task, reg = train_step(r.forward, r.method, r.capture, r.optimizer, xb, yb, step=step, epoch=epoch,
                                        autocast=r.fast.autocast, dtype=r.fast.dtype, scaler=r.fast.scaler)
