@@ -453,3 +453,26 @@ def test_a_single_run_is_the_group_of_one(mnist1d, tmp_path):
     [diverged] = engine.train_group([bad], mnist1d, build)
     with pytest.raises(engine.Diverged, match=re.escape(str(diverged))):
         engine.train(bad, mnist1d, build(bad))
+
+
+@pytest.mark.parametrize("backend", ["streams", "vmap"])
+def test_a_group_resumes_checkpoints_written_on_another_device_type(mnist1d, backend, tmp_path):
+    # Each seed's epoch-2 checkpoint rewritten as a CUDA group would have written it (device type, a CUDA
+    # generator's 16-byte state, fused AdamW): the group resumes from it as a run alone does (checkpoint.moved,
+    # load_optimizer, restore_generator), with the warning, and on this CPU ends as the uninterrupted group.
+    from regbench import checkpoint
+
+    configs = [cfg(seed=s, epochs=3, optimizer="adamw", lr=3e-3) for s in (0, 1)]
+    group = engine.train_group(configs, mnist1d, build, backend=backend)
+    paths = _killed_group(mnist1d, configs, backend, tmp_path)
+    for path in paths:
+        state = torch.load(path, weights_only=True)
+        state["device_type"] = "cuda"
+        state["generators"]["augment"] = torch.zeros(16, dtype=torch.uint8)
+        for group_ in state["optimizer"]["param_groups"]:
+            group_["fused"] = True
+        checkpoint.save(path, {k: v for k, v in state.items() if k != "format"})
+    with pytest.warns(UserWarning, match="saved on cuda, on cpu from epoch 2"):
+        resumed = engine.train_group(configs, mnist1d, build, backend=backend, checkpoints=paths)
+    assert [r.resumed_from_epoch for r in resumed] == [2, 2]
+    compare(group, resumed, atol=0)
