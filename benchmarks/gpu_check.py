@@ -10,8 +10,9 @@ Parts, each a subprocess timed and judged on its own, then ONE summary table (pa
 4. to-cpu  — a checkpoint written on the device by a stopped run, then the same command with --device cpu: it must
              resume from the stopped step (resumed_from_step > 0; not bit-for-bit, as the warning says: the device's
              random streams restart) and finish with a leaderboard.
-5-8. the speed benchmarks at GPU settings, shortened: throughput.py, seeds_per_gpu.py, ses_overhead.py,
-             method_overhead.py; each row shows its headline ratio.
+5-9. the speed benchmarks at GPU settings, shortened: throughput.py, seeds_per_gpu.py, ses_overhead.py,
+             paper_table.py (one epoch of each of the table's 12 runs, projected to the full table by the script),
+             method_overhead.py; each row shows its headline.
 
 ``--device cpu`` runs every part on the CPU with smaller sizes (to check this script on a machine without a GPU);
 on such a machine the default (cuda) stops with one line, exit 2, before anything runs.
@@ -33,7 +34,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 COMPOSITES = "ses+spectral_norm,shade+dropout"
 # the tests that take their device from REGBENCH_TEST_DEVICE (tests/conftest.py: test_device)
-TEST_FILES = ("tests/test_device_guard.py", "tests/test_calibration.py", "tests/test_interrupts.py")
+TEST_FILES = ("tests/test_device_guard.py", "tests/test_calibration.py", "tests/test_interrupts.py",
+              "tests/test_shade_triton.py", "tests/test_ses_exact_spectra.py")
 
 
 def fail(message: str) -> None:
@@ -177,6 +179,14 @@ class Check:
             "ses_overhead", ["ses_overhead.py", "--configs", "resnet18" if gpu else "cnn1d", "--steps",
                              "20" if gpu else "10", "--variants", "exact,lowrank", *([] if gpu else ["--no-cuda"]),
                              "--data-dir", str(self.work / "data")], ses_headline))
+        if subset:  # one epoch of the full table's size per run, projected to 50 epochs by the script itself
+            self.part("paper_table.py", lambda: self.bench(
+                "paper_table", ["paper_table.py", "--device", dev, "--epochs", "1",
+                                *(["--images-per-epoch", "50000"] if gpu else
+                                  ["--images-per-epoch", "128", "--seeds", "1", "--arms", "baseline,ses",
+                                   "--model-kwargs", "channels=8,16,32,64"])], paper_headline))
+        else:
+            self.rows.append(("paper_table.py", None, 0.0, "skipped: set REGBENCH_CIFAR10_SUBSET to cifar10_subset.npz"))
         self.part("method_overhead.py", lambda: self.bench(
             "method_overhead", ["method_overhead.py", "--device", dev, "--setups", "resnet18" if gpu else "cnn1d",
                                 "--rounds", "2", "--steps", "4", "--methods", "baseline,ses,shade,spectral_norm",
@@ -219,6 +229,15 @@ def resumed_step(db: Path) -> int:
 def throughput_headline(out: str) -> str:
     m = re.search(r"regbench / timm-style: ([\d.]+)x", out)
     return f"regbench / timm-style loop {m.group(1)}x" if m else "no ratio printed"
+
+
+def paper_headline(out: str) -> str:
+    whole = re.search(r"whole table: ([\d.]+) s", out)
+    projected = re.search(r"projected from these per-arm rates.*?: ([\d.]+) min", out)
+    if not whole:
+        return "no wall time printed"
+    return f"ran {float(whole.group(1)):.0f} s" + (f"; full table projected {projected.group(1)} min (target ≤ 10)"
+                                                    if projected else "")
 
 
 def seeds_headline(out: str) -> str:

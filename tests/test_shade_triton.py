@@ -158,3 +158,36 @@ def test_the_reference_is_the_cpu_path_and_triton_is_picked_on_cuda_only():
 
     assert shade.kernel_for("cpu") == "torch"
     assert shade.kernel_for("cuda") == ("triton" if shade_triton.available() else "torch")
+
+
+def test_compiled_kernels_on_cuda_equal_the_cpu_reference(test_device):
+    """The GPU check's half of the story (REGBENCH_TEST_DEVICE=cuda): the kernels compiled for the GPU, not
+    interpreted, give the CPU reference's value, gradients and Algorithm 1 batch means (float32 and bf16 inputs,
+    contiguous, channels-last, 2-D and 3-D layers)."""
+    if not test_device.startswith("cuda"):
+        pytest.skip("compiled kernels need CUDA: run with REGBENCH_TEST_DEVICE=cuda (benchmarks/gpu_check.sh does)")
+    import torch
+
+    from regbench.methods import shade_triton
+    from regbench.methods.shade import ShadeAverages, ShadePenalty, _Plan
+
+    assert shade_triton.available(), "triton is not importable on this CUDA machine: SHADE falls back to torch"
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(4, 16, 6, 6, generator=g), torch.randn(64, 128, generator=g),
+            torch.randn(8, 3, 300, generator=g) * 3 + 1,
+            torch.randn(8, 32, 5, 5, generator=g).contiguous(memory_format=torch.channels_last)]
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        units = [y.shape[1] for y in base]
+        got = []
+        for fn, device in ((ShadePenalty, "cpu"), (shade_triton.TritonShadePenalty, test_device)):
+            av = ShadeAverages(list("abcd"), units, device=device)
+            leaves = [y.to(device=device, dtype=dtype).requires_grad_() for y in base]
+            plan = _Plan(av, 0.25, "mean", False, fused=fn is not ShadePenalty)
+            out = fn.apply(plan, *leaves)
+            grads = torch.autograd.grad(out, leaves)
+            got.append((out.detach().float().cpu(), [gr.float().cpu() for gr in grads],
+                        [m.float().cpu() for m in plan.batch_means()]))
+        (v0, g0, m0), (v1, g1, m1) = got
+        assert abs(v1 - v0) <= tol * abs(v0), (dtype, v0, v1)
+        for a, b in [*zip(g1, g0), *zip(m1, m0)]:
+            assert (a - b).abs().max() <= tol * b.abs().max(), dtype
