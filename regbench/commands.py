@@ -1,6 +1,7 @@
 """What each CLI command does: resolve options into RunConfigs at the edge, then call study/engine/report."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -303,7 +304,7 @@ def work(storage, bench, splits, tracking_uri: str | None, quiet: bool = False, 
         # budgeted in epochs), so every worker's lines agree on how far the benchmark is.
         done, planned = study.run_counts(storage, bench)
         what = (f"{outcome.method} tuning trial {t.number}" if outcome.kind == "tune"
-                else f"{outcome.method} seed {t.params.get('seed', '?')}")
+                else f"{outcome.method} seed {json.loads(t.user_attrs.get('config', '{}')).get('seed', '?')}")
         what = f"[{done}{f'/{planned}' if planned else ''}] {what}"
         spent = t.user_attrs.get("budget", {})
         if t.state.name == "COMPLETE":

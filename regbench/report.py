@@ -39,11 +39,12 @@ def runs_frame(storage, benchmark: str, spec: dict) -> pd.DataFrame:
         if group_key is None:  # still tuning: no finals yet
             continue
         for t in final_trials(storage, benchmark, method, group_key):
-            if int(t.params["seed"]) not in seeds:  # the store may hold other seeds of the same config
+            seed = int(json.loads(t.user_attrs["config"])["seed"])  # a param only in stores before issue 20
+            if seed not in seeds:  # the store may hold other seeds of the same config
                 continue
             m, layers = t.user_attrs["metrics"], t.user_attrs.get("diagnostic_layers", [])
             rows.append({
-                "method": method, "seed": int(t.params["seed"]), "trial": t.number,
+                "method": method, "seed": seed, "trial": t.number,
                 "test_acc": m.get("test_acc", math.nan), "val_acc": m["val_acc"], "train_acc": m["train_acc"],
                 "shift_acc": m.get("shift_acc", math.nan), "shift_extra_acc": m.get("shift_extra_acc", math.nan),
                 "shift_blocks": {k: v for k, v in m.items() if k.startswith("shift/")},

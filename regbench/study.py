@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -279,9 +280,11 @@ def environment(device: str) -> dict:
 SPEC_LABEL = ("regbench benchmark record, not a study: it holds no trials by design, only the benchmark's spec and "
               "each method's selected configuration. The runs are in the studies NAME:METHOD:tune:… (tuning) and "
               "NAME:METHOD:final (one trial per seed of the selected configuration).")
-FINAL_LABEL = ("regbench final runs: one trial per seed of the configuration selected on validation. The seed is not "
-               "a hyperparameter (each trial's range is its own seed), so do not pick a 'best' trial here: compare "
-               "methods in the leaderboard or the MLflow parent runs.")
+FINAL_LABEL = ("regbench final runs: one trial per seed of the configuration selected on validation. Every param "
+               "here is that configuration, fixed (a range of one value); the seed is the user attribute 'seed', not "
+               "a param. Only the seed varies, so there is no importance to read (equal bars are the dashboard's "
+               "default when none can be computed) and no 'best' trial to pick: compare methods in the leaderboard "
+               "or the MLflow parent runs.")
 
 
 def save_spec(storage, bench: Benchmark) -> None:
@@ -294,14 +297,43 @@ def save_spec(storage, bench: Benchmark) -> None:
     study.set_user_attr(SPEC_ATTR, bench.spec())
 
 
-def record_seed(trial, seed: int) -> None:
-    """A final run's seed as its trial param, with the one-value range [seed, seed] (it used to be a range 0…2³¹ − 1,
-    as if tunable): Optuna's importance evaluators give such fixed ("single") params no importance (fANOVA leaves
-    the seed out, PED-ANOVA gives it 0). optuna-dashboard 0.21 still draws "seed 1.00" because it normalizes
-    importances and the seed is the only param (0/0); a study with no param at all crashes its importance panel
-    (1/len of an empty search space), so the param stays, and old and new stores read alike. The final study's
-    ``about`` attribute says the seed is not a hyperparameter."""
-    trial.suggest_int("seed", seed, seed)
+def final_params(cfg: RunConfig) -> dict[str, tuple]:
+    """A final run's Optuna params, name -> (value, distribution): the method and the selected configuration's
+    hparams, each a range of one value, and never the seed (the user attribute ``seed``).
+
+    Why not the seed (issue 20): optuna-dashboard's importance panel plots every param. The seed as a 0…2³¹ range
+    read "seed 1.00"; as a one-value range it still did, because Optuna normalizes all-zero importances to equal
+    shares (0/0 -> 1/n) and the seed was the only param; and with no param at all the dashboard fails
+    (1/len of an empty search space: "internal server error"). So the params are what the runs share, the
+    configuration, shown once per trial in the dashboard's table; the panel's equal bars over them say nothing
+    varies, and the study's ``about`` attribute says so. Which runs are the same is decided by the config key,
+    not by params, so nothing else reads them."""
+    params = {"method": (cfg.method, optuna.distributions.CategoricalDistribution((cfg.method,)))}
+    for name, value in cfg.hparams.items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            dist = optuna.distributions.IntDistribution(value, value)
+        elif isinstance(value, float) and math.isfinite(value):
+            dist = optuna.distributions.FloatDistribution(value, value)
+        else:
+            if not (value is None or isinstance(value, (bool, str))):  # a list, a dict, a non-finite float
+                value = json.dumps(value, sort_keys=True)
+            dist = optuna.distributions.CategoricalDistribution((value,))
+        params[name] = (value, dist)
+    return params
+
+
+def record_final(trial, cfg: RunConfig) -> None:
+    """Record a claimed final run's params (``final_params``) and its seed as a user attribute (queued by stores
+    written before the attribute existed: their config has it), and label the final study."""
+    for name, (value, dist) in final_params(cfg).items():
+        if isinstance(dist, optuna.distributions.IntDistribution):
+            trial.suggest_int(name, value, value)
+        elif isinstance(dist, optuna.distributions.FloatDistribution):
+            trial.suggest_float(name, value, value)
+        else:
+            trial.suggest_categorical(name, [value])
+    if trial.user_attrs.get("seed") != cfg.seed:
+        trial.set_user_attr("seed", cfg.seed)
     if trial.study.user_attrs.get("about") != FINAL_LABEL:
         trial.study.set_user_attr("about", FINAL_LABEL)
 
@@ -339,9 +371,7 @@ def mark_resumable(study: optuna.Study, trial) -> None:
         trial.set_user_attr("fail_reason", f"{INTERRUPTED} stopped by the user before it started")
         return
     attrs = {k: v for k, v in trial.user_attrs.items() if k not in _ATTEMPT_ATTRS}
-    params = dict(trial.params)
-    if attrs.get("kind") == "final":  # the seed param is recorded only once training starts; the config has it
-        params = {"seed": json.loads(attrs["config"])["seed"]}
+    params = dict(trial.params)  # a final run's are its fixed configuration (final_params), or none yet
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
     study.enqueue_trial(params, user_attrs={**attrs, "resumes_trial": trial.number})
     queued = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) if t.number not in before]
@@ -622,7 +652,7 @@ class Runner:
                     trial.set_user_attr("fail_reason", f"{SKIPPED} duplicate of trial {other.number}")
                     raise _Skip()
             cfg = RunConfig.from_json(trial.user_attrs["config"])
-            record_seed(trial, cfg.seed)
+            record_final(trial, cfg)
             if self.parallel_seeds > 1:
                 return self._train_group(study, trial, cfg)
             return self._train(trial, cfg, prune=False)
@@ -675,7 +705,7 @@ class Runner:
             return self._train(leader, cfg, prune=False)
         others = [t for t, _ in siblings]
         for t, c in siblings:
-            record_seed(t, c.seed)
+            record_final(t, c)
         started, epochs_done = time.time(), [0] * (1 + len(others))
         try:
             with contextlib.ExitStack() as beats:
@@ -801,9 +831,9 @@ def enqueue_missing(study: optuna.Study, configs: list[RunConfig]) -> int:
         # A diverged run is deterministic: retrying it would diverge again and waste the budget.
         if any(diverged(t) for t in by_key.get(cfg.key(), [])):
             continue
-        study.enqueue_trial({"seed": cfg.seed}, user_attrs={
+        study.enqueue_trial({name: value for name, (value, _) in final_params(cfg).items()}, user_attrs={
             "config": cfg.to_json(), "config_key": cfg.key(), "group_key": cfg.group_key(), "method": cfg.method,
-            "kind": "final"})
+            "kind": "final", "seed": cfg.seed})
         waiting += 1
     return waiting
 

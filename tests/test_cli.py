@@ -54,7 +54,7 @@ def test_every_run_is_a_trial_with_config_metrics_and_provenance(tiny_run):
     for method in ("baseline", "ses", "shade"):
         study = optuna.load_study(study_name=f"mnist1d-cnn1d:{method}:final", storage=storage)
         trials = study.get_trials(states=(TrialState.COMPLETE,))
-        assert sorted(t.params["seed"] for t in trials) == [0, 1]
+        assert sorted(t.user_attrs["seed"] for t in trials) == [0, 1]
         for t in trials:
             attrs = t.user_attrs
             assert len(attrs["config_key"]) == 64 and f'"method":"{method}"' in attrs["config"]

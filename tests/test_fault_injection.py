@@ -202,7 +202,7 @@ def check_exact(url: str, bench: str, n_trials: int = 2, seeds=(0, 1)) -> None:
     for method in ("baseline", "ses"):
         finals = optuna.load_study(study_name=f"{bench}:{method}:final", storage=storage).get_trials()
         done = [t for t in finals if t.state == TrialState.COMPLETE]
-        assert sorted(t.params["seed"] for t in done) == list(seeds), [(t.number, t.state) for t in finals]
+        assert sorted(t.user_attrs["seed"] for t in done) == list(seeds), [(t.number, t.state) for t in finals]
         assert not [t for t in finals if t.state in (TrialState.RUNNING, TrialState.WAITING)]
         for t in finals:
             if t.state == TrialState.FAIL:

@@ -76,7 +76,7 @@ def check_sweep(storage: str, bench: str, methods: list[str], n_trials: int, see
         assert len(selected) == 1
         finals = [t for t in trials(storage, f"{bench}:{method}:final")
                   if t.state == TrialState.COMPLETE and t.user_attrs["group_key"] == selected[0]["group_key"]]
-        assert sorted(t.params["seed"] for t in finals) == seeds, method
+        assert sorted(t.user_attrs["seed"] for t in finals) == seeds, method
         assert len({t.user_attrs["config_key"] for t in finals}) == len(finals)  # none done twice
         for t in trials(storage, f"{bench}:{method}:final"):
             if str(t.user_attrs.get("fail_reason", "")).startswith("skipped:"):
@@ -99,10 +99,10 @@ def test_tuning_selects_on_validation_and_reruns_the_best_over_shared_seeds(tmp_
     best = max(complete, key=lambda t: t.value)
     assert best.value == best.user_attrs["metrics"]["val_acc"]
     finals = [t for t in trials(storage, "digits-mlp:ses:final") if t.state == TrialState.COMPLETE]
-    assert sorted(t.params["seed"] for t in finals) == [0, 1]
+    assert sorted(t.user_attrs["seed"] for t in finals) == [0, 1]
     best_hp = json.loads(best.user_attrs["config"])["hparams"]
     assert all(json.loads(t.user_attrs["config"])["hparams"] == best_hp for t in finals)
-    base_seeds = sorted(t.params["seed"] for t in trials(storage, "digits-mlp:baseline:final"))
+    base_seeds = sorted(t.user_attrs["seed"] for t in trials(storage, "digits-mlp:baseline:final"))
     assert base_seeds == [0, 1]  # paired with ses
     row = next(line for line in stdout.splitlines() if line.startswith("| ses |"))
     assert f"beta={best_hp['beta']:.3g}" in row and "3 tuning trials" in row
@@ -220,7 +220,7 @@ def test_diverging_trials_fail_with_their_reason_and_the_sweep_completes(tmp_pat
         else:
             assert t.state == TrialState.COMPLETE
     finals = [t for t in trials(storage, "digits-mlp:toy_unstable:final") if t.state == TrialState.COMPLETE]
-    assert sorted(t.params["seed"] for t in finals) == [0, 1]
+    assert sorted(t.user_attrs["seed"] for t in finals) == [0, 1]
     assert all(json.loads(t.user_attrs["config"])["hparams"]["blowup"] is False for t in finals)
     assert "| toy_unstable | 2 |" in stdout and "6 tuning trials" in stdout
 
@@ -377,7 +377,9 @@ def test_sigterm_stops_with_143_and_one_line_then_the_rerun_finishes(tmp_path):
     assert again.returncode == 0, again.stderr
     check_sweep(storage, "digits-mlp", ["baseline", "shade"], 0, [0, 1])
     [resumed] = [t for t in trials(storage, "digits-mlp:shade:final") if t.number == resume.number]
-    assert resumed.state == TrialState.COMPLETE and resumed.params == {"seed": 0}
+    assert resumed.state == TrialState.COMPLETE and resumed.user_attrs["seed"] == 0
+    configured = {"method": "shade", **json.loads(stopped.user_attrs["config"])["hparams"]}
+    assert resumed.params == stopped.params == configured  # its fixed configuration; the seed is no param
 
 
 def test_oracle_table_is_written_only_on_request_and_labelled(tmp_path):

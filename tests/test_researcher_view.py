@@ -3,7 +3,6 @@ its search space, and the Optuna view of a benchmark (its record study labelled,
 Optuna storages (SQLite files); nothing trains."""
 import json
 import shutil
-import sqlite3
 import warnings
 from pathlib import Path
 
@@ -44,7 +43,24 @@ def test_ses_defaults_lie_inside_its_search_space():
         assert dist._contains(dist.to_internal_repr(default)), (name, default, dist)
 
 
-def test_final_seeds_are_fixed_params_and_the_studies_are_labelled(tmp_path):
+def _dashboard_get(app, path: str):
+    """GET one optuna-dashboard API path through its real WSGI app: (status code, JSON body)."""
+    from wsgiref.util import setup_testing_defaults
+
+    env = {"PATH_INFO": path, "REQUEST_METHOD": "GET"}
+    setup_testing_defaults(env)
+    status = []
+    body = b"".join(app(env, lambda code, headers, exc_info=None: status.append(code)))
+    return int(status[0].split()[0]), json.loads(body)
+
+
+def test_final_runs_show_no_seed_param_in_optuna_dashboard_and_the_studies_are_labelled(tmp_path):
+    """What optuna-dashboard computes for a final study (its importance panel, its trial table), asked through its
+    own WSGI app on a store written by the protocol's functions. Before issue 20's fix the panel read "seed 1.00":
+    the seed was the only param, and Optuna normalizes all-zero importances to equal shares."""
+    optuna_dashboard = pytest.importorskip("optuna_dashboard")
+    from regbench.config import RunConfig
+
     shutil.copy(FIXTURE, tmp_path / "regbench.db")
     storage = open_storage(f"sqlite:///{tmp_path / 'regbench.db'}")
     spec = load_spec(storage, "tiny-400")
@@ -53,30 +69,37 @@ def test_final_seeds_are_fixed_params_and_the_studies_are_labelled(tmp_path):
     assert "holds no trials by design" in record.user_attrs["about"] and not record.trials
     assert load_spec(storage, "tiny-400")["seeds"] == spec["seeds"]  # an old store stays readable
 
-    finals = optuna.create_study(study_name="x:ses:final", storage=storage, direction="maximize")
-    for seed in (0, 1, 2):
-        finals.enqueue_trial({"seed": seed}, user_attrs={"config": json.dumps({"seed": seed})})  # as the protocol
+    hparams = {"ses": registry.method_class("ses").resolve({}), "baseline": {}}
+    for method in ("ses", "baseline"):  # baseline: no hparams at all (no param left crashed the dashboard's panel)
+        finals = optuna.create_study(study_name=f"x:{method}:final", storage=storage, direction="maximize")
+        configs = [RunConfig(method=method, dataset="digits", model="mlp", hparams=hparams[method], seed=s)
+                   for s in (0, 1, 2)]
+        assert study.enqueue_missing(finals, configs) == 3
 
-    def objective(trial):
-        study.record_seed(trial, json.loads(trial.user_attrs["config"])["seed"])
-        return 0.5 + trial.params["seed"] / 10
+        def objective(trial):  # as Runner's final objective records a claimed run, then a seed-dependent score
+            cfg = RunConfig.from_json(trial.user_attrs["config"])
+            study.record_final(trial, cfg)
+            return 0.5 + cfg.seed / 10
 
-    finals.optimize(objective, n_trials=3)
-    assert sorted(t.params["seed"] for t in finals.trials) == [0, 1, 2]
-    assert all(t.distributions["seed"].single() for t in finals.trials)  # a range of one value: nothing to tune
-    # No "seed importance 1.00": fANOVA sees no tunable param; PED-ANOVA (Optuna's default) gives the seed 0 before
-    # normalizing (its 1.0 for a lone param is 0/0 normalized). The old 0…2³¹ range gave fANOVA {"seed": 1.0}.
-    assert optuna.importance.get_param_importances(
-        finals, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)) == {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "experimental argument normalize", "regimes with < 2 trials"
-        assert optuna.importance.get_param_importances(finals, normalize=False) == {"seed": 0.0}
-    assert "not a hyperparameter" in finals.user_attrs["about"]
-    with sqlite3.connect(tmp_path / "regbench.db") as db:  # what optuna-dashboard reads: the seed's stored range
-        ranges = {json.loads(d)["attributes"]["low"] == json.loads(d)["attributes"]["high"] for (d,) in db.execute(
-            "select distribution_json from trial_params p join trials t using(trial_id) join studies s "
-            "using(study_id) where s.study_name = 'x:ses:final'")}
-    assert ranges == {True}
+        finals.optimize(objective, n_trials=3)
+        assert sorted(t.user_attrs["seed"] for t in finals.trials) == [0, 1, 2]
+        assert "not a param" in finals.user_attrs["about"]
+
+    app = optuna_dashboard.wsgi(storage)
+    code, listing = _dashboard_get(app, "/api/studies")
+    ids = {s["study_name"]: s["study_id"] for s in listing["study_summaries"]}
+    for method in ("ses", "baseline"):
+        code, body = _dashboard_get(app, f"/api/studies/{ids[f'x:{method}:final']}/param_importances")
+        assert code == 200, body
+        (shown,) = body["param_importances"]  # one objective
+        names = {row["name"] for row in shown}
+        assert "seed" not in names and names == {"method", *hparams[method]}, names
+        assert len({row["importance"] for row in shown}) == 1  # equal shares: nothing varies, nothing ranked
+        code, detail = _dashboard_get(app, f"/api/studies/{ids[f'x:{method}:final']}")
+        assert code == 200
+        for t in detail["trials"]:  # the trial table: the configuration as params, the seed as a user attribute
+            assert "seed" not in {p["name"] for p in t["params"]}
+            assert {a["key"]: a["value"] for a in t["user_attrs"]}["seed"] in ("0", "1", "2", 0, 1, 2)
 
 
 def test_cli_prints_a_warning_as_one_line_without_its_source(monkeypatch):

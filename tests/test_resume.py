@@ -38,7 +38,7 @@ def test_killed_run_resumes_without_redoing_finished_runs(tmp_path, data_dir):
     ses = optuna.load_study(study_name="mnist1d-cnn1d:ses:final", storage=storage).get_trials()
     done = [t for t in ses if t.state == TrialState.COMPLETE]
     killed = [t for t in ses if t.state == TrialState.FAIL]
-    assert sorted(t.params["seed"] for t in done) == [0, 1]
+    assert sorted(t.user_attrs["seed"] for t in done) == [0, 1]
     assert len(killed) == 1 and killed[0].user_attrs["fail_reason"].startswith("interrupted")
     assert "| ses | 2 |" in again.stdout
     assert not (out / ".regbench.pid").exists()

@@ -24,7 +24,7 @@ def test_postgresql_store_runs_and_resumes(tmp_path, data_dir, postgres_url):
     first = regbench_cli(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     study = optuna.load_study(study_name=f"{name}:ses:final", storage=POSTGRES)
-    assert sorted(t.params["seed"] for t in study.get_trials(states=(TrialState.COMPLETE,))) == [0, 1]
+    assert sorted(t.user_attrs["seed"] for t in study.get_trials(states=(TrialState.COMPLETE,))) == [0, 1]
     again = regbench_cli(*args, cwd=tmp_path)
     assert again.returncode == 0 and len(study.get_trials()) == 2
     assert again.stdout.split("Leaderboard:")[0] == first.stdout.split("Leaderboard:")[0]
