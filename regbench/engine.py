@@ -707,7 +707,8 @@ class _Loop:
             self.saver.drop(run)
             return None
         with run.own_rng():
-            row = evaluate_epoch(run.model, self.splits, run.config, run.capture, run.diag_keys, self.erank_x)
+            row = evaluate_epoch(run.model, self.splits, run.config, run.capture, run.diag_keys, self.erank_x,
+                                 self.data)
         row.update(epoch=epoch + 1, train_loss=task_mean, reg_loss=reg_mean, seconds=seconds,
                    lr=self.stepper.lr(run))
         row.update(run.method.diagnostics())
@@ -734,12 +735,28 @@ def evaluate_shift(model, shift) -> dict[str, float]:
     return out
 
 
-def evaluate_epoch(model, splits, config, capture, diag_keys, erank_x) -> dict[str, float]:
+@torch.no_grad()
+def predict_train(model, splits, data: DeviceData | None = None, batch_size: int = 1024) -> torch.Tensor:
+    """``metrics.predict(model, splits.x_train)``, from the device-resident train split when there is one (issue 19:
+    no host→device copy of the whole train split every epoch). Same rows bit for bit (DeviceData's normalization
+    table), same chunks, no augmentation, no channels-last restride: the same logits as from the host copy."""
+    if data is None or not data.resident:
+        return predict(model, splits.x_train, batch_size=batch_size)
+    outs = []
+    for i in range(0, data.n, batch_size):
+        xb = data.x[i:i + batch_size]
+        outs.append(model(data.normalize(xb) if data.table is not None else xb).float())
+    return torch.cat(outs)
+
+
+def evaluate_epoch(model, splits, config, capture, diag_keys, erank_x, data: DeviceData | None = None
+                   ) -> dict[str, float]:
     """One epoch's history row: train/val(/test) accuracy and val NLL in eval mode, plus the diagnostics (erank of the
-    captured layers on ``erank_x``). Called per run of a group, each on its own model."""
+    captured layers on ``erank_x``). Called per run of a group, each on its own model; ``data``: the group's
+    resident train split, read for train accuracy instead of the host copy."""
     model.eval()
     val_logits = predict(model, splits.x_val)
-    row = {"train_acc": accuracy(predict(model, splits.x_train), splits.y_train),
+    row = {"train_acc": accuracy(predict_train(model, splits, data), splits.y_train),
            "val_acc": accuracy(val_logits, splits.y_val),
            "val_nll": float(F.cross_entropy(val_logits.float(), splits.y_val.to(val_logits.device)))}
     if config.eval_test:

@@ -73,3 +73,26 @@ def test_cudnn_autotune_only_on_cuda_and_restored():
         assert torch.backends.cudnn.benchmark is False
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def test_train_accuracy_reads_the_resident_split_with_the_host_copys_logits(tmp_path, mnist1d):
+    # Evaluation predicts the train split from the group's device-resident copy (no host→device copy per epoch):
+    # uint8 CIFAR pixels through DeviceData's table and a float split as they are, chunked smaller than the split,
+    # give exactly the logits of the host float copy.
+    from regbench.datasets.cifar import CIFAR10
+
+    from regbench import models
+    from regbench.device_data import DeviceData
+    from regbench.metrics import predict
+    from regbench.suites.cifar_subset import layout_md5s, write_cifar10_layout
+
+    root = write_cifar10_layout(tmp_path / "cifar", n_train=300, n_test=100)
+    cifar = CIFAR10(md5s=layout_md5s(root)).load(root)
+    for splits, model_name in ((cifar, "cnn"), (mnist1d, "cnn1d")):
+        torch.manual_seed(0)
+        model = models.create_model(model_name, splits.num_classes, splits.input_shape).eval()
+        data = DeviceData(splits, "cpu")
+        assert data.resident and (data.table is not None) == (splits is cifar)  # the uint8 path is exercised
+        for chunk in (128, 1024):  # the host copy, as metrics.predict reads it, in the same chunks
+            want = predict(model, splits.x_train, batch_size=chunk)
+            assert torch.equal(engine.predict_train(model, splits, data, batch_size=chunk), want)
