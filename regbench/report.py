@@ -273,7 +273,9 @@ def _legend(table, margin_pp: float, shifted: bool, fewest: int = stats.MIN_SEED
     return few + [
         "Mean ± half-width of the 95 % t-interval over seeds; test accuracy and gap at the last epoch (gap = train − "
         "test accuracy); ECE (15 bins) and NLL on the clean test set. Δ: mean difference to baseline in percentage "
-        f"points with its 95 % interval. Test: {used}; p is Holm-adjusted over the methods of this table. sig.: "
+        f"points with its 95 % interval, per method (not adjusted for the table's several comparisons, so it can "
+        f"exclude 0 while the Holm-adjusted p is ≥ 0.05). Test: {used}; p is Holm-adjusted over the methods of "
+        "this table. sig.: "
         "\\*\\*\\* p < 0.001, \\*\\* p < 0.01, \\* p < 0.05, ns not significant, – no test possible. Hedges' g: "
         "bias-corrected standardized difference (|g| ≈ 0.2 small, 0.8 large). Verdict: better/worse when the "
         f"Holm-adjusted p < 0.05; else equivalent when the TOST equivalence test shows |Δ| < {margin_pp:g} pp "

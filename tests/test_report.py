@@ -294,3 +294,19 @@ def test_export_has_configured_lr_named_last_epoch_values_and_integer_columns(st
 
     frame = export_frame(open_storage(f"sqlite:///{store / 'regbench.db'}"), "tiny-400")
     assert str(frame["hp.rank"].dtype) == "Int64" and str(frame["seed"].dtype) == "Int64"
+
+
+def test_an_interval_that_excludes_zero_beside_a_holm_ns_is_explained():
+    """digits-cnn-shift (regenerated for issue 20) printed shade's Δ as -0.33 [-0.62, -0.05] beside p (Holm) 0.075,
+    ns: the interval is per comparison, the p adjusted for the table's several. The legend must say which is which."""
+    from regbench import stats
+    from regbench.report import _legend
+
+    rows = [{"method": m, "seed": s, "test_acc": v} for m, values in
+            {"baseline": [0.90, 0.86, 0.93], "a": [0.897, 0.855, 0.9275], "b": [0.905, 0.862, 0.936]}.items()
+            for s, v in enumerate(values)]
+    table = stats.compare(pd.DataFrame(rows), "test_acc", reference="baseline")
+    a = table.set_index("method").loc["a"]
+    assert a.delta_ci_high < 0 and a.p_holm >= 0.05  # the case: the unadjusted interval excludes 0, Holm says ns
+    legend = " ".join(_legend(table, 0.5, False))
+    assert "not adjusted" in legend and "Holm-adjusted p is ≥ 0.05" in legend
