@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 
 from regbench import stats
 from regbench.errors import ConfigError, RegbenchError
@@ -672,6 +673,13 @@ def summary(frames: list[pd.DataFrame], folder: Path, metric: str = "test_acc") 
                      f"k = {len(ranking.ranks)} methods, N = {ranking.n_cells} cells). Methods whose mean ranks "
                      f"differ by less than CD are not significantly different; groups: "
                      + ("; ".join("{" + ", ".join(g) + "}" for g in ranking.cliques()) or "none") + ".")
+        k, n = len(ranking.ranks), ranking.n_cells
+        floor = float(scipy.stats.chi2.sf(n * (k - 1), k - 1))  # every cell ranking the methods the same way
+        if floor >= ranking.alpha:
+            lines += ["", f"**With N = {n} cells and k = {k} methods no ranking can be significant**: the largest "
+                          f"possible Friedman χ² is N(k − 1) = {n * (k - 1)}, p = {floor:.3f} ≥ {ranking.alpha:g}. "
+                          "Read the ranks as a description of these cells, not as evidence; the χ² approximation "
+                          "wants N > 10 and k > 5 (Demšar 2006 §3.2.2)."]
         path = stats.plot_critical_difference(ranking, None, Path(folder) / "figures" / "critical_difference.png",
                                               title=f"{metric}, {ranking.n_cells} cells")
         written.append(path)

@@ -310,3 +310,12 @@ def test_an_interval_that_excludes_zero_beside_a_holm_ns_is_explained():
     assert a.delta_ci_high < 0 and a.p_holm >= 0.05  # the case: the unadjusted interval excludes 0, Holm says ns
     legend = " ".join(_legend(table, 0.5, False))
     assert "not adjusted" in legend and "Holm-adjusted p is ≥ 0.05" in legend
+
+
+def test_summary_says_when_no_ranking_could_be_significant(store, tmp_path):
+    """Two benchmark cells and three methods (reports/summary): even identical rankings in both cells give the
+    Friedman test χ² = N(k − 1) = 4, p = 0.135, so the summary must say the test cannot reject, not just print p."""
+    assert main(["report", str(store), "--summary", str(tmp_path / "s")]) == 0
+    text = (tmp_path / "s" / "summary.md").read_text()
+    floor = sps.chi2.sf(2 * (3 - 1), 3 - 1)
+    assert floor > 0.05 and f"N(k − 1) = 4, p = {floor:.3f}" in text and "no ranking can be significant" in text
