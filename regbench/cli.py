@@ -80,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a method hparam, e.g. --set ses.beta=0.6 (repeatable)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
     run.add_argument("--parallel-seeds", type=int, default=1, metavar="K",
-                     help="train up to K final seeds of one configuration at once in this process (vmap over "
-                          "stacked weights when the method allows, else K lockstep copies on K CUDA streams); "
-                          "each seed's result equals it trained alone (default 1)")
+                     help="train up to K final seeds of one configuration at once in this process (on CUDA: vmap "
+                          "over stacked weights when the method allows, else K lockstep copies on K CUDA streams; on "
+                          "the CPU: lockstep, one seed after another per step); each seed's result equals it "
+                          "trained alone (default 1)")
     _checkpoint_arguments(run, "OUT/checkpoints")
     tune = run.add_argument_group("tuning (Optuna, on the validation split; test is never read while tuning)")
     tune.add_argument("--trials", type=int, default=0,
