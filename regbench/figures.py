@@ -85,19 +85,37 @@ def percent_limits(values: pd.Series, summary: pd.DataFrame) -> tuple[float, flo
     return max(low - pad, 0.0), min(high + pad, 100.0)
 
 
+def method_palette(methods: list[str]) -> dict:
+    """One distinct colour per method: seaborn's default palette up to its 10 colours, evenly spaced hues beyond
+    (the default cycles: in a 13-method run ses and ses+spectral_norm were both orange, so a dashed SES target
+    "in the method's colour" named neither)."""
+    import seaborn as sns
+
+    colours = sns.color_palette(n_colors=len(methods)) if len(methods) <= 10 else sns.color_palette("husl",
+                                                                                                     len(methods))
+    return dict(zip(methods, colours, strict=True))
+
+
 def erank_curves(history: pd.DataFrame, targets: pd.DataFrame, path) -> Path:
     """Effective rank of each diagnostic layer over epochs, one panel per layer, a line per method (mean over
-    seeds, band = seaborn's bootstrap 95 % CI, seeded so redraws match) and the SES target d^β (eq. 5) as a dashed line in the method's colour.
+    seeds, band = seaborn's bootstrap 95 % CI, seeded so redraws match) and the SES target d^β (eq. 5) as a dashed
+    line in the method's colour.
 
     ``history``: columns method, seed, epoch, layer, erank. ``targets``: columns method, layer, target."""
+    return _save(erank_figure(history, targets), path)
+
+
+def erank_figure(history: pd.DataFrame, targets: pd.DataFrame):
+    """The figure of ``erank_curves``; the legend sits outside the panels (inside the first one it hid that panel's
+    lines and title once a run had a dozen methods)."""
     import seaborn as sns
 
     layers = list(dict.fromkeys(history["layer"]))
     methods = list(dict.fromkeys(history["method"]))
-    palette = dict(zip(methods, sns.color_palette(n_colors=len(methods)), strict=True))
+    palette = method_palette(methods)
     ncols = min(len(layers), 3)
     nrows = -(-len(layers) // ncols)
-    fig, axes = _figure(4.2 * ncols, 3.3 * nrows + 0.4, ncols=ncols, nrows=nrows)
+    fig, axes = _figure(4.2 * ncols + 2.0, 3.3 * nrows + 0.4, ncols=ncols, nrows=nrows)
     for ax, layer in zip(axes.flat, layers, strict=False):
         sns.lineplot(data=history[history.layer == layer], x="epoch", y="erank", hue="method", hue_order=methods,
                      palette=palette, errorbar=("ci", 95), seed=0, ax=ax, legend=ax is axes.flat[0])
@@ -106,11 +124,16 @@ def erank_curves(history: pd.DataFrame, targets: pd.DataFrame, path) -> Path:
         ax.set_title(layer, fontsize=10)
         ax.set_ylabel("effective rank")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    first = axes.flat[0]
+    if first.get_legend() is not None:
+        handles, labels = first.get_legend_handles_labels()
+        first.get_legend().remove()
+        fig.legend(handles, labels, title="method", loc="outside right upper", fontsize=9)
     for ax in list(axes.flat)[len(layers):]:
         ax.set_visible(False)
     fig.suptitle("effective rank per diagnostic layer" + (" (dashed: SES target d^β, in the method's colour)"
                                                            if len(targets) else ""), fontsize=11)
-    return _save(fig, path)
+    return fig
 
 
 def corruption_heatmap(blocks: pd.DataFrame, path) -> Path:

@@ -319,3 +319,19 @@ def test_summary_says_when_no_ranking_could_be_significant(store, tmp_path):
     text = (tmp_path / "s" / "summary.md").read_text()
     floor = sps.chi2.sf(2 * (3 - 1), 3 - 1)
     assert floor > 0.05 and f"N(k − 1) = 4, p = {floor:.3f}" in text and "no ranking can be significant" in text
+
+
+def test_erank_figure_gives_each_of_13_methods_its_own_colour_and_keeps_the_legend_off_the_panels():
+    """reports/mnist1d-cnn1d-all (13 methods): the default palette cycled after 10 colours, so ses and
+    ses+spectral_norm (and the SES target line) were the same orange, and the legend covered the first panel."""
+    from regbench.figures import erank_figure, method_palette
+
+    methods = ["baseline", "ses", "shade", "spectral_norm", "dropout", "weight_decay", "dln_entropy",
+               "confidence_penalty", "label_smoothing", "decov", "vicreg_reg", "ses+spectral_norm", "shade+dropout"]
+    assert len({tuple(c) for c in method_palette(methods).values()}) == len(methods)
+    history = pd.DataFrame([{"method": m, "seed": s, "epoch": e, "layer": layer, "erank": 2.0 + e + i / 10 + s}
+                            for i, m in enumerate(methods) for s in (0, 1) for e in (1, 2)
+                            for layer in ("block1.act", "pool")])
+    fig = erank_figure(history, pd.DataFrame([{"method": "ses", "layer": "pool", "target": 5.0}]))
+    assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == methods
