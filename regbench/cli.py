@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--train-size", type=int, help="train on a stratified subset of this many samples")
     run.add_argument("--train-per-class", type=int, metavar="K",
                      help="train on a stratified subset of K samples per class (instead of --train-size)")
+    run.add_argument("--train-acc-sample", type=int, metavar="N",
+                     help="measure train accuracy each epoch on a fixed sample of N training images (the same for "
+                          "every method and seed) instead of the whole split: saves a second pass over the training "
+                          "data per epoch; the leaderboard says so (default: the whole split)")
     run.add_argument("--augment", choices=["none", "crop_flip"],
                      help="training augmentation: crop_flip = random crop of the 4-px black-padded image + "
                           "horizontal flip (default: the dataset's; crop_flip for cifar10/cifar100, else none)")

@@ -107,6 +107,7 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
     data_dir = Path(args.data_dir or default_data_dir).expanduser()
     base = RunConfig(method="baseline", dataset=args.dataset, model=model, train_size=args.train_size, shift=args.shift,
                      train_per_class=args.train_per_class, augment=augment,
+                     train_acc_sample=getattr(args, "train_acc_sample", None),
                      weight_decay=args.weight_decay, device=args.device, data_dir=str(data_dir),
                      compile=getattr(args, "compile", False), **recipe)
     name = args.name or f"{args.dataset}-{model}"

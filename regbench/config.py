@@ -15,7 +15,7 @@ from typing import Any
 from regbench.errors import ConfigError
 
 NOT_KEYED = ("data_dir", "device", "eval_test", "compile")  # compile: the same run, only faster (engine.py)
-KEYED_WHEN_SET = ("shift", "train_per_class", "split_hash", "augment")
+KEYED_WHEN_SET = ("shift", "train_per_class", "split_hash", "augment", "train_acc_sample")
 
 # Per-dataset training recipes for the embedded sets (CLI options override them). mnist1d: AdamW + one-cycle, the
 # setting in which ../shared/reference/datasets.md §8 saw regularizers separate beyond seed noise.
@@ -53,6 +53,10 @@ class RunConfig:
     data_dir: str = ""
     eval_test: bool = True
     compile: bool = False  # torch.compile the training forward (--compile); not keyed, like device
+    # Train accuracy on a fixed subsample of N training images instead of the whole split (engine.train_rows): the
+    # per-epoch eval-mode pass over the train split is a second pass over the data (45k images on CIFAR). The sample
+    # depends only on split_seed, so every method and seed is measured on the same images. None = the whole split.
+    train_acc_sample: int | None = None
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -70,6 +74,9 @@ class RunConfig:
             raise ConfigError("give --train-size or --train-per-class, not both")
         if self.train_per_class is not None and self.train_per_class < 1:
             raise ConfigError(f"--train-per-class must be at least 1, got {self.train_per_class}")
+        if self.train_acc_sample is not None and self.train_acc_sample < 1:
+            raise ConfigError(f"--train-acc-sample must be at least 1 (or left out: the whole train split), "
+                              f"got {self.train_acc_sample}")
         if self.augment == "none":  # one spelling of "no augmentation", so it has one key
             object.__setattr__(self, "augment", None)
 

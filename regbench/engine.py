@@ -736,15 +736,28 @@ def evaluate_shift(model, shift) -> dict[str, float]:
 
 
 @torch.no_grad()
-def predict_train(model, splits, data: DeviceData | None = None, batch_size: int = 1024) -> torch.Tensor:
+def train_rows(config: RunConfig, n_train: int) -> torch.Tensor | None:
+    """The training rows train accuracy is measured on: None for the whole split (the default), else the first
+    ``train_acc_sample`` of a permutation drawn from ``split_seed`` alone (same rows for every method and seed, so the
+    paired comparison holds), sorted. A sample at least as large as the split is the whole split."""
+    n = config.train_acc_sample
+    if n is None or n >= n_train:
+        return None
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.split_seed), device="cpu")
+    return order[:n].sort().values
+
+
+def predict_train(model, splits, data: DeviceData | None = None, batch_size: int = 1024,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
     """``metrics.predict(model, splits.x_train)``, from the device-resident train split when there is one (issue 19:
     no host→device copy of the whole train split every epoch). Same rows bit for bit (DeviceData's normalization
     table), same chunks, no augmentation, no channels-last restride: the same logits as from the host copy."""
     if data is None or not data.resident:
-        return predict(model, splits.x_train, batch_size=batch_size)
+        return predict(model, splits.x_train if rows is None else splits.x_train[rows], batch_size=batch_size)
+    x = data.x if rows is None else data.x[rows.to(data.x.device)]
     outs = []
-    for i in range(0, data.n, batch_size):
-        xb = data.x[i:i + batch_size]
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
         outs.append(model(data.normalize(xb) if data.table is not None else xb).float())
     return torch.cat(outs)
 
@@ -756,7 +769,9 @@ def evaluate_epoch(model, splits, config, capture, diag_keys, erank_x, data: Dev
     resident train split, read for train accuracy instead of the host copy."""
     model.eval()
     val_logits = predict(model, splits.x_val)
-    row = {"train_acc": accuracy(predict_train(model, splits, data), splits.y_train),
+    rows = train_rows(config, len(splits.y_train))  # None: the whole split
+    row = {"train_acc": accuracy(predict_train(model, splits, data, rows=rows),
+                                 splits.y_train if rows is None else splits.y_train[rows]),
            "val_acc": accuracy(val_logits, splits.y_val),
            "val_nll": float(F.cross_entropy(val_logits.float(), splits.y_val.to(val_logits.device)))}
     if config.eval_test:
