@@ -164,6 +164,18 @@ def _relative_mce(df: pd.DataFrame, method: str) -> str:
     return f"{sum(ratios) / len(ratios):.3f}" if ratios else "–"
 
 
+def _train_acc_line(spec: dict) -> list[str]:
+    """The header line that says train accuracy (and so the gap) was measured on a sample (``--train-acc-sample``):
+    a choice that changes a column's numbers is named where the column is read (issue 19)."""
+    base = spec.get("base") or {}
+    base = json.loads(base) if isinstance(base, str) else base
+    n = base.get("train_acc_sample")
+    if not n:
+        return []
+    return [f"- train accuracy, and so the gap, measured each epoch on a fixed sample of {n} training images "
+            f"(`--train-acc-sample {n}`: the same images for every method and seed), not the whole training split"]
+
+
 def leaderboard(storage, benchmark: str, margin_pp: float = 0.5, figures_dir: Path | None = None,
                 figure_paths: list | None = None) -> str:
     """The leaderboard markdown; with ``figures_dir`` the figures are drawn there too (paths appended to
@@ -197,6 +209,7 @@ def leaderboard(storage, benchmark: str, margin_pp: float = 0.5, figures_dir: Pa
                          f"(\"-style\": not comparable with official CIFAR-C numbers)")
         else:
             lines.append(f"- shift set `{spec['shift']}`: the official corruption files (md5-checked)")
+    lines += _train_acc_line(spec)
     if not df.empty:
         finished = max(df.finished)
         lines.append(f"- regbench {df.regbench.iloc[-1]}, torch {df.torch.iloc[-1]}, device {df.device.iloc[-1]}, "

@@ -61,3 +61,18 @@ def test_cli_refuses_a_sample_below_one_in_one_line(tmp_path):
                         cwd=tmp_path)
     assert done.returncode == 2 and "--train-acc-sample" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_the_leaderboard_names_a_sampled_train_accuracy(tmp_path, data_dir):
+    out = tmp_path / "out"
+    done = regbench_cli("run", "--methods", "baseline", "--dataset", "digits", "--model", "mlp", "--epochs", "1",
+                        "--seeds", "1", "--train-acc-sample", "64", "--quiet", "--out", str(out),
+                        "--data-dir", str(data_dir), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    board = (out / "leaderboard.md").read_text()
+    assert "fixed sample of 64 training images (`--train-acc-sample 64`" in board
+
+
+def test_a_whole_split_leaderboard_has_no_sample_line(tiny_run):
+    out, _ = tiny_run
+    assert "--train-acc-sample" not in (out / "leaderboard.md").read_text()
