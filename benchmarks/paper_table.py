@@ -111,6 +111,9 @@ def main(argv=None) -> int:
                    "run --parallel-seeds`; default 1)")
     p.add_argument("--model-kwargs", default="", help="timm options for resnet18, e.g. channels=16,32,64,128 (a "
                    "narrower net for quick checks; default: none, the paper's net)")
+    p.add_argument("--train-acc-sample", type=int, default=None, metavar="N",
+                   help="train accuracy on a fixed sample of N training images (as `regbench run "
+                        "--train-acc-sample`; default: the whole split, as the paper's gap)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--out", help="folder for the stores (default: a temporary one, removed after)")
     args = p.parse_args(argv)
@@ -151,7 +154,8 @@ def main(argv=None) -> int:
         if splits.augment != augment:
             sys.exit(f"the CIFAR-10 reader gave augment {splits.augment!r}, the recipe asks for {augment!r}")
         base = RunConfig(method="baseline", dataset="cifar10", model="resnet18", model_kwargs=model_kwargs,
-                         augment=splits.augment, split_hash=splits.split_hash, device=device, **recipe)
+                         augment=splits.augment, split_hash=splits.split_hash, device=device,
+                         train_acc_sample=args.train_acc_sample, **recipe)
         batch = min(base.batch_size, len(splits.x_train))
         trained = (len(splits.x_train) // batch) * batch * args.epochs  # per run (drop_last)
         print(f"data: {subset.name} tiled to {len(splits.x_train)} train / {len(splits.x_val)} val / "
