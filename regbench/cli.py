@@ -248,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("regbench: interrupted; rerun the same command to resume where it stopped", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`regbench list methods | head`): stop quietly, as Unix tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the closed pipe
     except Exception as exc:  # the last line of defence: not a user error but a bug; one line, traceback to a file
         return report_bug(exc, _output_dirs(args))
 

@@ -153,3 +153,15 @@ def test_third_party_method_is_discovered_through_entry_points(tmp_path, data_di
                        "--out", str(tmp_path / "out"), "--data-dir", str(data_dir), env_extra=env, cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
     assert set(leaderboard_rows(ran.stdout)) == {"baseline", "toy_l2_logits"}
+
+
+def test_a_closed_pipe_stops_quietly_not_as_a_bug(tmp_path):
+    """`regbench list methods | head -1`: the reader closes the pipe; regbench stops without a crash report (it used
+    to print 'internal error ... BrokenPipeError' and exit 70). The read end is closed before regbench writes, so the
+    write always meets a closed pipe."""
+    script = Path(sys.executable).parent / "regbench"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "regbench.cli"]
+    child = subprocess.Popen([*cmd, "list", "methods"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    child.stdout.close()  # the reader goes away at once
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 141 and "internal error" not in err and not err.strip(), err
