@@ -241,7 +241,8 @@ KEYED_CHANGES = {
     "seed": st.integers(0, 10**6), "momentum": st.floats(0.0, 1.0), "augment": st.sampled_from([None, "crop_flip"]),
     "shift": st.none() | st.text(min_size=1, max_size=6), "split_hash": st.none() | st.text(min_size=1, max_size=6),
 }
-KEYED_CHANGES.update(model_kwargs=hparam_dicts, train_per_class=st.none() | st.integers(1, 100))
+KEYED_CHANGES.update(model_kwargs=hparam_dicts, train_per_class=st.none() | st.integers(1, 100),
+                     train_acc_sample=st.none() | st.integers(1, 10**6))
 BY_TYPE = {str: st.text(max_size=12), bool: st.booleans(), int: st.integers(), float: st.floats(allow_nan=False)}
 NOT_KEYED_CHANGES = {f.name: BY_TYPE[type(f.default)] for f in dataclasses.fields(RunConfig) if f.name in NOT_KEYED}
 
