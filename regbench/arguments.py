@@ -340,13 +340,18 @@ def option_name(action) -> str:
 def check_arguments(parser, args) -> None:
     """Check every value of an argument with a declared kind (given, or a default that is not None), in the order
     the parser declares them; the first unusable one raises ConfigError."""
-    for action in chosen_actions(parser, args):
+    actions = chosen_actions(parser, args)
+    for action in actions:
         kind = getattr(action, "kind", None)
         value = getattr(args, action.dest, None)
         if kind is None or value is None:
             continue
         for item in value if isinstance(value, list) else [value]:
             kind.check(str(item), option_name(action))
+    from regbench import limits  # numbers (ranges, NaN/inf) and the environment variables that stand in for flags
+
+    limits.check_numbers(actions, args)
+    limits.check_environment(actions, args)
 
 
 def default_data_dir() -> str:

@@ -207,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _stop_on_sigterm()
     _one_line_warnings()
+    import time
+
+    started = time.time() - 1  # files left empty since then by a write the system refused are removed (exit 74)
 
     try:
         check_arguments(parser, args)  # every path/URL argument (regbench/arguments.py), before any work or import
@@ -254,7 +257,25 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the closed pipe
     except Exception as exc:  # the last line of defence: not a user error but a bug; one line, traceback to a file
+        from regbench import oserrors
+
+        failure = oserrors.translate(exc, _store_hint(args))
+        if failure is not None:  # the machine (a full disk, a read-only mount, ...), not a bug: one line, exit 74
+            oserrors.clean(_output_dirs(args), started)
+            print(f"regbench: error: {failure}", file=sys.stderr)
+            return oserrors.EXIT_IOERR
         return report_bug(exc, _output_dirs(args))
+
+
+def _store_hint(args) -> str | None:
+    """The place a database error without a path happened in: the store the command opened."""
+    storage = getattr(args, "storage", None)
+    if storage:
+        from regbench.store import safe_url
+
+        return f"store {safe_url(storage)}"
+    out = _output_dirs(args)
+    return f"store in {out[0]}" if out else None
 
 
 def _output_dirs(args) -> list:

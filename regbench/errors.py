@@ -49,14 +49,25 @@ def report_bug(exc: BaseException, output_dirs=()) -> int:
     name = f"regbench-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
     written = None
     for folder in [*output_dirs, tempfile.gettempdir()]:
+        # Written whole or not at all (a temp name, then renamed): a full or failing OUT gets no partial crash file,
+        # and the report goes on to the next folder (the temp dir last).
+        tmp = Path(folder) / f".{name}.{os.getpid()}.tmp"
         try:
             if not Path(folder).is_dir():
                 continue
             path = Path(folder) / name
-            path.write_text(header + text)
+            with open(tmp, "x", encoding="utf-8") as f:
+                f.write(header + text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
             written = path.resolve()
             break
         except (OSError, ValueError):
+            try:
+                tmp.unlink(missing_ok=True)
+            except (OSError, ValueError):
+                pass
             continue
     summary = (str(exc).strip().splitlines() or [""])[0][:160]
     where = f"the full traceback is in {written}" if written else "its traceback could not be written anywhere"

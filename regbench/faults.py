@@ -4,7 +4,7 @@
 no atexit, exactly like a kill -9 or a lost machine). Events: ``tune`` and ``final`` (a claimed trial of that kind
 starts), ``epoch`` (a trial reported an epoch), ``mirror`` (halfway through mirroring a trial to MLflow), ``report``
 (the leaderboard is written, its figures not yet attached), ``recover`` (a dead trial is failed, its retry not yet
-queued: store.py's stale-trial callback, study.fail_dead_trials). Unset, ``point`` is one dictionary lookup. Used by
+queued: store.py's stale-trial callback, runner.fail_dead_trials). Unset, ``point`` is one dictionary lookup. Used by
 tests/test_fault_injection.py and benchmarks/fault_sweep.py; not a user option (it is deliberately undocumented in
 --help)."""
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import signal
 
 ENV = "REGBENCH_FAULT_AT"
+EVENTS = ("tune", "final", "epoch", "mirror", "report", "recover")  # every point() of the code base
 _seen: dict[str, int] = {}
 
 

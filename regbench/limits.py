@@ -1,0 +1,172 @@
+"""The ranges of every number a command takes, and the checks of the environment variables regbench reads.
+
+One table, ``NUMBERS``: option -> (lowest, highest, integer?). ``check_value`` is the one check of a number, used for
+a flag (``regbench.arguments.check_arguments`` walks the chosen command's numeric options), for a value read back
+from a stored plan (``regbench.statefiles.check_spec``) and for the seeds (``check_seed_list``). Upper bounds are
+what the libraries accept (a seed must fit numpy's ``np.random.seed``, 0..2**32-1; torch accepts more) or far past
+any sensible run, so a typo such as ``--epochs 1e9`` or ``--seeds 99999999999999999999`` is one line, exit 2,
+instead of an overflow deep in a library. NaN and infinity are refused for every float.
+
+``ENVIRONMENT`` names every variable regbench reads and how its value is checked (the same kinds as the flags it
+stands in for); ``check_environment`` runs before any work.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+from regbench.errors import ConfigError
+
+INT32_MAX = 2**31 - 1
+SEED_MAX = 2**32 - 1  # np.random.seed and np.random.default_rng's legacy seeding take 0..2**32-1
+MAX_SEEDS = 10_000  # seeds of one benchmark (each is a full training run per method)
+
+# option -> (lowest, highest, integer)
+NUMBERS: dict[str, tuple[float, float, bool]] = {
+    "--epochs": (1, 100_000, True),
+    "--batch-size": (1, 2**24, True),
+    "--lr": (0.0, 1e4, False),  # > 0: checked by RunConfig (the lowest here is inclusive)
+    "--weight-decay": (0.0, 1e4, False),
+    "--train-size": (1, INT32_MAX, True),
+    "--train-per-class": (1, INT32_MAX, True),
+    "--train-acc-sample": (1, INT32_MAX, True),
+    "--parallel-seeds": (1, MAX_SEEDS, True),
+    "--checkpoint-every-seconds": (0.0, 1e9, False),
+    "--trials": (0, 1_000_000, True),
+    "--budget-epochs": (1, 10**9, True),
+    "--per-gpu": (1, 256, True),
+    "--workers": (1, 10_000, True),
+    "--timeout-min": (1, 10**7, True),
+    "--margin": (0.0, 100.0, False),  # percentage points; > 0 checked by report
+    "--seeds": (1, MAX_SEEDS, True),  # suite --seeds: a count
+    "--port": (1, 65535, True),
+    "seed": (0, SEED_MAX, True),
+    "split_seed": (0, SEED_MAX, True),
+}
+
+# RunConfig field -> its option in NUMBERS (a stored plan's base configuration is checked with the flags' ranges)
+CONFIG_FIELDS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "weight_decay": "--weight-decay",
+                 "train_size": "--train-size", "train_per_class": "--train-per-class",
+                 "train_acc_sample": "--train-acc-sample", "split_seed": "split_seed", "seed": "seed"}
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(str(value))} digits)"
+
+
+def check_value(option: str, value, label: str | None = None) -> None:
+    """Refuse ``value`` for ``option`` (see NUMBERS) that is not a number of its type within its range."""
+    low, high, integer = NUMBERS[option]
+    label = label or option
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{label} must be a number, got {_shown(value)}")
+    if integer and not isinstance(value, int):
+        raise ConfigError(f"{label} must be a whole number, got {_shown(value)}")
+    if not integer and not math.isfinite(value):
+        raise ConfigError(f"{label} must be a finite number, got {value}")
+    if not low <= value <= high:
+        shown_high = f"{high:g}" if isinstance(high, float) else f"{high}"
+        raise ConfigError(f"{label} {_shown(value)} is outside {low:g}..{shown_high}; pass a value in that range")
+
+
+def check_seed_list(seeds, label: str = "--seeds") -> None:
+    """Seeds: at least one, at most MAX_SEEDS, distinct, each within 0..SEED_MAX (what numpy and torch accept)."""
+    if not isinstance(seeds, list) or not seeds:
+        raise ConfigError(f"{label}: give at least one seed")
+    if len(seeds) > MAX_SEEDS:
+        raise ConfigError(f"{label}: {len(seeds)} seeds is more than {MAX_SEEDS}; give fewer")
+    for s in seeds:
+        check_value("seed", s, f"{label}: seed")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{label}: seeds must be distinct")
+
+
+def parse_seeds(text: str, label: str = "--seeds") -> list[int]:
+    """``--seeds``: a count N (seeds 0..N-1) or a list ``0,1,7``; checked before any list is built (a count of
+    10**20 must not allocate)."""
+    parts = [p.strip() for p in text.split(",")] if "," in text else [text.strip()]
+    if any(not p.lstrip("-").isdigit() or len(p) > 40 for p in parts if p) or not any(parts):
+        raise ConfigError(f"{label} {text[:60]!r} is neither a count (3) nor a list (0,1,7)")
+    if "," in text:
+        seeds = [int(p) for p in parts if p]
+        if any(s < 0 for s in seeds):
+            raise ConfigError(f"{label} {text[:60]!r}: give at least one seed, all distinct and >= 0")
+        check_seed_list(seeds, label)
+        return seeds
+    count = int(parts[0])
+    if count < 1:
+        raise ConfigError(f"{label} {text[:60]!r}: give at least one seed, all distinct and >= 0")
+    if count > MAX_SEEDS:
+        raise ConfigError(f"{label} {_shown(count)}: more than {MAX_SEEDS} seeds; give a smaller count or a list")
+    return list(range(count))
+
+
+def check_numbers(actions, args) -> None:
+    """Every numeric option of the chosen command (argparse ``type`` int or float), by the NUMBERS table."""
+    for action in actions:
+        if action.type not in (int, float) or not action.option_strings:
+            continue
+        value = getattr(args, action.dest, None)
+        if value is None or value == action.default:
+            continue
+        option = max(action.option_strings, key=len)
+        if option not in NUMBERS:
+            raise AssertionError(f"numeric option {option} has no range in regbench/limits.py NUMBERS")
+        for item in value if isinstance(value, list) else [value]:
+            check_value(option, item)
+
+
+# ---- environment variables ---------------------------------------------------------------------------------------------
+
+def _fault_spec(value: str, name: str) -> None:
+    from regbench import faults
+
+    event, _, k = value.partition(":")
+    events = getattr(faults, "EVENTS", None)
+    if not event or (events is not None and event not in events):
+        raise ConfigError(f"${name} {value[:60]!r} names no known event; unset it (it is a test hook)")
+    if k and (not k.isdigit() or not 1 <= int(k) <= 10**9):
+        raise ConfigError(f"${name} {value[:60]!r}: the count after ':' must be a number 1..10**9; unset it")
+
+
+def _devices(value: str, name: str) -> None:
+    if any(ord(c) < 32 or ord(c) == 127 for c in value) or len(value) > 4096:
+        raise ConfigError(f"${name} {value[:60]!r} is not a list of devices; unset it or give e.g. 0,1")
+
+
+def _http_int(value: str, name: str) -> None:
+    if not value.strip().isdigit() or not 0 <= int(value) <= 86_400:
+        raise ConfigError(f"${name} {value[:60]!r} must be a whole number 0..86400; unset it or fix it")
+
+
+# variable -> (the option it stands in for, whose kind checks it; or a check of its own)
+ENVIRONMENT = {
+    "MLFLOW_TRACKING_URI": "--tracking-uri",
+    "REGBENCH_DATA": "--data-dir",
+    "REGBENCH_FAULT_AT": _fault_spec,
+    "CUDA_VISIBLE_DEVICES": _devices,
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": _http_int,
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": _http_int,
+}
+# Read by regbench but any value is fine: compared with a fixed word (a flag), never parsed.
+ENVIRONMENT_FLAGS = ("MLFLOW_ALLOW_FILE_STORE", "REGBENCH_PER_GPU_CHILD")
+
+
+def check_environment(actions, args, environ=None) -> None:
+    """Each variable regbench reads, checked as the flag it stands in for (when the chosen command has that flag and
+    it was not given: the flag wins) or by its own check. An empty variable counts as unset."""
+    environ = os.environ if environ is None else environ
+    by_option = {o: a for a in actions for o in a.option_strings}
+    for name, check in ENVIRONMENT.items():
+        value = environ.get(name)
+        if not value:
+            continue
+        if isinstance(check, str):
+            action = by_option.get(check)
+            kind = getattr(action, "kind", None)
+            if action is None or kind is None or getattr(args, action.dest, None) is not None:
+                continue
+            kind.check(value, f"${name}")
+        else:
+            check(value, name)
