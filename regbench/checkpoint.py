@@ -77,14 +77,17 @@ def save(path: Path, state: dict[str, Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load(path: Path, config_key: str, device: torch.device) -> dict[str, Any] | None:
+def load(path: Path, config_key: str, device: torch.device, epochs: int | None = None) -> dict[str, Any] | None:
     """The checkpoint of run ``config_key`` at ``path``, or None when there is none to resume from.
 
     A file that holds anything but plain tensors and containers (a pickled object: tampered with, or not ours) or that
     is not a readable torch file is refused with a DataError: nothing in it is executed, and the user decides whether
     to delete it. A readable checkpoint of another run or format is ignored with a warning (the run starts over and
-    overwrites it). One written on another device type (a CUDA run resumed with ``--device cpu``, or back) is resumed,
-    with a warning that it is not bit-for-bit (``moved``)."""
+    overwrites it), and so is one whose contents do not fit together or with the run (``epochs``, when given): its
+    epoch counter, history and step disagree, a field of the wrong type (regbench/statefiles.py,
+    ``checkpoint_problem``), so a hand-edited counter can never make a run with missing epochs look complete. One
+    written on another device type (a CUDA run resumed with ``--device cpu``, or back) is resumed, with a warning
+    that it is not bit-for-bit (``moved``)."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -105,11 +108,9 @@ def load(path: Path, config_key: str, device: torch.device) -> dict[str, Any] | 
                         f"to start that run over") from None
     if not isinstance(state, dict):
         raise DataError(f"checkpoint {path} does not hold a regbench checkpoint; delete it to start that run over")
-    why = None
-    if state.get("format") != FORMAT:
-        why = f"format {state.get('format')!r}, this regbench writes {FORMAT}"
-    elif state.get("config_key") != config_key:
-        why = f"it belongs to run {str(state.get('config_key'))[:12]}, not {config_key[:12]}"
+    from regbench.statefiles import checkpoint_problem
+
+    why = checkpoint_problem(state, config_key, epochs, fmt=FORMAT)
     if why:
         warnings.warn(f"ignoring checkpoint {path} ({why}); the run starts over", stacklevel=2)
         return None
@@ -168,9 +169,11 @@ def resume_point(path: Path) -> tuple[int, int, str] | None:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - unreadable: ``load`` reports it when the run itself opens it
         return None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        return None
-    return int(state.get("epoch", 0)), int(state.get("step", 0)), str(state.get("device_type"))
+    from regbench.statefiles import checkpoint_problem
+
+    if not isinstance(state, dict) or checkpoint_problem(state, path.stem, fmt=FORMAT):
+        return None  # ``load`` warns about it and starts the run over
+    return state["epoch"], state["step"], state["device_type"]
 
 
 def remove(path: Path | None) -> None:

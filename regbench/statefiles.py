@@ -182,6 +182,60 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def store_file(url: str) -> tuple[str, Path] | None:
+    """("sqlite" or "journal", path) for a store kept in a local file; None for a database server."""
+    for prefix in ("sqlite:///", "sqlite+pysqlite:///"):
+        if url.startswith(prefix):
+            return "sqlite", Path(url[len(prefix):].split("?", 1)[0]).expanduser()
+    if url.startswith("journal:") or ("://" not in url and url.endswith((".log", ".jsonl"))):
+        return "journal", Path(url.removeprefix("journal:")).expanduser()
+    return None
+
+
+STORE_FIX = "pass the --out of a `regbench run`, or --storage URL of its store"
+
+
+def check_existing_store(url: str, what: str) -> None:
+    """For commands that only read (status, report, export, sync-mlflow): a store kept in a file must already be a
+    store. Looked at read-only (SQLite's ``mode=ro``), so a missing, empty or foreign file is refused instead of
+    being created or filled with Optuna's tables."""
+    import sqlite3
+
+    found = store_file(url)
+    if found is None:
+        return
+    kind, path = found
+    if not os.path.lexists(path):
+        raise StateFileError(f"{what}: {path} does not exist; {STORE_FIX}")
+    try:
+        path.stat()
+    except OSError as exc:
+        raise StateFileError(f"{what}: {path} cannot be used ({exc.strerror}); {STORE_FIX}") from None
+    if not path.is_file():
+        raise StateFileError(f"{what}: {path} is not a regular file; {STORE_FIX}")
+    if path.stat().st_size == 0:
+        raise StateFileError(f"{what}: {path} is empty, not a regbench store; {STORE_FIX}")
+    if kind == "journal":
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as exc:
+        raise StateFileError(f"{what}: {path} cannot be read ({exc.strerror}); {STORE_FIX}") from None
+    if head != b"SQLite format 3\x00":
+        raise StateFileError(f"{what}: {path} is not a SQLite database; {STORE_FIX}")
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise StateFileError(f"{what}: {path} cannot be read as a database ({exc}); {STORE_FIX}") from None
+    if not {"studies", "trials"} <= tables:
+        raise StateFileError(f"{what}: {path} holds no Optuna store (no studies table); {STORE_FIX}")
+
+
 # ---- the output dir's entries -----------------------------------------------------------------------------------------
 
 FILE, DIR = "file", "directory"
