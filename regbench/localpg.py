@@ -97,7 +97,11 @@ class LocalPostgres:
     def __init__(self, folder: Path, port: int | None = None):
         self.folder, self.data, self.log = folder, folder / "data", folder / "postgres.log"
         saved = folder / PORT_FILE
-        self.port = port or (int(saved.read_text()) if saved.is_file() else DEFAULT_PORT)
+        if port is None and os.path.lexists(saved):
+            from regbench.statefiles import read_port  # schema-checked: a port number 1..65535, one line if not
+
+            port = read_port(saved)
+        self.port = port or DEFAULT_PORT
 
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{DATABASE}"
@@ -155,7 +159,9 @@ class LocalPostgres:
         options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1"
         self._run([str(binaries / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-o", options, "start"],
                   f"starting PostgreSQL on port {self.port}")
-        (self.folder / PORT_FILE).write_text(str(self.port))
+        from regbench.statefiles import atomic_write_text
+
+        atomic_write_text(self.folder / PORT_FILE, str(self.port))
         created = subprocess.run(self._as_owner([str(binaries / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
                                                  "-U", "postgres", DATABASE]), capture_output=True, text=True,
                                  check=False)
