@@ -123,6 +123,10 @@ def _fault_spec(value: str, name: str) -> None:
     from regbench import faults
 
     event, _, k = value.partition(":")
+    k, _, action = k.partition(":")
+    if action not in ("", "full") or (action == "full" and not os.environ.get("REGBENCH_FAULT_FILL")):
+        raise ConfigError(f"${name} {value[:60]!r}: after the count only ':full' (with $REGBENCH_FAULT_FILL set) is "
+                          f"known; unset it (it is a test hook)")
     events = getattr(faults, "EVENTS", None)
     if not event or (events is not None and event not in events):
         raise ConfigError(f"${name} {value[:60]!r} names no known event; unset it (it is a test hook)")
