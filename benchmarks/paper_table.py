@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from regbench import commands, engine, report, study
+from regbench import commands, engine, protocol, report
 from regbench.config import RunConfig
 from regbench.datasets.cifar import CIFAR10
 from regbench.store import OutputLock, default_storage_url, load_spec, open_storage
@@ -72,16 +72,16 @@ def table_splits(subset: Path, root: Path, images: int):
 
 def run_arm(out: Path, arm: str, base: RunConfig, seeds: list[int], splits, parallel_seeds: int):
     """One arm as a benchmark of the protocol in its own store; returns (wall seconds, its final runs' frame)."""
-    bench = study.Benchmark(name=f"paper-table-{arm.replace('+', '-')}", base=base,
+    bench = protocol.Benchmark(name=f"paper-table-{arm.replace('+', '-')}", base=base,
                             fixed={arm: dict(ses_cifar.METHODS[arm])}, seeds=seeds,
-                            protocol=study.Protocol(trials=0), command="benchmarks/paper_table.py")
-    study.check_search_spaces(bench)
+                            protocol=protocol.TuningRules(trials=0), command="benchmarks/paper_table.py")
+    protocol.check_search_spaces(bench)
     if out.exists() and any(out.iterdir()):  # the protocol would resume a store's finished runs: nothing timed
         sys.exit(f"{out} is not empty (a store there would be resumed, not timed); give an empty --out")
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(out):
         storage = open_storage(default_storage_url(out))
-        study.save_spec(storage, bench)
+        protocol.save_spec(storage, bench)
         sync(base.device)
         started = time.perf_counter()
         commands.work(storage, bench, splits, None, parallel_seeds=parallel_seeds)

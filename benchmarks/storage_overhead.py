@@ -22,7 +22,8 @@ from optuna.trial import TrialState
 from regbench import registry
 from regbench.config import RunConfig
 from regbench.store import open_storage
-from regbench.study import Benchmark, Protocol, Runner
+from regbench.protocol import Benchmark, TuningRules
+from regbench.runner import Runner
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 warnings.filterwarnings("ignore", message="Heartbeat of storage")  # replay() uses ask/tell on purpose
@@ -34,7 +35,7 @@ def runner_overhead(storage, splits, seeds: int, epochs: int) -> float:
     base = RunConfig(method="baseline", dataset="digits", model="mlp", epochs=epochs, batch_size=64,
                      split_hash=splits.split_hash)
     bench = Benchmark(name=f"r{time.time_ns()}", base=base, fixed={"baseline": {}}, seeds=list(range(seeds)),
-                      protocol=Protocol())
+                      protocol=TuningRules())
     t0 = time.perf_counter()
     Runner(storage, bench, splits).run()
     wall = time.perf_counter() - t0
@@ -48,7 +49,7 @@ def real_trial(tmp: Path, epochs: int):
     splits = registry.dataset("digits").load(tmp, split_seed=0)
     base = RunConfig(method="baseline", dataset="digits", model="mlp", epochs=epochs, batch_size=64,
                      split_hash=splits.split_hash)
-    bench = Benchmark(name="real", base=base, fixed={"baseline": {}}, seeds=[0], protocol=Protocol())
+    bench = Benchmark(name="real", base=base, fixed={"baseline": {}}, seeds=[0], protocol=TuningRules())
     Runner(storage, bench, splits).run()
     [trial] = optuna.load_study(study_name="real:baseline:final", storage=storage).get_trials()
     return trial, trial.user_attrs["timings"]["seconds"]

@@ -29,16 +29,9 @@ def _parse_methods(text: str) -> list[str]:
 
 
 def _parse_seeds(text: str) -> list[int]:
-    try:
-        if "," in text:
-            seeds = [int(s) for s in text.split(",") if s.strip()]
-        else:
-            seeds = list(range(int(text)))
-    except ValueError:
-        raise ConfigError(f"--seeds {text!r} is neither a count (3) nor a list (0,1,7)") from None
-    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds {text!r}: give at least one seed, all distinct and >= 0")
-    return seeds
+    from regbench.limits import parse_seeds  # the ranges every seed is checked against, flag or stored plan
+
+    return parse_seeds(text)
 
 
 def _check_device(device: str) -> None:
@@ -92,7 +85,7 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
         from regbench.datasets import shift as shift_sets
         shift_sets.check(args.shift, args.dataset)
     seeds = _parse_seeds(args.seeds)
-    protocol = _protocol(args)  # bad --trials/--budget-epochs/… fail before any storage is opened
+    rules = _tuning_rules(args)  # bad --trials/--budget-epochs/… fail before any storage is opened
     _checkpoint_options(args, Path("."))
     if getattr(args, "parallel_seeds", 1) < 1:
         raise ConfigError(f"--parallel-seeds must be at least 1 (1 = one seed at a time), got {args.parallel_seeds}")
@@ -114,8 +107,9 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
     if not _NAME_OK.match(name):
         raise ConfigError(f"benchmark name {name!r} may use letters, digits, '_', '-' and '.' only; pass --name")
     out = Path(args.out or Path("runs") / name)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a directory; choose another --out")
+    from regbench.statefiles import check_output_entries
+
+    check_output_entries(out)  # OUT a file, OUT/regbench.db a folder, a symlink loop, ...: refused before any work
     storage_url = args.storage
     storage = None
     if storage_url:  # opened before anything is written, so a bad URL leaves the output dir untouched
@@ -125,6 +119,10 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
     options = {"train_per_class": args.train_per_class, "augment": args.augment}  # only those given: old plugins
     splits = dataset.load(data_dir, split_seed=base.split_seed, train_size=args.train_size,
                           **{k: v for k, v in options.items() if v is not None})
+    sample, n_train = getattr(args, "train_acc_sample", None), len(splits.y_train)
+    if sample is not None and sample > n_train:  # a relation between values: the sample is drawn from the split
+        raise ConfigError(f"--train-acc-sample {sample} is more than the {n_train} images of the train split; pass "
+                          f"at most {n_train} (or leave it out: the whole split)")
     # The split's hash is keyed: a run is identified by the exact indices it trained on (saved under OUT/splits/).
     base = base.replace(split_hash=splits.split_hash, augment=getattr(splits, "augment", "none"))
     if args.shift:
@@ -140,13 +138,13 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot write to output dir {out}: {exc.strerror}; choose another --out") from None
 
-    from regbench import study
+    from regbench import protocol, runner
     from regbench.store import OutputLock, default_storage_url, load_spec, open_storage
 
-    bench = study.Benchmark(name=name, base=base, fixed={m: _typed_sets(m, overrides.get(m, {})) for m in methods},
-                            seeds=seeds, protocol=protocol, command=command_line)
+    bench = protocol.Benchmark(name=name, base=base, fixed={m: _typed_sets(m, overrides.get(m, {})) for m in methods},
+                            seeds=seeds, protocol=rules, command=command_line)
     # An invalid hparam from a search space fails here, before any write.
-    study.check_search_spaces(bench, check=lambda m, hp: check_attach(m, hp, model, dataset))
+    protocol.check_search_spaces(bench, check=lambda m, hp: check_attach(m, hp, model, dataset))
     _check_checkpoints(out / "checkpoints")
     with OutputLock(out):
         owned = storage is None
@@ -161,11 +159,11 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
         if "heartbeat" in previous:  # a stored heartbeat setting is the benchmark's, not this command's
             bench.extra["heartbeat"] = previous["heartbeat"]
         apply_heartbeat(storage, bench)
-        study.save_spec(storage, bench)
+        protocol.save_spec(storage, bench)
         if not owned:  # OUT names the shared store, so status/report/export OUT find it (the password is not kept)
             write_pointer(out, storage_url, name)
         if owned:  # we hold the output dir's lock, so a RUNNING trial in its store belongs to a dead process
-            study.fail_dead_trials(storage, study.study_names(bench))
+            runner.fail_dead_trials(storage, protocol.study_names(bench))
         if args.plan_only:
             print(f"Planned benchmark {name!r} in {_safe(storage_url)}; join it with: regbench worker --storage "
                   f"{_safe(storage_url)} --name {name}  (or regbench launch --name {name} --workers N ...); runs "
@@ -220,13 +218,7 @@ def apply_heartbeat(storage, bench) -> None:
         storage.heartbeat_interval, storage.grace_period = int(beat["interval"]), int(beat["grace"])
 
 
-POINTER_FILE = "store.json"  # OUT/store.json: the shared storage (password masked) and benchmark a run planned there
-
-
-def write_pointer(out: Path, storage_url: str, name: str) -> None:
-    import json
-
-    (out / POINTER_FILE).write_text(json.dumps({"storage": _safe(storage_url), "benchmark": name}, indent=1) + "\n")
+from regbench.statefiles import POINTER_FILE, write_pointer  # noqa: E402,F401 (OUT/store.json: absolute, atomic)
 
 
 def benchmark_name(args, command: str) -> tuple[str, str | None]:
@@ -252,7 +244,7 @@ def _typed_sets(method: str, overrides: dict) -> dict:
 
 
 def _checkpoint_options(args, directory: Path) -> dict:
-    """Mid-run checkpoint settings for study.Runner (issue 10, item 1), checked before anything is written."""
+    """Mid-run checkpoint settings for runner.Runner, checked before anything is written."""
     seconds = getattr(args, "checkpoint_every_seconds", 60.0)
     if not seconds >= 0:  # also NaN
         raise ConfigError(f"--checkpoint-every-seconds must be >= 0 (0 = after every epoch), got {seconds}")
@@ -271,15 +263,18 @@ def _check_checkpoints(directory: Path) -> None:
     from regbench import checkpoint
 
     for path in sorted(directory.glob("*.pt")) if directory.is_dir() else []:
+        if not path.is_file():  # a folder, a broken link or a symlink loop where a checkpoint belongs
+            raise ConfigError(f"checkpoint {path} is not a regular file (a folder, or a broken or looping link); "
+                              f"remove it to start that run over")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # here only readability counts; a mismatch warns when its run starts
             checkpoint.load(path, path.stem, torch.device("cpu"))
 
 
-def _protocol(args):
-    from regbench.study import Protocol
+def _tuning_rules(args):
+    from regbench.protocol import TuningRules
 
-    return Protocol(trials=args.trials, budget_epochs=args.budget_epochs, pruner=args.pruner,
+    return TuningRules(trials=args.trials, budget_epochs=args.budget_epochs, pruner=args.pruner,
                     objective=args.objective, tune_shared=args.tune_shared, oracle=args.oracle)
 
 
@@ -287,8 +282,9 @@ def work(storage, bench, splits, tracking_uri: str | None, quiet: bool = False, 
          checkpoints: dict | None = None, parallel_seeds: int = 1, worker: str | None = None) -> None:
     """Run this process's share of a benchmark's trials, one line each, mirrored to MLflow as they finish.
     ``checkpoints``: Runner's checkpoint_dir / checkpoint_seconds / keep_checkpoints (see _checkpoint_options).
-    ``worker``: this worker's identity (None for `regbench run`), which seeds its own sampler (study.sampler_seed)."""
-    from regbench import study, tracking
+    ``worker``: this worker's identity (None for `regbench run`), which seeds its own sampler
+    (runner.worker_sampler_seed)."""
+    from regbench import record, runner, status, tracking
 
     progress = not quiet and sys.stderr.isatty()
     say = (lambda *_: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -297,75 +293,43 @@ def work(storage, bench, splits, tracking_uri: str | None, quiet: bool = False, 
 
     tracker = tracking.SafeTracker(tracking_uri, bench.name, warn) if tracking_uri else None
 
-    def on_trial(outcome: study.Outcome) -> None:
+    def on_trial(outcome: runner.Outcome) -> None:
         t = outcome.trial
-        if study.skipped(t):
+        run = record.RunRecord.of(t)
+        if record.skipped(t):
             return
         # "[done/planned]" counts the benchmark's runs, whichever worker ran them (planned is unknown when tuning is
         # budgeted in epochs), so every worker's lines agree on how far the benchmark is.
-        done, planned = study.run_counts(storage, bench)
+        done, planned = status.run_counts(storage, bench)
         what = (f"{outcome.method} tuning trial {t.number}" if outcome.kind == "tune"
-                else f"{outcome.method} seed {json.loads(t.user_attrs.get('config', '{}')).get('seed', '?')}")
+                else f"{outcome.method} seed {run.seed if run.seed is not None else '?'}")
         what = f"[{done}{f'/{planned}' if planned else ''}] {what}"
-        spent = t.user_attrs.get("budget", {})
-        if t.state.name == "COMPLETE":
-            m = t.user_attrs["metrics"]
+        spent = run.budget
+        if run.complete:
+            m = run.metrics
             scores = ", ".join(f"{k.split('_')[0]} {m[k]:.2%}" for k in ("test_acc", "val_acc") if k in m)
             say(f"{what}: {scores}, {spent.get('seconds', 0):.1f} s")
         elif t.state.name == "PRUNED":
             say(f"{what}: pruned after {spent.get('epochs', '?')} epochs")
-        elif study.interrupted(t):
-            say(f"{what}: {t.user_attrs['fail_reason']}")
+        elif record.interrupted(t):
+            say(f"{what}: {run.reason}")
         else:
-            say(f"{what}: FAILED ({t.user_attrs.get('fail_reason', 'unknown')})")
+            say(f"{what}: FAILED ({run.reason or 'unknown'})")
         if tracker is not None:
             tracker.mirror(outcome.study.study_name, t)
 
-    runner = study.Runner(storage, bench, splits, progress=progress, on_trial=on_trial, wait=wait,
-                          parallel_seeds=parallel_seeds, worker=worker, **(checkpoints or {}))
+    worker_loop = runner.Runner(storage, bench, splits, progress=progress, on_trial=on_trial, wait=wait,
+                                 parallel_seeds=parallel_seeds, worker=worker, **(checkpoints or {}))
     for method in bench.methods if not bench.protocol.tunes else []:
-        keys = {c.key() for c in runner.select(method)}
-        done = sum(t.state.name == "COMPLETE" and t.user_attrs.get("config_key") in keys
-                   for t in runner.final_study(method).get_trials(deepcopy=False))
+        keys = {c.key() for c in worker_loop.select(method)}
+        done = sum(t.state.name == "COMPLETE" and record.config_key(t) in keys
+                   for t in worker_loop.final_study(method).get_trials(deepcopy=False))
         if done:
             say(f"{method}: {done} of {len(bench.seeds)} seeds already in the store, skipped")
-    runner.run()
+    worker_loop.run()
     if tracker is not None and tracker.active:
-        _mirror_all(storage, tracker, bench)
+        tracking.mirror_benchmark(storage, tracker, bench)
         tracker.close()
-
-
-def _mirror_all(storage, tracker, bench) -> None:
-    """Mirror every trial of the benchmark that MLflow lacks (e.g. one run by another worker, or after a crash between
-    store and mirror), and give each method's parent run its selection and tuning curve."""
-    import optuna
-
-    from regbench import study
-
-    root = optuna.load_study(study_name=bench.name, storage=storage)
-    for method in bench.methods:
-        for name in [n for n in study.study_names(bench) if n.split(":")[1] == method]:
-            try:
-                st = optuna.load_study(study_name=name, storage=storage)
-            except KeyError:
-                continue
-            for t in st.get_trials(deepcopy=False):
-                if t.state.name in ("COMPLETE", "PRUNED", "FAIL") and not study.skipped(t):
-                    tracker.mirror(name, t)
-        selected = root.user_attrs.get(study.selection_attr(method, bench.ident(method)), {})
-        curve = []
-        if bench.tunes(method):
-            try:
-                tune = optuna.load_study(study_name=bench.tune_study_name(method), storage=storage)
-                curve = [(t.number, t.value) for t in tune.get_trials(deepcopy=False, states=(
-                    optuna.trial.TrialState.COMPLETE,))]
-            except KeyError:
-                pass
-        tracker.summarize(method, selected, curve, bench.protocol.direction)
-    from regbench import report  # each parent run: the method's aggregated final results, as the leaderboard's
-
-    for method, results in report.parent_results(storage, bench.name).items():
-        tracker.log_results(method, **results)
 
 
 def _write_report(storage, name: str, out: Path, tracking_uri: str | None) -> Path:
@@ -385,15 +349,22 @@ def _write_report(storage, name: str, out: Path, tracking_uri: str | None) -> Pa
 def _load_benchmark(storage, name: str):
     import optuna
 
-    from regbench import study
+    from regbench import protocol
     from regbench.store import load_spec
 
     spec = load_spec(storage, name)
-    if spec is None or "base" not in spec:
+    if spec is None or (isinstance(spec, dict) and "base" not in spec):
         names = [s for s in optuna.get_all_study_names(storage) if ":" not in s]
         raise ConfigError(f"benchmark {name!r} does not exist in this storage (it holds: {', '.join(names) or 'none'}); "
                           f"create it with `regbench run ... --storage URL --plan-only`")
-    return study.Benchmark.from_spec(spec)
+    from regbench.statefiles import SPEC_FIX, StateFileError, check_spec
+
+    check_spec(spec, name)  # the stored plan, schema- and range-checked as the command line's values are
+    try:
+        return protocol.Benchmark.from_spec(spec)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise StateFileError(f"the plan of benchmark {name!r} in the store cannot be read ({type(exc).__name__}: "
+                             f"{str(exc)[:80]}); {SPEC_FIX}") from None
 
 
 def load_splits(cfg: RunConfig, data_dir: Path):
@@ -414,7 +385,7 @@ def load_splits(cfg: RunConfig, data_dir: Path):
 def worker_command(args, default_data_dir: str, argv: list[str] | None = None) -> int:
     """Join a benchmark planned in a shared storage: claim and run its trials until none is left. With --per-gpu N,
     start N such workers per visible GPU instead (regbench/launch.py) once the storage and benchmark check out."""
-    from regbench import study
+    from regbench import runner
     from regbench.store import open_storage
 
     per_gpu = getattr(args, "per_gpu", 1)
@@ -457,7 +428,7 @@ def worker_command(args, default_data_dir: str, argv: list[str] | None = None) -
     if tracking_uri is None and not os.environ.get("REGBENCH_PER_GPU_CHILD"):
         print(not_mirrored(args.storage, name), file=sys.stderr)
     work(storage, bench, splits, tracking_uri, quiet=args.quiet, checkpoints=checkpoints,
-         worker=study.worker_identity())
+         worker=runner.worker_identity())
     print(f"worker: benchmark {bench.name!r} has no work left")
     return 0
 
@@ -489,7 +460,7 @@ def sync_mlflow_command(args) -> int:
         raise ConfigError(f"MLflow at {uri} is unreachable ({reason}); start it, then run sync-mlflow again")
     tracker = tracking.Tracker(uri, experiment=name)
     before = len(tracker.client.search_runs([tracker.experiment_id], max_results=5000))
-    _mirror_all(storage, tracker, bench)
+    tracking.mirror_benchmark(storage, tracker, bench)
     tracker.close()
     after = len(tracker.client.search_runs([tracker.experiment_id], max_results=5000))
     print(f"sync-mlflow: {after - before} runs mirrored to {uri} (experiment {name!r}, {after} runs in all)")
@@ -498,13 +469,13 @@ def sync_mlflow_command(args) -> int:
 
 def status_command(args) -> int:
     """Per method: tuning and final runs done, running, failed, pruned and remaining."""
-    from regbench import study
+    from regbench import status
 
     storage, name, bench = _stored_benchmark(args)
     print(f"benchmark {name}: {len(bench.methods)} methods, seeds {bench.seeds}, "
           + (f"{bench.protocol.trials} tuning trials" if bench.protocol.trials else "no tuning")
           + (f", {bench.protocol.budget_epochs} tuning epochs" if bench.protocol.budget_epochs else ""))
-    for row in study.progress(storage, bench):
+    for row in status.progress(storage, bench):
         print(row)
     return 0
 
@@ -525,16 +496,24 @@ def open_store(out, storage_url: str | None):
     from regbench.store import STORE_FILE, default_storage_url, open_storage
 
     if storage_url:
+        from regbench.statefiles import check_existing_store
+
+        check_existing_store(storage_url, "--storage")  # read-only commands never create or fill a store
         return open_storage(storage_url), None
     out = Path(out or ".")
     if (out / STORE_FILE).is_file():
+        from regbench.statefiles import check_existing_store
+
+        check_existing_store(default_storage_url(out), f"{out}'s store")  # opened as it is: nothing created
         return open_storage(default_storage_url(out)), None
-    if (out / POINTER_FILE).is_file():
-        pointer = json.loads((out / POINTER_FILE).read_text())
-        if "***" in pointer["storage"]:
-            raise ConfigError(f"{out} was planned on {pointer['storage']}, whose password is not kept there; pass "
-                              f"--storage URL")
-        return open_storage(pointer["storage"]), pointer.get("benchmark")
+    if os.path.lexists(out / POINTER_FILE):
+        from regbench.statefiles import check_existing_store, read_pointer
+
+        url, pointed = read_pointer(out)  # schema-checked; an old relative SQLite path is taken relative to OUT
+        if "***" in url:
+            raise ConfigError(f"{out} was planned on {url}, whose password is not kept there; pass --storage URL")
+        check_existing_store(url, f"the store {out / POINTER_FILE} names")  # never creates one in the cwd
+        return open_storage(url), pointed
     raise ConfigError(f"{out} holds no store ({STORE_FILE}); pass the --out of a `regbench run` or --storage URL")
 
 
@@ -658,6 +637,12 @@ def report_command(args) -> int:
         raise ConfigError(f"{len(outs)} output dirs given: add --summary DIR to rank methods across them")
     if not args.margin > 0:
         raise ConfigError(f"--margin {args.margin} must be > 0 (percentage points, e.g. 0.5)")
+    from regbench.statefiles import check_output_entries
+
+    for out in outs:  # the leaderboard and figures go there: a folder named leaderboard.md is refused before any work
+        check_output_entries(out)
+    if args.summary:
+        check_output_entries(Path(args.summary), "--summary")
     frames = []
     stores = [(out, *_report_store(out, args.storage, args.name, several=bool(args.summary))) for out in outs]
     for out, storage, names in stores:  # all checked above, before anything is written
@@ -696,6 +681,9 @@ def export_command(args) -> int:
     from regbench import report
 
     out = Path(args.out)
+    from regbench.statefiles import check_output_entries
+
+    check_output_entries(out)
     storage, (name,) = _report_store(out, args.storage, args.name)
     path = report.write_export(storage, name, out, args.format)
     print(f"Wrote {path}")

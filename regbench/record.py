@@ -53,6 +53,9 @@ FAIL_REASON = "fail_reason"        # why a FAIL trial failed; starts with one of
 RESUMED_FROM_EPOCH = "resumed_from_epoch"
 RESUMED_FROM_STEP = "resumed_from_step"
 RESUMES_TRIAL = "resumes_trial"    # the interrupted trial this queued copy resumes
+KIND = "kind"                      # "tune" | "final"
+METHOD = "method"
+PROPOSED_BY = "proposed_by"        # a tuning trial queued by regbench instead of its sampler, and why
 # Attributes of one attempt, not of the run: a retried or resumed copy starts without them.
 ATTEMPT_ATTRS = (FAIL_REASON, BUDGET, ENV, SPLIT_HASH, RESUMED_FROM_EPOCH, RESUMED_FROM_STEP, RESUMES_TRIAL)
 
@@ -190,6 +193,7 @@ class RunRecord:
     group: str | None
     method: str | None
     seed: int | None
+    kind: str = "final"             # "tune" | "final"
     metrics: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
     layers: list = field(default_factory=list)
@@ -206,6 +210,7 @@ class RunRecord:
         cfg = config_dict(trial)
         return cls(number=trial.number, state=trial.state.name, config=cfg, key=attrs.get(CONFIG_KEY),
                    group=attrs.get(GROUP_KEY), method=cfg.get("method"), seed=seed(trial),
+                   kind=attrs.get(KIND, "final"),
                    metrics=dict(attrs.get(METRICS, {})), history=list(attrs.get(HISTORY, [])),
                    layers=list(attrs.get(DIAGNOSTIC_LAYERS, [])), budget=attempt_budget(trial),
                    timings=dict(attrs.get(TIMINGS, {})), env=dict(attrs.get(ENV, {})), reason=fail_reason(trial),
@@ -217,3 +222,41 @@ class RunRecord:
 
     def run_config(self) -> RunConfig:
         return RunConfig.from_json(json.dumps(self.config))
+
+
+# ---- writers --------------------------------------------------------------------------------------------------------
+
+
+def claimed_attrs(cfg: RunConfig, kind: str) -> dict:
+    """What a run records as soon as it has a configuration (a claimed tuning trial, a queued final run)."""
+    attrs = {CONFIG: cfg.to_json(), CONFIG_KEY: cfg.key(), KIND: kind, METHOD: cfg.method}
+    if kind == "final":
+        attrs.update({GROUP_KEY: cfg.group_key(), SEED: cfg.seed})
+    return attrs
+
+
+def write_attrs(trial, attrs: dict) -> None:
+    for name, value in attrs.items():
+        trial.set_user_attr(name, value)
+
+
+def write_failure(trial, prefix: str, text: str) -> None:
+    """The reason a trial is about to end as FAIL: one of the prefixes above, then what happened."""
+    trial.set_user_attr(FAIL_REASON, f"{prefix} {text}"[:500])
+
+
+def write_budget(trial, epochs: int, seconds: float) -> None:
+    trial.set_user_attr(BUDGET, {"epochs": int(epochs), "seconds": float(seconds)})
+
+
+def write_result(trial, result, started: float, seconds: float | None = None) -> None:
+    """A finished run: final metrics, per-epoch history, the layers its diagnostics name, and timings. ``seconds``
+    overrides the run's own wall time (a run trained in a group is charged its share)."""
+    if result.resumed_from_step:
+        trial.set_user_attr(RESUMED_FROM_EPOCH, result.resumed_from_epoch)
+        trial.set_user_attr(RESUMED_FROM_STEP, result.resumed_from_step)
+    trial.set_user_attr(METRICS, result.metrics)
+    trial.set_user_attr(HISTORY, result.history)
+    trial.set_user_attr(DIAGNOSTIC_LAYERS, result.diagnostic_layers)
+    trial.set_user_attr(TIMINGS, {"seconds": result.seconds, "started": started,
+                                  "seconds_per_epoch": result.metrics["seconds_per_epoch"]})

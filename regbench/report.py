@@ -18,18 +18,20 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from regbench import stats
+from regbench import degenerate, report_figures, stats
+from regbench.cells import delta_text as _delta_cell
+from regbench.cells import hparams_text as _hparams_text
+from regbench.cells import mark as _mark
+from regbench.cells import mean_cell, timing_cell  # noqa: F401  (mean_cell and timing_cell: public, tests use them)
+from regbench.cells import num as _num
+from regbench.cells import p_text as _p
 from regbench.errors import ConfigError, RegbenchError
-from regbench.store import (
-    final_study_name,
-    final_trials,
-    load_spec,
-    selection,
-    spent,
-    trials_of,
-)
+from regbench.report_figures import _blocks
+from regbench import record
+from regbench.store import final_trials, load_spec, selection, trials_of
 
 REFERENCE = "baseline"
+_mean_ci = mean_cell
 
 
 def runs_frame(storage, benchmark: str, spec: dict) -> pd.DataFrame:
@@ -40,10 +42,11 @@ def runs_frame(storage, benchmark: str, spec: dict) -> pd.DataFrame:
         if group_key is None:  # still tuning: no finals yet
             continue
         for t in final_trials(storage, benchmark, method, group_key):
-            seed = int(json.loads(t.user_attrs["config"])["seed"])  # a param only in stores before issue 20
+            run = record.RunRecord.of(t)
+            seed = run.seed
             if seed not in seeds:  # the store may hold other seeds of the same config
                 continue
-            m, layers = t.user_attrs["metrics"], t.user_attrs.get("diagnostic_layers", [])
+            m, layers, env = run.metrics, run.layers, run.env
             rows.append({
                 "method": method, "seed": seed, "trial": t.number,
                 "test_acc": m.get("test_acc", math.nan), "val_acc": m["val_acc"], "train_acc": m["train_acc"],
@@ -52,20 +55,17 @@ def runs_frame(storage, benchmark: str, spec: dict) -> pd.DataFrame:
                 "gap": m["gap"], "ece": m.get("test_ece", math.nan), "nll": m.get("test_nll", math.nan),
                 "erank": m.get(f"erank/{layers[-1]}", math.nan) if layers else math.nan,
                 "erank_layer": layers[-1] if layers else "", "seconds_per_epoch": m["seconds_per_epoch"],
-                "finished": t.datetime_complete, "torch": t.user_attrs.get("env", {}).get("torch", "?"),
-                "regbench": t.user_attrs.get("env", {}).get("regbench", "?"),
-                "git_commit": t.user_attrs.get("env", {}).get("git_commit", ""),
-                "device": t.user_attrs.get("env", {}).get("device", "?"),
+                "finished": run.finished, "torch": env.get("torch", "?"), "regbench": env.get("regbench", "?"),
+                "git_commit": env.get("git_commit", ""), "device": env.get("device", "?"),
                 "dataset": spec["dataset"], "model": spec["model"], "train_size": _train_size(t, spec),
-                "config": json.loads(t.user_attrs.get("config", "{}")), "metrics": m, "layers": layers,
-                "history": t.user_attrs.get("history", []),
+                "config": run.config, "metrics": m, "layers": layers, "history": run.history,
             })
     return pd.DataFrame(rows)
 
 
 def _train_size(trial, spec: dict):
     """Training samples of a run, when the command fixed them (--train-size or K per class); None = the full split."""
-    cfg = json.loads(trial.user_attrs.get("config", "{}"))
+    cfg = record.config_dict(trial)
     if cfg.get("train_size"):
         return int(cfg["train_size"])
     if cfg.get("train_per_class") and spec.get("num_classes"):
@@ -73,71 +73,12 @@ def _train_size(trial, spec: dict):
     return None
 
 
-def mean_cell(values: pd.Series, scale: float = 1.0, digits: int = 2, min_seeds: int = stats.MIN_SEEDS) -> str:
-    """Mean ± half-width of its 95 % t-interval over seeds (the interval stats.compare gives). Below ``min_seeds``
-    the mean alone, with the seed count in words: at 2 seeds the interval's t quantile is 12.7 and it means
-    nothing (a 69 % accuracy ± 46 pp)."""
-    v = values.dropna() * scale
-    if v.empty:
-        return "–"
-    if len(v) < min_seeds:
-        return f"{v.mean():.{digits}f}"  # the seeds column gives n; the legend says in words why no interval
-    low, high = stats._ci(v.to_numpy(), 0.05)
-    if low is None or not math.isfinite(low):  # every seed equal: no spread, the interval is the point
-        return f"{v.mean():.{digits}f} ± 0"
-    return f"{v.mean():.{digits}f} ± {(high - low) / 2:.{digits}f}"
-
-
-_mean_ci = mean_cell
-
-
-def timing_cell(values: pd.Series, digits: int = 3) -> str:
-    """Median and range of a timing over seeds: wall time is skewed by the machine's load and is not a quantity
-    anyone wants a t-interval of (a mean ± interval at n = 2 even went negative)."""
-    v = values.dropna()
-    if v.empty:
-        return "–"
-    if len(v) == 1:
-        return f"{v.iloc[0]:.{digits}f}"
-    return f"{v.median():.{digits}f} ({v.min():.{digits}f}–{v.max():.{digits}f})"
-
-
-def _num(value, fmt: str = "{:.2f}") -> str:
-    """None → "–", inf → "> 1000" (seeds needed beyond stats.MAX_SEEDS), else formatted."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, float) and math.isinf(value):
-        return f"> {stats.MAX_SEEDS}"
-    return fmt.format(value)
-
-
-def _p(p) -> str:
-    return "–" if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}")
-
-
-def _mark(p, alpha: float = 0.05) -> str:
-    if p is None:
-        return "–"
-    return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < alpha else "ns"
-
-
-def _delta_cell(row) -> str:
-    if row.verdict == "reference":
-        return "—"
-    if row.delta is None:
-        return "–"
-    text = f"{row.delta * 100:+.2f}"
-    if row.delta_ci_low is not None:
-        text += f" [{row.delta_ci_low * 100:+.2f}, {row.delta_ci_high * 100:+.2f}]"
-    else:
-        text += " (no interval, see notes)"
-    return text
-
-
 def test_cells(row) -> str:
-    """The comparison columns of one method's row of stats.compare (Δ in pp, p, sig., g, verdict, power)."""
+    """The comparison columns of one method's row of stats.compare (Δ in pp, p, sig., g, verdict, and the smallest
+    Δ these seeds detect with 80 % power)."""
+    mde = None if getattr(row, "mde", None) is None else row.mde * 100
     return (f"{_delta_cell(row)} | {_p(row.p_holm)} | {_mark(row.p_holm)} | {_num(row.hedges_g, '{:+.2f}')} | "
-            f"{row.verdict} | {_num(row.seeds_needed, '{}')}")
+            f"{row.verdict} | {_num(mde, '{:.2f}')}")
 
 
 test_cells.__test__ = False  # not a pytest test when imported into a test module
@@ -186,6 +127,8 @@ def leaderboard(storage, benchmark: str, margin_pp: float = 0.5, figures_dir: Pa
     if not margin_pp > 0:
         raise ConfigError(f"--margin {margin_pp} must be > 0 (percentage points of accuracy, e.g. 0.5)")
     df = runs_frame(storage, benchmark, spec)
+    if not df.empty:
+        df["degenerate"] = degenerate.flags(df)
     methods = list(spec["methods"])
     lines = [f"# Leaderboard: {benchmark}", "",
              f"- command: `{spec['command']}`",
@@ -220,10 +163,15 @@ def leaderboard(storage, benchmark: str, margin_pp: float = 0.5, figures_dir: Pa
     margin = margin_pp / 100
     table = (stats.compare(df, "test_acc", reference=REFERENCE, margin=margin).set_index("method")
              if not df.empty and REFERENCE in set(df.method) else None)
+    collapsed = degenerate.collapsed_methods(df, df.degenerate) if not df.empty else []
+    if table is not None:
+        table.loc[[m for m in collapsed if m != REFERENCE], "verdict"] = degenerate.COLLAPSED
+    lines += degenerate.header_lines(df, collapsed, REFERENCE)
     shifted = not df.empty and df.shift_acc.notna().any()
     shift_head = " corruption acc % | extra corr. acc % | rel. mCE |" if shifted else ""
+    alpha_plan = stats.power_alpha(table)
     lines += ["", ("| method | seeds | test acc % | Δ test vs baseline (pp) [95 % CI] | p (Holm) | sig. | Hedges' g | "
-                  "verdict | seeds for 80 % power | gap (pp) | ECE % | NLL "
+                  f"verdict | detectable Δ (pp), 80 % power, α = {alpha_plan:.3g} | gap (pp) | ECE % | NLL "
                   f"|{shift_head} final erank | s/epoch | hparams; budget spent |"),
               "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if shifted else "") + "---|---|---|"]
     budgets = {m: _budget(storage, benchmark, m, spec["methods"][m]) for m in methods}
@@ -251,7 +199,7 @@ def leaderboard(storage, benchmark: str, margin_pp: float = 0.5, figures_dir: Pa
                 notes.append(f"- {method}: {r.note}")
         else:
             test = "n/a (no baseline runs) | – | – | – | – | –"
-        lines.append(f"| {method} | {len(mine)} | {_mean_ci(mine.test_acc, 100)} | {test} | "
+        lines.append(f"| {method} | {len(mine)} | {_mean_ci(mine.test_acc, 100)}{degenerate.mark(mine)} | {test} | "
                      f"{_mean_ci(mine.gap, 100)} | {_mean_ci(mine.ece, 100)} | {_mean_ci(mine.nll, 1, 3)} | "
                      + (f"{_mean_ci(mine.shift_acc, 100)} | {_mean_ci(mine.shift_extra_acc, 100)} | "
                         f"{_relative_mce(df, method)} | " if shifted else "") +
@@ -261,12 +209,14 @@ def leaderboard(storage, benchmark: str, margin_pp: float = 0.5, figures_dir: Pa
     lines += ["", *_legend(table, margin_pp, shifted, fewest)]
     if notes:
         lines += ["", "Notes from the tests:", *notes]
+    lines += degenerate.notes(df)
     if not df.empty and df.ece.notna().any():
         lines += _calibration(df, methods)
     if shifted:
         lines += _robustness(df, methods)
     if figures_dir is not None and not df.empty:
-        lines += _figures(df, table, spec, storage, benchmark, Path(figures_dir), figure_paths)
+        curve, why = _learning_curve_frame(storage, spec)
+        lines += report_figures.section(df, table, curve, Path(figures_dir), figure_paths, REFERENCE, margin_pp, why)
     if proto.get("oracle"):
         lines += _oracle(storage, methods, spec)
     return "\n".join(lines) + "\n"
@@ -293,155 +243,18 @@ def _legend(table, margin_pp: float, shifted: bool, fewest: int = stats.MIN_SEED
         "\\*\\*\\* p < 0.001, \\*\\* p < 0.01, \\* p < 0.05, ns not significant, – no test possible. Hedges' g: "
         "bias-corrected standardized difference (|g| ≈ 0.2 small, 0.8 large). Verdict: better/worse when the "
         f"Holm-adjusted p < 0.05; else equivalent when the TOST equivalence test shows |Δ| < {margin_pp:g} pp "
-        "(`regbench report --margin PP`); else inconclusive (more seeds needed). Seeds for 80 % power: per method, "
-        "to detect the observed effect at α = 0.05. s/epoch: median over seeds (min–max), wall time on the "
+        "(`regbench report --margin PP`); else inconclusive (more seeds needed); collapsed when every run of the "
+        "method collapsed (⚠: one predicted class, or test accuracy within noise of chance; no comparison is "
+        "made then). Detectable Δ: the smallest true difference to baseline that these seeds would detect with "
+        "80 % power, from the seed-to-seed spread of the differences alone (no effect is assumed: a mean "
+        "difference from a few seeds is too rough to plan on), at Holm's strictest level α/m over the table's m "
+        f"tests ({stats.power_alpha_text(table)}); a real effect smaller than it can easily read as ns. s/epoch: median over seeds (min–max), wall time on the "
         "machine named above; no interval (timings are not a quantity to test). \"–\": not computable, the reason is in "
         "the notes."
         + (" Corruption columns: mean accuracy over the 15 benchmark corruptions × 5 severities, over the 4 "
            "extra ones separately, and the mCE-style error relative to baseline (1.00 = as robust; lower is "
            "better)." if shifted else "")
         + " Budget: training epochs and wall time spent by the method, tuning trials included."]
-
-
-def _figures(df: pd.DataFrame, table, spec: dict, storage, benchmark: str, folder: Path,
-             written: list | None) -> list[str]:
-    """Draw every figure the runs allow and return the markdown that embeds them (paths relative to OUT)."""
-    from regbench import figures
-
-    written = written if written is not None else []
-    lines = ["", "## Figures", ""]
-
-    def embed(path: Path, caption: str):
-        written.append(path)
-        lines.extend([f"![{caption}](figures/{path.name})", "", f"*{caption}*", ""])
-
-    if table is not None:
-        summary = table.reset_index()[["method", "mean", "ci_low", "ci_high"]]
-        runs = df[["method", "seed"]].assign(value=df.test_acc)
-        embed(figures.seed_points(runs, summary, folder / "test_acc_seeds.png"),
-              "Test accuracy per seed (dots), mean (bar) and 95 % t-interval (whisker) per method.")
-    history, targets = _erank_history(df)
-    if not history.empty:
-        merged = merge_identical_layers(history)
-        panels = {layer: layer.split(" = ") for layer in dict.fromkeys(merged.layer)}
-        targets = targets.assign(layer=targets.layer.map(
-            {part: name for name, parts in panels.items() for part in parts})).drop_duplicates()
-        embed(figures.erank_curves(merged, targets, folder / "erank.png"), erank_caption(df, targets, panels))
-    bins = _reliability_bins(df)
-    if not bins.empty:
-        embed(figures.reliability(bins, folder / "reliability.png"),
-              "Reliability diagram on the clean test set, seeds pooled: accuracy per confidence bin (blue) against "
-              "the diagonal of perfect calibration; red hatching = gap to the bin's mean confidence (above the bar: "
-              "over-confident, inside it: under-confident); the title's ECE is over the pooled seeds.")
-    blocks = _blocks(df)
-    if not blocks.empty:
-        embed(figures.corruption_heatmap(blocks, folder / "corruptions.png"),
-              "Accuracy (%) per corruption × severity, mean over seeds, one panel per method.")
-    curve = _learning_curve_frame(storage, spec)
-    if not curve.empty:
-        embed(figures.learning_curve(curve, folder / "learning_curve.png"),
-              f"Test accuracy vs training samples over the benchmarks of this store on {spec['dataset']}/"
-              f"{spec['model']} ({', '.join(str(n) for n in sorted(curve.train_size.unique()))} samples).")
-    return lines if written else []
-
-
-def ses_beta(method: str, hparams: dict) -> float | None:
-    """β of the SES part of a method: ``beta`` of ``ses`` itself, ``ses.beta`` of a composite with an SES part;
-    None otherwise (another method's ``beta``, e.g. confidence_penalty's, is no SES target)."""
-    if method == "ses":
-        return hparams.get("beta")
-    if "ses" in method.split("+"):
-        return hparams.get("ses.beta")
-    return None
-
-
-def _erank_history(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Long frame (method, seed, epoch, layer, erank) from the stored histories, and the SES targets d^β of every
-    run with an SES part and a known β, on the diagnostic layers it shapes (d = the layer's width stored by the
-    engine). The layers SES shapes are those it reports an entropy for (``ses_entropy/<layer>``); runs stored
-    before that was recorded fall back to the layer rule "auto" (SES hooks the diagnostic layers)."""
-    rows, targets = [], {}
-    for run in df.itertuples():
-        hp = run.config.get("hparams", {})
-        beta = ses_beta(run.method, hp)
-        rule = hp.get("layers") if run.method == "ses" else hp.get("ses.layers")
-        for h in run.history:
-            shaped = {k.split("/", 1)[1] for k in {**run.metrics, **h} if k.startswith("ses_entropy/")}
-            for layer in run.layers:
-                if f"erank/{layer}" in h:
-                    rows.append({"method": run.method, "seed": run.seed, "epoch": h["epoch"], "layer": layer,
-                                 "erank": h[f"erank/{layer}"]})
-                hooked = layer in shaped if shaped else rule == "auto"
-                if beta is not None and hooked and h.get(f"width/{layer}"):
-                    targets[(run.method, layer)] = float(h[f"width/{layer}"]) ** float(beta)
-    return (pd.DataFrame(rows),
-            pd.DataFrame([{"method": m, "layer": lay, "target": t} for (m, lay), t in targets.items()],
-                         columns=["method", "layer", "target"]))
-
-
-def erank_caption(df: pd.DataFrame, targets: pd.DataFrame, panels: dict) -> str:
-    """The effective-rank figure's caption: what is drawn, and for a method with an SES β and no target line, the
-    reason read from its runs (never a guessed cause). ``panels``: panel name → the layers it shows."""
-    caption = ("Effective rank (SES eq. 4) of each diagnostic layer over epochs, mean over seeds with a bootstrap "
-               "95 % band")
-    if any(len(parts) > 1 for parts in panels.values()):
-        caption += "; a panel named \"a = b\" is one series recorded at two layers with identical values"
-    with_beta = sorted({r.method for r in df.itertuples() if ses_beta(r.method, r.config.get("hparams", {}))
-                        is not None})
-    drawn = sorted(set(targets.method))
-    caption += f"; dashed: the SES target d^β of {', '.join(drawn)} in its colour (d = layer width)" if drawn else ""
-    missing = [m for m in with_beta if m not in drawn]
-    caption += (f"; no target for {', '.join(missing)}: its runs recorded no width for the layers it shapes."
-                if missing else "." if with_beta else "; no SES run here, so no target d^β.")
-    return caption
-
-
-def merge_identical_layers(history: pd.DataFrame) -> pd.DataFrame:
-    """Layers whose effective-rank series are identical in every run and epoch (e.g. the last block's output and
-    the global-average pool under ``conv_reduce=gap``: the pool's covariance is the block's) become one panel named
-    "a = b", so one quantity is not drawn twice as if it were two."""
-    if history.empty:
-        return history
-    series = {layer: frame.sort_values(["method", "seed", "epoch"])[["method", "seed", "epoch", "erank"]]
-              .reset_index(drop=True) for layer, frame in history.groupby("layer", sort=False)}
-    rename, groups = {}, []
-    for layer, values in series.items():
-        for group in groups:
-            first = series[group[0]]
-            if len(first) == len(values) and first[["method", "seed", "epoch"]].equals(values[["method", "seed",
-                                                                                                "epoch"]]) \
-                    and np.allclose(first.erank.to_numpy(float), values.erank.to_numpy(float), rtol=1e-9, atol=0):
-                group.append(layer)
-                break
-        else:
-            groups.append([layer])
-    for group in groups:
-        for layer in group:
-            rename[layer] = " = ".join(group)
-    return history.assign(layer=history.layer.map(rename))
-
-
-def _reliability_bins(df: pd.DataFrame) -> pd.DataFrame:
-    rows = []
-    for run in df.itertuples():
-        rel = run.metrics.get("test_reliability")
-        if rel:
-            for b, (n, c, s) in enumerate(zip(rel["count"], rel["correct"], rel["conf_sum"], strict=True)):
-                rows.append({"method": run.method, "seed": run.seed, "bin": b, "count": n, "correct": c,
-                             "conf_sum": s})
-    return pd.DataFrame(rows)
-
-
-def _blocks(df: pd.DataFrame) -> pd.DataFrame:
-    rows = []
-    for run in df.itertuples():
-        for key, acc in run.metrics.items():
-            if key.startswith(("shift/", "shift_extra/")):
-                family, corruption, severity = key.split("/")
-                name = corruption + (" (extra)" if family == "shift_extra" else "")
-                rows.append({"method": run.method, "seed": run.seed, "corruption": name, "severity": int(severity),
-                             "acc": acc})
-    return pd.DataFrame(rows)
 
 
 def _calibration(df: pd.DataFrame, methods: list[str]) -> list[str]:
@@ -497,15 +310,9 @@ def _learning_curve_frame(storage, spec: dict) -> pd.DataFrame:
     return curve.dropna(subset=["train_size"])
 
 
-def _hparams_text(hparams: dict) -> str:
-    def fmt(v):
-        return f"{v:.3g}" if isinstance(v, float) else str(v)
-    return ", ".join(f"{k}={fmt(v)}" for k, v in hparams.items()) or "–"
-
-
 def _budget(storage, benchmark: str, method: str, info: dict) -> str:
-    tuning = spent(trials_of(storage, info.get("tune_study")))
-    finals = spent(trials_of(storage, final_study_name(benchmark, method)))
+    tuning = record.spent(trials_of(storage, info.get("tune_study")))
+    finals = record.spent(trials_of(storage, record.final_study_name(benchmark, method)))
     epochs, seconds = tuning["epochs"] + finals["epochs"], tuning["seconds"] + finals["seconds"]
     text = f"{epochs} epochs, {seconds / 60:.1f} min"
     return text + (f" ({tuning['trials']} tuning trials)" if info.get("tune_study") else "")
@@ -517,24 +324,18 @@ def _oracle(storage, methods: list[str], spec: dict) -> list[str]:
     lines = ["", "## ORACLE (selected on test — optimistic, not a valid comparison)", "",
              "| method | ORACLE test acc % | tuning trial | hparams |", "|---|---|---|---|"]
     for method in methods:
-        done = [t for t in trials_of(storage, spec["methods"][method].get("tune_study"))
-                if t.state.name == "COMPLETE" and "test_acc" in t.user_attrs.get("metrics", {})]
+        runs = [record.RunRecord.of(t) for t in trials_of(storage, spec["methods"][method].get("tune_study"))]
+        done = [r for r in runs if r.complete and "test_acc" in r.metrics]
         if not done:
             lines.append(f"| {method} | – | – | no tuning trial with a test score |")
             continue
-        best = max(done, key=lambda t: t.user_attrs["metrics"]["test_acc"])
-        import json
-        cfg = json.loads(best.user_attrs["config"])
-        lines.append(f"| {method} | {best.user_attrs['metrics']['test_acc'] * 100:.2f} | {best.number} | "
-                     f"{_hparams_text(cfg['hparams'])} |")
+        best = max(done, key=lambda r: r.metrics["test_acc"])
+        lines.append(f"| {method} | {best.metrics['test_acc'] * 100:.2f} | {best.number} | "
+                     f"{_hparams_text(best.config['hparams'])} |")
     lines.append("")
     lines.append("ORACLE: one tuning run (seed 10000) per method, chosen by its test accuracy; never use it to rank "
                  "methods.")
     return lines
-
-
-def write_leaderboard(storage, benchmark: str, out_dir: Path, margin_pp: float = 0.5) -> Path:
-    return write_report(storage, benchmark, out_dir, margin_pp)[0]
 
 
 def write_report(storage, benchmark: str, out_dir: Path, margin_pp: float = 0.5) -> list[Path]:
@@ -658,58 +459,3 @@ def write_export(storage, benchmark: str, out_dir: Path, fmt: str = "csv") -> Pa
     frame.to_csv(tmp, index=False) if fmt == "csv" else frame.to_parquet(tmp, index=False)
     tmp.replace(path)
     return path
-
-
-def summary(frames: list[pd.DataFrame], folder: Path, metric: str = "test_acc") -> tuple[str, list[Path]]:
-    """Rank methods across benchmarks (Demšar 2006 §3.2): mean rank per method over the (dataset, model, train
-    size) cells, Friedman/Iman-Davenport tests, Nemenyi CD and its diagram. ``frames``: ``export_frame`` outputs."""
-    df = pd.concat(frames, ignore_index=True)
-    df["train_size"] = df["train_size"].map(lambda v: "full" if v is None or pd.isna(v) else str(int(v)))
-    cells = df[["dataset", "model", "train_size"]].drop_duplicates()
-    ranking = stats.rank_across(df, metric, by=("dataset", "model", "train_size"))
-    lines = ["# Summary across benchmarks", "",
-             f"{len(cells)} benchmark cell(s) (dataset × model × training samples): "
-             + ", ".join(f"{r.dataset}/{r.model}/{r.train_size}" for r in cells.itertuples())
-             + f"; metric `{metric}` (seed mean per cell), methods ranked 1 = best within each cell.", ""]
-    if ranking.n_cells:
-        lines += ["| method | mean rank | " + " | ".join("/".join(map(str, i)) for i in ranking.per_cell.index) + " |",
-                  "|---|---|" + "---|" * len(ranking.per_cell)]
-        for method, rank in ranking.ranks.items():
-            lines.append(f"| {method} | {rank:.2f} | "
-                         + " | ".join(f"{v:g}" for v in ranking.per_cell[method]) + " |")
-    written: list[Path] = []
-    lines.append("")
-    if ranking.friedman_p is not None:
-        lines.append(f"Friedman χ² = {ranking.friedman_stat:.2f}, p = {_p(ranking.friedman_p)}; Iman-Davenport "
-                     f"F = {_num(ranking.iman_davenport_f)}, p = {_p(ranking.iman_davenport_p)}; Nemenyi critical "
-                     f"difference CD = {ranking.cd:.2f} at α = {ranking.alpha:g} (q = {ranking.q_alpha:.3f}, "
-                     f"k = {len(ranking.ranks)} methods, N = {ranking.n_cells} cells). Methods whose mean ranks "
-                     f"differ by less than CD are not significantly different; groups: "
-                     + ("; ".join("{" + ", ".join(g) + "}" for g in ranking.cliques()) or "none") + ".")
-        k, n = len(ranking.ranks), ranking.n_cells
-        floor = float(scipy.stats.chi2.sf(n * (k - 1), k - 1))  # every cell ranking the methods the same way
-        if floor >= ranking.alpha:
-            lines += ["", f"**With N = {n} cells and k = {k} methods no ranking can be significant**: the largest "
-                          f"possible Friedman χ² is N(k − 1) = {n * (k - 1)}, p = {floor:.3f} ≥ {ranking.alpha:g}. "
-                          "Read the ranks as a description of these cells, not as evidence; the χ² approximation "
-                          "wants N > 10 and k > 5 (Demšar 2006 §3.2.2)."]
-        path = stats.plot_critical_difference(ranking, None, Path(folder) / "figures" / "critical_difference.png",
-                                              title=f"{metric}, {ranking.n_cells} cells")
-        written.append(path)
-        lines += ["", f"![critical-difference diagram](figures/{path.name})", "",
-                  ("*Critical-difference diagram (Demšar 2006, Fig. 1): mean rank per method (1 = best, left); thick "
-                  "bars join methods within CD of each other (not significantly different, Nemenyi).*")]
-    if ranking.note:
-        lines += ["", f"Note: {ranking.note}."]
-    return "\n".join(lines) + "\n", written
-
-
-def write_summary(frames: list[pd.DataFrame], folder: Path, metric: str = "test_acc") -> list[Path]:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    text, written = summary(frames, folder, metric)
-    path = folder / "summary.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return [path, *written]

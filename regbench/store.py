@@ -10,14 +10,13 @@ import time
 from pathlib import Path
 
 import optuna
-import optuna.storages._heartbeat
 from filelock import FileLock, Timeout
 from optuna.trial import TrialState
 
+from regbench import optuna_private, record
 from regbench.errors import StorageError
 
 STORE_FILE = "regbench.db"
-SPEC_ATTR = "spec"  # the <benchmark> study's user attr holding what the last command asked for
 LOCK_FILE = ".regbench.lock"
 PID_FILE = ".regbench.pid"
 
@@ -68,7 +67,6 @@ def open_storage(url: str):
                            f"postgresql://USER@HOST/DB or journal:PATH.log") from None
 
 
-INTERRUPTED = "interrupted:"  # fail_reason prefix of a trial stopped mid-run whose queued copy resumes it
 HEARTBEAT_INTERVAL = 10  # seconds; a RUNNING trial with no heartbeat for GRACE_PERIOD is failed and retried once
 GRACE_PERIOD = 30
 
@@ -85,8 +83,6 @@ def retry_callback():
         return cls(max_retry=1)
 
 
-STALE = "no heartbeat"  # in the fail_reason of a trial whose process died (found stale by another process)
-DIED = "its process died"  # in the fail_reason of every trial failed because its process died (stale or locked)
 
 
 def _retry_stale(study, trial) -> None:
@@ -104,24 +100,21 @@ def _as_retried(trial):
     import copy
 
     clean = copy.copy(trial)
-    clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in ATTEMPT_ATTRS}
-    clean.system_attrs = {k: v for k, v in trial.system_attrs.items() if k != BEAT_ATTR}
+    clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in record.ATTEMPT_ATTRS}
+    clean.system_attrs = {k: v for k, v in trial.system_attrs.items() if k != record.HEARTBEAT}
     return clean
 
 
-# Attributes of one attempt, not of the run: a retried or resumed copy starts without them.
-ATTEMPT_ATTRS = ("fail_reason", "budget", "env", "split_hash", "resumed_from_epoch", "resumed_from_step",
-                 "resumes_trial")
 
 
 def stale_reason(trial, grace: int) -> str:
     """Why a stale trial is failed: it is retried once (a copy queued with the same params) unless it already was a
     retry, in which case it is a failure (a run that kills its process twice)."""
-    first = trial.system_attrs.get("retry_history") or []
+    first = trial.system_attrs.get(record.RETRY_HISTORY) or []
     if first:
-        return (f"error: {STALE} for {grace} s ({DIED}) and it was already the retry of trial {first[0]}; "
-                f"not retried again")
-    return f"{INTERRUPTED} {STALE} for {grace} s ({DIED}); queued to retry with the same params"
+        return (f"{record.ERROR} {record.STALE} for {grace} s ({record.DIED}) and it was already the retry of trial "
+                f"{first[0]}; not retried again")
+    return f"{record.INTERRUPTED} {record.STALE} for {grace} s ({record.DIED}); queued to retry with the same params"
 
 
 class _StaleReasons:
@@ -142,7 +135,7 @@ class _StaleReasons:
         grace = self._grace()
         for trial_id in ids:
             try:
-                self.set_trial_user_attr(trial_id, "fail_reason", stale_reason(self.get_trial(trial_id), grace))
+                self.set_trial_user_attr(trial_id, record.FAIL_REASON, stale_reason(self.get_trial(trial_id), grace))
             except optuna.exceptions.UpdateFinishedTrialError:
                 pass  # finished meanwhile (failed by another process, or its worker was alive after all)
         return ids
@@ -156,20 +149,21 @@ class _StaleReasons:
         from datetime import datetime, timedelta
 
         failed = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.FAIL,))
-        dead = [t for t in failed if str(t.user_attrs.get("fail_reason", "")).startswith(INTERRUPTED)
-                and DIED in str(t.user_attrs["fail_reason"]) and t.datetime_complete is not None
+        dead = [t for t in failed if record.fail_reason(t).startswith(record.INTERRUPTED)
+                and record.DIED in record.fail_reason(t) and t.datetime_complete is not None
                 and t.datetime_complete < datetime.now() - timedelta(seconds=self.heartbeat_interval or 10)]
         if not dead:
             return
         retried = {n for t in self.get_all_trials(study_id, deepcopy=False) for n in t.system_attrs.get(
-            "retry_history", [])}
+            record.RETRY_HISTORY, [])}
         for t in dead:
-            if t.number not in retried and not t.system_attrs.get("retry_history"):
+            if t.number not in retried and not t.system_attrs.get(record.RETRY_HISTORY):
                 history = [t.number]
                 template = optuna.trial.create_trial(
                     state=TrialState.WAITING, params=t.params, distributions=t.distributions,
                     user_attrs=_as_retried(t).user_attrs,
-                    system_attrs={**_as_retried(t).system_attrs, "failed_trial": t.number, "retry_history": history})
+                    system_attrs={**_as_retried(t).system_attrs, record.FAILED_TRIAL: t.number,
+                                  record.RETRY_HISTORY: history})
                 self.create_new_trial(study_id, template_trial=template)
 
     def _grace(self) -> int:
@@ -182,8 +176,8 @@ class _StaleReasons:
         the trial's start time: that is written by the claiming machine's clock in its local time zone, so comparing
         it here could fail a live trial claimed a moment ago on a machine with another clock or zone."""
         now, seen = time.monotonic(), self.__dict__.setdefault("_unbeaten_since", {})
-        unbeaten = [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-                    if t._trial_id not in beating]
+        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        unbeaten = [optuna_private.trial_id(t) for t in running if optuna_private.trial_id(t) not in beating]
         for trial_id in unbeaten:
             seen.setdefault(trial_id, now)
         return [trial_id for trial_id in unbeaten if now - seen[trial_id] > self._grace()]
@@ -193,19 +187,11 @@ class RDBStore(_StaleReasons, optuna.storages.RDBStorage):
     """Optuna's RDBStorage whose stale trials carry their reason (``_StaleReasons``)."""
 
     def _stale_ids(self, study_id: int) -> list[int]:
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-
-        with _create_scoped_session(self.scoped_session) as session:
-            beating = {trial_id for (trial_id,) in session.query(models.TrialHeartbeatModel.trial_id)
-                       .join(models.TrialModel).filter(models.TrialModel.study_id == study_id)}
-        return optuna.storages.RDBStorage._get_stale_trial_ids(self, study_id) + self._never_beat(study_id, beating)
+        beating = optuna_private.rdb_trials_with_heartbeat(self, study_id)
+        return optuna_private.rdb_stale_trial_ids(self, study_id) + self._never_beat(study_id, beating)
 
 
-BEAT_ATTR = "regbench:heartbeat"
-
-
-class JournalStore(_StaleReasons, optuna.storages.JournalStorage, optuna.storages._heartbeat.BaseHeartbeat):
+class JournalStore(_StaleReasons, optuna.storages.JournalStorage, optuna_private.BaseHeartbeat):
     """Optuna's JournalStorage with a heartbeat (Optuna 5.1's has none, so a killed process's trial stayed RUNNING
     and a rerun waited for it forever): each beat is the trial's system attr ``regbench:heartbeat`` (wall-clock
     seconds; the machines sharing a journal file must agree on the time to within the grace period)."""
@@ -214,13 +200,14 @@ class JournalStore(_StaleReasons, optuna.storages.JournalStorage, optuna.storage
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
-            self.set_trial_system_attr(trial_id, BEAT_ATTR, time.time())
+            self.set_trial_system_attr(trial_id, record.HEARTBEAT, time.time())
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # the trial ended between two beats
 
     def _stale_ids(self, study_id: int) -> list[int]:
         now, running = time.time(), self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-        beats = {t._trial_id: t.system_attrs[BEAT_ATTR] for t in running if BEAT_ATTR in t.system_attrs}
+        beats = {optuna_private.trial_id(t): t.system_attrs[record.HEARTBEAT] for t in running
+                 if record.HEARTBEAT in t.system_attrs}
         stale = [tid for tid, beat in beats.items() if now - beat > self._grace()]
         return stale + self._never_beat(study_id, set(beats))
 
@@ -290,30 +277,25 @@ def _lost_schema_race(exc: Exception) -> bool:
     return "already exists" in text or "alembic_version" in text or "duplicate key" in text
 
 
-def final_study_name(benchmark: str, method: str) -> str:
-    return f"{benchmark}:{method}:final"
-
-
 def load_spec(storage, benchmark: str) -> dict | None:
     try:
-        study = optuna.load_study(study_name=benchmark, storage=storage)
+        study = optuna.load_study(study_name=record.spec_study_name(benchmark), storage=storage)
     except KeyError:
         return None
-    return study.user_attrs.get(SPEC_ATTR)
+    return study.user_attrs.get(record.SPEC)
 
 
 def final_trials(storage, benchmark: str, method: str, group_key: str | None = None) -> list:
     """COMPLETE final trials of one method (optionally one configuration), oldest first."""
     try:
-        study = optuna.load_study(study_name=final_study_name(benchmark, method), storage=storage)
+        study = optuna.load_study(study_name=record.final_study_name(benchmark, method), storage=storage)
     except KeyError:
         return []
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     seen, out = set(), []
     for t in trials:  # a run is counted once even if two workers raced to it
-        if (group_key is None or t.user_attrs.get("group_key") == group_key) and t.user_attrs.get("config_key") \
-                not in seen:
-            seen.add(t.user_attrs.get("config_key"))
+        if (group_key is None or record.group_key(t) == group_key) and record.config_key(t) not in seen:
+            seen.add(record.config_key(t))
             out.append(t)
     return out
 
@@ -323,8 +305,13 @@ def selection(storage, benchmark: str, method: str, info: dict) -> dict:
     protocol; older specs carry the group key themselves."""
     if "group_key" in info:
         return {"group_key": info["group_key"], "hparams": info.get("hparams", {}), "shared": {}}
-    study = optuna.load_study(study_name=benchmark, storage=storage)
-    return study.user_attrs.get(f"selected:{method}:{info.get('ident')}") or {}
+    study = optuna.load_study(study_name=record.spec_study_name(benchmark), storage=storage)
+    return study.user_attrs.get(record.selection_attr(method, info.get("ident"))) or {}
+
+
+def completed_values(storage, study_name: str) -> list[tuple[int, float]]:
+    """(trial number, objective value) of a study's completed trials: a tuning curve."""
+    return [(t.number, t.value) for t in trials_of(storage, study_name) if t.state == TrialState.COMPLETE]
 
 
 def trials_of(storage, study_name: str | None) -> list:
@@ -334,22 +321,6 @@ def trials_of(storage, study_name: str | None) -> list:
         return optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
     except KeyError:
         return []
-
-
-def spent(trials) -> dict:
-    """Trials, epochs and seconds spent by these trials (skipped ones never trained and cost nothing)."""
-    out = {"trials": 0, "epochs": 0, "seconds": 0.0}
-    for t in trials:
-        reason = str(t.user_attrs.get("fail_reason", ""))
-        if t.state in (TrialState.WAITING, TrialState.RUNNING) or reason.startswith("skipped:"):
-            continue
-        budget = t.user_attrs.get("budget")
-        if budget is None and "metrics" in t.user_attrs:  # runs stored before budgets were recorded
-            budget = {"epochs": len(t.user_attrs.get("history", [])), "seconds": t.user_attrs["timings"]["seconds"]}
-        out["trials"] += 1
-        out["epochs"] += int((budget or {}).get("epochs", 0))
-        out["seconds"] += float((budget or {}).get("seconds", 0.0))
-    return out
 
 
 class OutputLock:

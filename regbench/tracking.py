@@ -158,28 +158,24 @@ class Tracker:
     def mirror(self, study_name: str, trial) -> None:
         """Mirror one finished Optuna trial (tuning or final) as a child of its method's parent run; pruned and
         failed trials are mirrored too, tagged with their state and reason."""
-        import json
         import time
 
-        from regbench.store import INTERRUPTED
+        from regbench import record
 
-        attrs = trial.user_attrs
-        if "config" not in attrs:
+        if not record.has_config(trial):
             return
-        config = json.loads(attrs["config"])
-        history = attrs.get("history") or [{"epoch": e, "objective": v} for e, v in
-                                           sorted(trial.intermediate_values.items())]
-        started = attrs.get("timings", {}).get("started") or (trial.datetime_start.timestamp()
-                                                               if trial.datetime_start else time.time())
-        seconds = attrs.get("timings", {}).get("seconds") or attrs.get("budget", {}).get("seconds", 0.0)
+        run = record.RunRecord.of(trial)
+        history = run.history or [{"epoch": e, "objective": v} for e, v in sorted(trial.intermediate_values.items())]
+        started = run.timings.get("started") or (trial.datetime_start.timestamp() if trial.datetime_start
+                                                 else time.time())
+        seconds = run.timings.get("seconds") or run.budget.get("seconds", 0.0)
         status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(trial.state.name, "FAILED")
         state = trial.state.name.lower()
-        if str(attrs.get("fail_reason", "")).startswith(INTERRUPTED):  # stopped, resumed by a queued copy: not failed
+        if record.interrupted(trial):  # stopped, resumed by a queued copy: not failed
             status, state = "KILLED", "interrupted"
-        self.log_trial(study_name, trial.number, config, attrs["config_key"], attrs.get("metrics", {}), history,
-                       attrs.get("env", {}), started=started, seconds=seconds, status=status,
-                       kind=attrs.get("kind", "final"), state=state,
-                       reason=attrs.get("fail_reason"))
+        self.log_trial(study_name, trial.number, run.config, run.key, run.metrics, history, run.env,
+                       started=started, seconds=seconds, status=status, kind=run.kind, state=state,
+                       reason=run.reason or None)
 
     def summarize(self, method: str, selected: dict, curve: list[tuple[int, float]], direction: str) -> None:
         """The parent run holds the selected configuration and the tuning curve (value and best-so-far per trial)."""
@@ -339,3 +335,24 @@ class SafeTracker:
                 self._disable(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
                 return None
         return call
+
+
+def mirror_benchmark(storage, tracker, bench) -> None:
+    """Mirror every trial of the benchmark that MLflow lacks (one run by another worker, or lost in a crash between
+    store and mirror), and give each method's parent run its selection, tuning curve and aggregated results (the
+    leaderboard's numbers). Reads the store through ``regbench.store`` only."""
+    from regbench import record, report, store
+
+    for method in bench.methods:
+        names = [record.final_study_name(bench.name, method)]
+        if bench.tunes(method):
+            names.append(bench.tune_study_name(method))
+        for name in names:
+            for t in store.trials_of(storage, name):
+                if t.state.name in ("COMPLETE", "PRUNED", "FAIL") and not record.skipped(t):
+                    tracker.mirror(name, t)
+        selected = store.selection(storage, bench.name, method, {"ident": bench.ident(method)})
+        curve = store.completed_values(storage, bench.tune_study_name(method)) if bench.tunes(method) else []
+        tracker.summarize(method, selected, curve, bench.protocol.direction)
+    for method, results in report.parent_results(storage, bench.name).items():
+        tracker.log_results(method, **results)

@@ -209,7 +209,7 @@ def test_compile_runs_keeps_the_key_and_matches_eager(tmp_path):
 
 def test_cli_compile_reaches_the_stored_config_without_changing_the_key(tmp_path):
     from regbench.cli import main
-    from regbench.store import SPEC_ATTR
+    from regbench.record import SPEC as SPEC_ATTR
     out = tmp_path / "out"
     code = main(["run", "--methods", "ses", "--epochs", "1", "--seeds", "1", "--quiet", "--compile", "--device", "cpu",
                  "--out", str(out), "--data-dir", str(tmp_path / "data"), "--plan-only"])

@@ -22,7 +22,9 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from regbench import store
-from regbench.store import BEAT_ATTR, INTERRUPTED, open_storage
+from regbench.record import HEARTBEAT as BEAT_ATTR
+from regbench.record import INTERRUPTED
+from regbench.store import open_storage
 
 
 # ---- the stale-trial recovery itself, on real storages -----------------------------------------------------------

@@ -95,15 +95,15 @@ def test_a_sigterm_while_a_trial_is_recorded_lets_the_record_finish_then_stops(t
     next seed. Raised where it landed, it would cut the hook short (or, inside Optuna's tell, leave the trial RUNNING)."""
     from regbench.datasets.digits import Digits
 
-    from regbench import study
+    from regbench import protocol, record, runner
     from regbench.config import RunConfig
     from regbench.store import open_storage
 
     splits = Digits().load(data_dir, train_size=200)
     base = RunConfig(method="baseline", dataset="digits", model="mlp", epochs=1, batch_size=64, train_size=200,
                      split_hash=splits.split_hash, device="cpu", data_dir=str(data_dir))
-    bench = study.Benchmark(name="late-stop", base=base, fixed={"baseline": {}}, seeds=[0, 1],
-                            protocol=study.Protocol(trials=0))
+    bench = protocol.Benchmark(name="late-stop", base=base, fixed={"baseline": {}}, seeds=[0, 1],
+                            protocol=protocol.TuningRules(trials=0))
     url = f"sqlite:///{tmp_path / 'store.db'}"
     recorded = []
 
@@ -115,10 +115,10 @@ def test_a_sigterm_while_a_trial_is_recorded_lets_the_record_finish_then_stops(t
     cli._stop_on_sigterm()
     try:
         with pytest.raises(cli.Terminated):
-            study.Runner(open_storage(url), bench, splits, on_trial=on_trial).run()
+            runner.Runner(open_storage(url), bench, splits, on_trial=on_trial).run()
     finally:
         signal.signal(signal.SIGTERM, previous)
-    finals = optuna.load_study(study_name=study.final_study_name("late-stop", "baseline"), storage=url).get_trials()
+    finals = optuna.load_study(study_name=record.final_study_name("late-stop", "baseline"), storage=url).get_trials()
     assert [t.state for t in finals] == [TrialState.COMPLETE, TrialState.WAITING]  # seed 1 queued, never started
     assert recorded == [finals[0].number]
 

@@ -126,7 +126,7 @@ def test_timm_is_imported_only_when_a_timm_model_is_built(tmp_path):
 import sys
 from regbench.cli import main
 from regbench import engine, models, registry
-from regbench.study import environment
+from regbench.provenance import environment
 assert main(["run", "--methods", "ses,nope", "--out", {str(tmp_path / 'out')!r}]) == 2
 environment("cpu")
 models.create_model("cnn", 10, (3, 32, 32))

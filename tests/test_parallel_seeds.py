@@ -301,7 +301,7 @@ def test_group_checkpoints_are_removed_at_the_end_unless_kept(mnist1d, tmp_path)
 
 @pytest.mark.parametrize("backend,method", [("streams", "shade"), ("vmap", "baseline")])
 def test_a_killed_group_resumes_together_where_it_stopped(mnist1d, backend, method, tmp_path):
-    # The retries of a killed group regroup (regbench/study.py claims siblings at the leader's resume point) and
+    # The retries of a killed group regroup (regbench/runner.py claims siblings at the leader's resume point) and
     # continue from their epoch-2 checkpoints: same histories as the uninterrupted group, bit for bit.
     configs = [cfg(method, seed=s, epochs=4, optimizer="adamw", lr=3e-3) for s in (0, 1, 2)]
     group = engine.train_group(configs, mnist1d, build, backend=backend)

@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from regbench import registry
 from regbench.cli import STOPPING, main
-from regbench.store import spent
+from regbench.record import spent
 
 FAST = ["--dataset", "digits", "--model", "mlp", "--epochs", "2", "--quiet"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from regbench import registry, study
+from regbench import protocol, registry, runner
 from regbench.cli import main
 from regbench.store import load_spec, open_storage
 
@@ -64,7 +64,7 @@ def test_final_runs_show_no_seed_param_in_optuna_dashboard_and_the_studies_are_l
     shutil.copy(FIXTURE, tmp_path / "regbench.db")
     storage = open_storage(f"sqlite:///{tmp_path / 'regbench.db'}")
     spec = load_spec(storage, "tiny-400")
-    study.save_spec(storage, study.Benchmark.from_spec(spec))
+    protocol.save_spec(storage, protocol.Benchmark.from_spec(spec))
     record = optuna.load_study(study_name="tiny-400", storage=storage)
     assert "holds no trials by design" in record.user_attrs["about"] and not record.trials
     assert load_spec(storage, "tiny-400")["seeds"] == spec["seeds"]  # an old store stays readable
@@ -74,11 +74,11 @@ def test_final_runs_show_no_seed_param_in_optuna_dashboard_and_the_studies_are_l
         finals = optuna.create_study(study_name=f"x:{method}:final", storage=storage, direction="maximize")
         configs = [RunConfig(method=method, dataset="digits", model="mlp", hparams=hparams[method], seed=s)
                    for s in (0, 1, 2)]
-        assert study.enqueue_missing(finals, configs) == 3
+        assert runner.enqueue_missing(finals, configs) == 3
 
         def objective(trial):  # as Runner's final objective records a claimed run, then a seed-dependent score
             cfg = RunConfig.from_json(trial.user_attrs["config"])
-            study.record_final(trial, cfg)
+            protocol.record_final(trial, cfg)
             return 0.5 + cfg.seed / 10
 
         finals.optimize(objective, n_trials=3)

@@ -7,7 +7,7 @@ LR (here ×0.1 at 50 % and 75 % of training: the paper does not give its milesto
 Arms: baseline, SES, spectral norm (Table 5; defaults of methods/spectral_norm.py: every Conv/Linear, one power
 iteration) and SES+SN. Nothing is tuned: the paper fixes every hyperparameter, so the protocol runs with 0 trials.
 
-Every run goes through the harness's protocol (regbench/study.py: one Optuna trial per run in ``OUT/ses-cifar-store``,
+Every run goes through the harness's protocol (regbench/protocol.py and regbench/runner.py: one Optuna trial per run in ``OUT/ses-cifar-store``,
 finals over seeds, read back from the store), exactly as ``regbench run`` builds it (commands.run_command), with the
 shift set of each dataset evaluated after training: official CIFAR-10-C / CIFAR-100-C when present, else the
 ``*_c_style`` set generated from the test split (the report says which). Full mode needs a CUDA GPU and the official
@@ -157,7 +157,7 @@ def run_benchmark(out, name: str, dataset: str, model: str, fixed: dict, recipe:
                   shift: str | None = None, corruptions=None, severities=None, command: str = ""):
     """Build and run one benchmark as `regbench run` does (run_command / work), into the store at ``out``; returns
     the final runs read back from the store (report.runs_frame: one row per method × seed)."""
-    from regbench import commands, registry, report, study
+    from regbench import commands, protocol, registry, report, runner
     from regbench.config import RunConfig
     from regbench.datasets import shift as shift_sets
     from regbench.store import OutputLock, default_storage_url, load_spec, open_storage
@@ -173,20 +173,20 @@ def run_benchmark(out, name: str, dataset: str, model: str, fixed: dict, recipe:
         splits = dataclasses.replace(splits, shift=shift_sets.load(shift, Path(data_dir), splits,
                                                                    corruptions_subset=corruptions,
                                                                    severities=severities))
-    protocol = study.Protocol(trials=trials)
-    bench = study.Benchmark(name=name, base=base, fixed=fixed, seeds=list(seeds), protocol=protocol,
+    rules = protocol.TuningRules(trials=trials)
+    bench = protocol.Benchmark(name=name, base=base, fixed=fixed, seeds=list(seeds), protocol=rules,
                             command=command)
     for method, hparams in fixed.items():  # a layer rule that selects nothing here fails before any write
         commands.check_attach(method, registry.method_class(method).resolve(hparams), model, ds, base.model_kwargs)
-    study.check_search_spaces(bench)
+    protocol.check_search_spaces(bench)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(out):
         storage = open_storage(default_storage_url(out))
         splits.save_indices(out / "splits" / f"{dataset}-{splits.split_hash[:12]}.json")
         bench.extra = {"split_hash": splits.split_hash, "storage": default_storage_url(out)}
-        study.save_spec(storage, bench)
-        study.fail_dead_trials(storage, study.study_names(bench))
+        protocol.save_spec(storage, bench)
+        runner.fail_dead_trials(storage, protocol.study_names(bench))
         commands.work(storage, bench, splits, None, quiet=True)  # no MLflow mirror: the suite reports from the store
         frame = report.runs_frame(storage, name, load_spec(storage, name))
     if frame.empty or len(frame) != len(fixed) * len(seeds):

@@ -2,7 +2,7 @@
 AlexNet-like net and a ResNet with no regularizer, weight decay, dropout, SHADE and SHADE + dropout.
 
 The paper "cross-validated the regularization parameters ... for each method" (§3.1); here every method is tuned by
-the harness's protocol under the same budget (regbench/study.py: TPE over the method's declared search space,
+the harness's protocol under the same budget (regbench/protocol.py: TPE over the method's declared search space,
 ``TRIALS`` trials each, selected on the validation split, then rerun over seeds; baseline has nothing to tune), one
 benchmark per architecture in ``OUT/shade-cifar-store``, finals read back from the store. Shift accuracy on
 CIFAR-10-C (official when present, else ``cifar10_c_style``) is reported as an extra column: the paper has none.

@@ -31,7 +31,7 @@ from scipy.stats import ttest_rel
 
 from regbench import engine, registry
 from regbench.config import RunConfig
-from regbench.study import TUNE_SEED
+from regbench.protocol import TUNE_SEED
 
 from .common import (
     NOT_REPRODUCED,
