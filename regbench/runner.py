@@ -440,7 +440,7 @@ class Runner:
         if isinstance(result, BaseException):
             self._failed(trial, result, report.epochs, share)
             raise result
-        return self._finished(trial, result, started, report.epochs, share)
+        return self._finished(trial, result, started, report.epochs, share, cfg.epochs)
 
     def _train(self, trial, cfg: RunConfig, prune: bool) -> float:
         from regbench import checkpoint, engine
@@ -462,7 +462,7 @@ class Runner:
         except BaseException as exc:
             self._failed(trial, exc, report.epochs, time.time() - started)
             raise
-        return self._finished(trial, result, started, report.epochs, time.time() - started)
+        return self._finished(trial, result, started, report.epochs, time.time() - started, cfg.epochs)
 
     def _begin(self, trial, cfg: RunConfig) -> None:
         from regbench import engine
@@ -482,8 +482,13 @@ class Runner:
         elif not isinstance(exc, KeyboardInterrupt):
             record.write_failure(trial, record.ERROR, f"{type(exc).__name__}: {exc}")
 
-    def _finished(self, trial, result, started: float, epochs: int, seconds: float) -> float:
+    def _finished(self, trial, result, started: float, epochs: int, seconds: float, planned: int) -> float:
+        from regbench.statefiles import history_problem
+
         record.write_budget(trial, epochs, seconds)
+        why = history_problem(result.history, planned)
+        if why:  # never COMPLETE without every planned epoch (the trial fails: Optuna records the error)
+            raise RuntimeError(f"run {record.config_dict(trial).get('method', '?')} not recorded as complete: {why}")
         record.write_result(trial, result, started)
         return result.metrics[self.bench.protocol.objective]
 

@@ -284,6 +284,16 @@ def _history(rows) -> str | None:
     return None
 
 
+def history_problem(history, epochs: int) -> str | None:
+    """Why a finished run's history is not a record of every one of its ``epochs`` epochs (1..epochs, in order), or
+    None. The recorder refuses to mark a trial COMPLETE otherwise."""
+    if not isinstance(history, list):
+        return f"its history is a {type(history).__name__}"
+    if len(history) != epochs:
+        return f"its history holds {len(history)} of its {epochs} epochs"
+    return _history(history)
+
+
 def checkpoint_problem(state: dict, config_key: str, epochs: int | None = None, fmt: int | None = None) -> str | None:
     """Why a loaded checkpoint cannot resume run ``config_key`` (of ``epochs`` epochs, when known), or None.
     Its epoch counter, history and step must agree with each other and with the run: a resumed run trains the epochs
