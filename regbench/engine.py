@@ -34,6 +34,7 @@ from regbench.metrics import (
     effective_rank,
     generalization_gap,
     predict,
+    test_prediction_spread,
 )
 
 ERANK_BATCH = 512  # fixed held-out batch for the effective-rank diagnostic (methods.md §5.1)
@@ -41,57 +42,6 @@ ERANK_BATCH = 512  # fixed held-out batch for the effective-rank diagnostic (met
 
 class Diverged(RuntimeError):
     """The loss became NaN or inf; the run is recorded as failed with this reason."""
-
-
-class _StopRequest:
-    """A Ctrl-C/SIGTERM that arrived inside a stoppable region (a trial, its training loop): the code there stops at
-    its next safe point (the loop: after its current optimizer step, with a mid-epoch checkpoint) by raising
-    ``exception`` (issue 10, item 2). Set from the CLI's signal handlers."""
-
-    depth = 0                                   # nested stoppable regions now running
-    exception: type[BaseException] | None = None
-
-
-def request_stop(exception: type[BaseException]) -> bool:
-    """Ask the running stoppable region to stop at its next safe point by raising ``exception``. Returns False when
-    none runs or a stop is already pending (a second Ctrl-C), so the caller raises at once instead."""
-    if _StopRequest.depth == 0 or _StopRequest.exception is not None:
-        return False
-    _StopRequest.exception = exception
-    return True
-
-
-def stop_requested() -> bool:
-    """Whether a Ctrl-C/SIGTERM asked the running loop to stop; loops check it after each optimizer step."""
-    return _StopRequest.exception is not None
-
-
-def take_stop() -> type[BaseException] | None:
-    """The exception the pending stop asked for (clearing it): the loop raises it once its checkpoint is saved."""
-    exception, _StopRequest.exception = _StopRequest.exception, None
-    return exception
-
-
-@contextlib.contextmanager
-def stoppable():
-    """A region where a Ctrl-C/SIGTERM waits for a safe point instead of raising wherever it lands (half-way through
-    a storage write, say). Regions nest: a trial holds its training loop, which checks ``stop_requested`` after each
-    step. A stop still pending when the outermost region ends normally (it landed after the loop's last check: the
-    final evaluation, Optuna recording the trial) is raised there, once that work is done; one pending when a region
-    is left by an exception is dropped with it, as that exception already unwinds the command."""
-    if _StopRequest.depth == 0:
-        _StopRequest.exception = None
-    _StopRequest.depth += 1
-    try:
-        yield
-    except BaseException:
-        _StopRequest.depth -= 1
-        if _StopRequest.depth == 0:
-            _StopRequest.exception = None
-        raise
-    _StopRequest.depth -= 1
-    if _StopRequest.depth == 0 and _StopRequest.exception is not None:
-        raise take_stop()()
 
 
 @dataclass
@@ -511,7 +461,7 @@ def _resume(runs: list[_Run], paths, device: torch.device) -> tuple[int, int]:
     point ((0, 0): trained from scratch)."""
     if paths is None:
         return 0, 0
-    states = [_checkpoint.load(path, r.config.key(), device) for r, path in zip(runs, paths)]
+    states = [_checkpoint.load(path, r.config.key(), device, epochs=r.config.epochs) for r, path in zip(runs, paths)]
     points = {None if st is None else (int(st["epoch"]), int(st["step"])) for st in states}
     if points == {None}:
         return 0, 0
@@ -695,6 +645,8 @@ class _Loop:
         for r in self.live():
             if getattr(self.splits, "shift", None) is not None and r.config.eval_test:
                 r.shift_metrics = evaluate_shift(r.model, self.splits.shift)
+            if r.config.eval_test:  # how the test predictions spread over classes: one class = a collapsed run
+                r.shift_metrics.update(test_prediction_spread(r.model, self.splits))
 
     def _end_epoch(self, run: _Run, epoch: int, seconds: float) -> dict | None:
         """A run's epoch end: its divergence check (one host sync per epoch), evaluation and history row; None (and

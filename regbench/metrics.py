@@ -28,8 +28,10 @@ __all__ = [
     "expected_calibration_error",
     "generalization_gap",
     "predict",
+    "prediction_spread",
     "spectral_entropy",
     "spectrum_entropy",
+    "test_prediction_spread",
 ]
 
 
@@ -87,6 +89,30 @@ def calibration(logits: Tensor, targets: Tensor) -> dict:
                    "conf_sum": [round(v, 4) for v in conf_sum.tolist()]}
     return {"ece": expected_calibration_error(logits, targets), "nll": float(nll), "brier": float(brier),
             "reliability": reliability}
+
+
+def prediction_spread(logits: Tensor) -> dict:
+    """How many classes a model predicts on a split and how concentrated: ``pred_classes`` (distinct argmax
+    classes), ``majority_frac`` (share of the most predicted one), ``count`` (samples) and ``num_classes``. A run
+    that predicts one class for every image has collapsed, whatever its accuracy (regbench.degenerate)."""
+    pred = logits.argmax(dim=1)
+    counts = torch.bincount(pred, minlength=logits.shape[1])
+    return {"pred_classes": int((counts > 0).sum()), "majority_frac": float(counts.max()) / max(len(pred), 1),
+            "count": len(pred), "num_classes": int(logits.shape[1])}
+
+
+
+@torch.no_grad()
+def test_prediction_spread(model: nn.Module, splits) -> dict:
+    """The final model's ``prediction_spread`` on the test split, under the names a run's final metrics store it:
+    ``test_pred_classes``, ``test_majority_frac``, ``test_count`` and ``num_classes``."""
+    model.eval()
+    facts = prediction_spread(predict(model, splits.x_test))
+    return {"test_pred_classes": facts["pred_classes"], "test_majority_frac": facts["majority_frac"],
+            "test_count": facts["count"], "num_classes": facts["num_classes"]}
+
+
+test_prediction_spread.__test__ = False  # not a pytest test when imported into a test module
 
 
 def effective_rank(h: Tensor) -> float:

@@ -14,20 +14,17 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import scipy.stats
 
-from regbench import degenerate, report_figures, stats
+from regbench import degenerate, record, report_figures, stats
 from regbench.cells import delta_text as _delta_cell
 from regbench.cells import hparams_text as _hparams_text
 from regbench.cells import mark as _mark
-from regbench.cells import mean_cell, timing_cell  # noqa: F401  (mean_cell and timing_cell: public, tests use them)
+from regbench.cells import mean_cell, timing_cell
 from regbench.cells import num as _num
 from regbench.cells import p_text as _p
 from regbench.errors import ConfigError, RegbenchError
 from regbench.report_figures import _blocks
-from regbench import record
 from regbench.store import final_trials, load_spec, selection, trials_of
 
 REFERENCE = "baseline"
@@ -292,22 +289,34 @@ def _robustness(df: pd.DataFrame, methods: list[str]) -> list[str]:
     return lines
 
 
-def _learning_curve_frame(storage, spec: dict) -> pd.DataFrame:
-    """Final runs of every benchmark in this store on the same dataset and model, when they span ≥ 2 train sizes."""
+def _learning_curve_frame(storage, spec: dict) -> tuple[pd.DataFrame, str]:
+    """Final runs of every benchmark in this store on the same dataset and model under the same protocol but for the
+    training samples, when they span ≥ 2 train sizes; else an empty frame and the reason, in words."""
     import optuna
 
-    rows = []
+    from regbench import summary
+
+    rows, other_protocol = [], []
+    mine = summary.protocol_key(spec, drop=summary.SPLIT_SIZE)
     for name in [s for s in optuna.get_all_study_names(storage) if ":" not in s]:
         other = load_spec(storage, name)
         if not other or other.get("dataset") != spec["dataset"] or other.get("model") != spec["model"]:
             continue
+        if summary.protocol_key(other, drop=summary.SPLIT_SIZE) != mine:
+            other_protocol.append(name)
+            continue
         frame = runs_frame(storage, name, other)
         if not frame.empty:
             rows.append(frame[["method", "seed", "train_size", "test_acc"]])
-    curve = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
-    if curve.empty or curve.train_size.dropna().nunique() < 2:
-        return pd.DataFrame()
-    return curve.dropna(subset=["train_size"])
+    curve = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["train_size"])
+    sizes = curve.train_size.dropna().nunique()
+    if sizes < 2:
+        why = (f"a learning curve needs benchmarks at ≥ 2 training-set sizes (`--train-size`) of "
+               f"{spec['dataset']}/{spec['model']} with this protocol in this store; it holds {sizes}")
+        if other_protocol:
+            why += f" (left out, another protocol: {', '.join(other_protocol)})"
+        return pd.DataFrame(), why
+    return curve.dropna(subset=["train_size"]), ""
 
 
 def _budget(storage, benchmark: str, method: str, info: dict) -> str:
@@ -338,17 +347,32 @@ def _oracle(storage, methods: list[str], spec: dict) -> list[str]:
     return lines
 
 
-def write_report(storage, benchmark: str, out_dir: Path, margin_pp: float = 0.5) -> list[Path]:
-    """OUT/leaderboard.md and OUT/figures/*.png, regenerated from the store; returns [markdown, *figures]. The
-    markdown is replaced atomically, so a failure leaves the previous leaderboard whole."""
+def write_report(storage, benchmark: str, out_dir: Path, margin_pp: float = 0.5, latex: bool = False) -> list[Path]:
+    """OUT/leaderboard.md (and with ``latex`` OUT/leaderboard.tex, its tables in booktabs) and OUT/figures/*.png,
+    regenerated from the store; returns [markdown, (tex,) *figures]. Files are replaced atomically, so a failure
+    leaves the previous leaderboard whole."""
+    from regbench import latex as _latex
+
     out_dir = Path(out_dir)
     figures: list[Path] = []
     text = leaderboard(storage, benchmark, margin_pp, figures_dir=out_dir / "figures", figure_paths=figures)
-    path = out_dir / "leaderboard.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return [path, *figures]
+    path = _latex.write(out_dir / "leaderboard.md", text)
+    tex = [_latex.write(out_dir / "leaderboard.tex", _latex.leaderboard_tex(text))] if latex else []
+    return [path, *tex, *figures]
+
+
+def summary_input(storage, benchmark: str):
+    """What the cross-benchmark summary needs of one benchmark: its name, stored spec and export frame."""
+    from regbench import summary
+
+    return summary.Entry(benchmark, load_spec(storage, benchmark), export_frame(storage, benchmark))
+
+
+def write_summary(entries, folder: Path, metric: str = "test_acc", latex: bool = False) -> list[Path]:
+    """FOLDER/summary.md (``regbench.summary``); ``entries`` from :func:`summary_input`."""
+    from regbench import summary
+
+    return summary.write_summary(entries, folder, metric, latex)
 
 
 # ---------------------------------------------------------------------------------------------------------------

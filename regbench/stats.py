@@ -6,7 +6,7 @@ write.
 
 - :func:`compare` answers, per method, "is it better than the reference, and how sure are we": CIs, paired or Welch
   t-test, Holm across the table, Wilcoxon, Hedges' g, seeds needed for 80 % power, a TOST equivalence test and a
-  one-word verdict.
+  one-word verdict, and the smallest difference the seeds could detect (:func:`detectable_effect`).
 - :func:`rank_across` ranks methods over several (dataset, model) cells: mean ranks, Friedman test and the Nemenyi
   critical difference of Demšar (2006); :func:`plot_critical_difference` draws his CD diagram.
 
@@ -36,7 +36,8 @@ SPREAD_EPS = 1e-12  # a spread this small is float rounding (metrics are ratios 
 MAX_SEEDS = 1000  # beyond this the power answer is "more than anyone will run": reported as math.inf
 
 COLUMNS = ["method", "n", "mean", "ci_low", "ci_high", "delta", "delta_ci_low", "delta_ci_high", "test", "p",
-           "p_holm", "wilcoxon_p", "hedges_g", "seeds_needed", "tost_p", "verdict", "note"]
+           "p_holm", "wilcoxon_p", "hedges_g", "seeds_needed", "tost_p", "verdict", "note", "spread", "mde",
+           "mde_alpha"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,6 +155,38 @@ def seeds_needed(effect: float, alpha: float = 0.05, power: float = 0.8, paired:
     return high
 
 
+def detectable_effect(spread: float, n: int, alpha: float, power: float = 0.8, paired: bool = True,
+                      n_ref: int | None = None) -> float | None:
+    """The smallest true difference (in the metric's units) that a two-sided t-test at ``alpha`` detects with
+    probability ``power`` at these seeds: the standardized effect solved by statsmodels (``TTestPower`` on the
+    ``n`` paired differences, or ``TTestIndPower`` with ``n`` and ``n_ref`` runs for Welch) times ``spread`` (the SD
+    of the per-seed differences, or the pooled SD). Unlike :func:`seeds_needed` it assumes no effect: only the
+    noise, which the seeds estimate far better than a mean difference. None when it cannot be computed."""
+    if n < 2 or not spread or not math.isfinite(spread) or spread <= SPREAD_EPS:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # statsmodels' root finder warns on its way; the answer is checked below
+        if paired:
+            d = TTestPower().solve_power(effect_size=None, nobs=n, alpha=alpha, power=power)
+        else:
+            d = TTestIndPower().solve_power(effect_size=None, nobs1=n, ratio=(n_ref or n) / n, alpha=alpha,
+                                            power=power)
+    d = float(np.asarray(d).reshape(-1)[0])
+    return d * spread if math.isfinite(d) and d > 0 else None
+
+
+def power_alpha(table: pd.DataFrame | None, alpha: float = 0.05) -> float:
+    """The level the detectable-effect column plans at: ``alpha`` over the number of tests the table made (Holm's
+    strictest step), ``alpha`` itself when it made none."""
+    m = 0 if table is None else int(table["p"].notna().sum())
+    return alpha / m if m else alpha
+
+
+def power_alpha_text(table: pd.DataFrame | None, alpha: float = 0.05) -> str:
+    m = 0 if table is None else int(table["p"].notna().sum())
+    return f"α = {alpha:g}/{m} = {alpha / m:.3g}" if m else f"no test was made, α = {alpha:g}"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # One method against the reference.
 
@@ -185,7 +218,8 @@ def _compare_one(x: pd.Series, y: pd.Series, alpha: float, margin: float, power:
                  min_seeds: int = MIN_SEEDS) -> dict:
     """x = method, y = reference, both indexed by seed. Returns the row's statistics (verdict set later)."""
     row = {"delta": None, "delta_ci_low": None, "delta_ci_high": None, "test": None, "p": None,
-           "wilcoxon_p": None, "hedges_g": None, "seeds_needed": None, "tost_p": None, "note": ""}
+           "wilcoxon_p": None, "hedges_g": None, "seeds_needed": None, "tost_p": None, "note": "",
+           "spread": None, "n_ref": len(y)}
     if len(x) == 0 or len(y) == 0:
         who = "this method" if len(x) == 0 else "the reference"
         row["note"] = f"no recorded values for {who}: nothing to compare"
@@ -212,6 +246,7 @@ def _compare_one(x: pd.Series, y: pd.Series, alpha: float, margin: float, power:
             row["note"] = _join(row["note"], _g_note(row["hedges_g"], flat))
             return row
         row["p"] = float(d.ttest_mean(0.0)[1])
+        row["spread"] = float(diff.std(ddof=1))
         row["delta_ci_low"], row["delta_ci_high"] = (float(v) for v in d.tconfint_mean(alpha=alpha))
         row["wilcoxon_p"] = _wilcoxon(diff)
         row["hedges_g"] = hedges_g_paired(xs, ys)
@@ -225,6 +260,8 @@ def _compare_one(x: pd.Series, y: pd.Series, alpha: float, margin: float, power:
             row["note"] = "no seed-to-seed spread on either side: the Welch t-test cannot be computed"
             return row
         row["p"] = float(ws.ttest_ind(xs, ys, usevar="unequal")[1])
+        row["spread"] = math.sqrt(((len(xs) - 1) * np.var(xs, ddof=1) + (len(ys) - 1) * np.var(ys, ddof=1))
+                                  / (len(xs) + len(ys) - 2))
         cm = ws.CompareMeans(ws.DescrStatsW(xs), ws.DescrStatsW(ys))
         row["delta_ci_low"], row["delta_ci_high"] = (float(v) for v in cm.tconfint_diff(alpha=alpha,
                                                                                           usevar="unequal"))
@@ -313,6 +350,10 @@ def compare(df: pd.DataFrame, metric: str, reference: str = "baseline", alpha: f
     for r in rows[1:]:
         r.setdefault("p_holm", None)
         r["verdict"] = _verdict(r, alpha, margin, higher_is_better)
+        # Planning at Holm's strictest step (alpha over the table's m tests): what these seeds can detect at all.
+        r["mde_alpha"] = alpha / len(tested) if tested else None
+        r["mde"] = (detectable_effect(r["spread"], r["n"], r["mde_alpha"], power, r["test"] == "paired t",
+                                      r.get("n_ref")) if r.get("spread") is not None and tested else None)
     return _frame(rows, COLUMNS)
 
 
