@@ -143,19 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "regbench-checkpoints next to the --data-dir); local to this machine")
     _checkpoint_arguments(wk, "--checkpoint-dir")
 
-    la = sub.add_parser("launch", help="start N workers through submitit (local processes or Slurm), then report")
-    la.add_argument("--name", help="a benchmark planned in the storage (`regbench run --name NAME --plan-only`)")
-    la.add_argument("name_positional", nargs="?", metavar="NAME", help=argparse.SUPPRESS)  # deprecated: use --name
-    la.add_argument("--tracking-uri", help="MLflow tracking URI the workers mirror to (default: $MLFLOW_TRACKING_URI, "
-                                           "else the one the benchmark's run recorded)", kind=TRACKING_URI)
-    la.add_argument("--workers", type=int, default=2, help="number of workers (default 2)")
-    la.add_argument("--storage", kind=STORE_URL, help="storage URL (default: sqlite:///runs/NAME/regbench.db)")
-    la.add_argument("--out", kind=OUTPUT_DIR, help="where the leaderboard and worker logs go (default runs/NAME)")
-    la.add_argument("--slurm", metavar="PARTITION", help="submit Slurm jobs to this partition instead of local "
-                                                           "processes")
-    la.add_argument("--timeout-min", type=int, default=24 * 60, help="per-worker time limit in minutes")
-    la.add_argument("--data-dir", default=None, help="dataset cache (default: $REGBENCH_DATA or ~/.cache/regbench)",
-                    kind=CACHE_DIR)
+    from regbench.launch import add_parser as add_launch_parser
+    add_launch_parser(sub)
 
     rep = sub.add_parser("report", help="regenerate OUT/leaderboard.md and OUT/figures/ from the store; with "
                                         "several OUTs and --summary, rank the methods across them")
@@ -171,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="equivalence margin in percentage points for the TOST verdict (default 0.5)")
     rep.add_argument("--summary", metavar="DIR", help="also rank methods across the OUTs' benchmarks (Friedman, "
                                                       "Nemenyi CD diagram) into DIR/summary.md", kind=OUTPUT_DIR)
+    rep.add_argument("--latex", action="store_true", help="also write the tables as booktabs LaTeX with the same "
+                                                          "numbers and notes: OUT/leaderboard.tex (and "
+                                                          "DIR/summary.tex with --summary)")
     exp = sub.add_parser("export", help="write the tidy table of final runs to OUT/results.csv or .parquet")
     exp.add_argument("out", kind=OUTPUT_DIR, help="the output dir of a previous `regbench run`")
     exp.add_argument("--format", choices=["csv", "parquet"], default="csv", help="csv (default) or parquet "
@@ -232,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "worker":
             return commands.worker_command(args, _default_data_dir(), argv)
         if args.command == "launch":
-            return commands.launch_command(args, _default_data_dir(), main)
+            from regbench.launcher import launch_command
+            return launch_command(args, _default_data_dir())
         if args.command == "suite":
             from regbench.suites import suite_command
             return suite_command(args)
@@ -296,15 +289,16 @@ STOPPING = {False: "regbench: stopping once the current training step is saved (
 
 def _stop_on_sigterm() -> None:
     """Ctrl-C and SIGTERM stop a training loop after its current optimizer step (it saves a mid-epoch checkpoint,
-    regbench/engine.py) and anything else at once; a second signal always stops at once."""
+    regbench/stopping.py) and anything else at once; a second signal always stops at once."""
     import signal
     import threading
 
     if threading.current_thread() is threading.main_thread():
         def handler(signum, _frame):
             exception = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
-            engine = sys.modules.get("regbench.engine")  # loaded only once something trains
-            if engine is not None and engine.request_stop(exception):
+            from regbench import stopping
+
+            if stopping.request_stop(exception):
                 # os.write, not print: the handler may run while the main thread is inside a print to stderr
                 os.write(2, STOPPING[signum == signal.SIGTERM].encode())
                 return

@@ -528,40 +528,6 @@ def _only_benchmark(storage, name: str | None) -> str:
     return names[0]
 
 
-def launch_command(args, default_data_dir: str, entry) -> int:
-    """Start N workers through submitit (local processes, or Slurm jobs with --slurm), wait, write the leaderboard.
-    ``entry`` is the CLI's ``main`` each job runs (passed in by cli.py, so nothing below the CLI imports it)."""
-    from regbench import launch
-    from regbench.store import default_storage_url, open_storage
-
-    if args.workers < 1:
-        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
-    name, deprecated = benchmark_name(args, "launch")
-    out = Path(args.out or Path("runs") / name)
-    storage_url = args.storage or default_storage_url(out)
-    storage = open_storage(storage_url)
-    bench = _load_benchmark(storage, name)  # fails in one line before any job starts
-    if deprecated:
-        print(deprecated, file=sys.stderr)
-    tracking_uri = tracking_uri_for(getattr(args, "tracking_uri", None), bench)
-    if tracking_uri is None:
-        print(not_mirrored(storage_url, name), file=sys.stderr)
-    data_dir = str(Path(args.data_dir or default_data_dir).expanduser())
-    jobs = launch.start_workers(entry, storage_url, name, args.workers, out / "workers", data_dir,
-                                slurm_partition=args.slurm, timeout_min=args.timeout_min, tracking_uri=tracking_uri)
-    print(f"launched {len(jobs)} workers ({'slurm ' + args.slurm if args.slurm else 'local'}): "
-          f"{', '.join(str(j.job_id) for j in jobs)}; logs in {out.resolve() / 'workers'}", flush=True)
-    failures, n = launch.wait(jobs), len(jobs)
-    launch.release(jobs)
-    if failures:
-        raise RegbenchError(f"{len(failures)} of {n} workers failed: {failures[0]}; see {out / 'workers'}")
-    out.mkdir(parents=True, exist_ok=True)
-    path = _write_report(storage, name, out, tracking_uri)
-    print(path.read_text())
-    print(f"Leaderboard: {path.resolve()}")
-    return 0
-
-
 def _describe_space(cls) -> str:
     import optuna
 
@@ -643,16 +609,21 @@ def report_command(args) -> int:
         check_output_entries(out)
     if args.summary:
         check_output_entries(Path(args.summary), "--summary")
-    frames = []
     stores = [(out, *_report_store(out, args.storage, args.name, several=bool(args.summary))) for out in outs]
+    entries = []  # the summary's inputs, checked (nothing in common: one line, exit 2) before anything is written
+    if args.summary:
+        from regbench import summary as _summary
+
+        entries = [report.summary_input(storage, n) for _, storage, names in stores for n in names]
+        _summary.check(entries)
+    latex = bool(getattr(args, "latex", False))
     for out, storage, names in stores:  # all checked above, before anything is written
         if args.summary and len(names) > 1:  # a store of several benchmarks: all join the summary, none overwrites
-            frames += [report.export_frame(storage, n) for n in names]  # OUT/leaderboard.md (pick one with --name)
             print(f"{out}: {len(names)} benchmarks ({', '.join(names)}) go into the summary; regenerate one's "
                   f"leaderboard with --name")
             continue
         name = names[0]
-        paths = report.write_report(storage, name, out, margin_pp=args.margin)
+        paths = report.write_report(storage, name, out, margin_pp=args.margin, latex=latex)
         uri = tracking_uri_for(getattr(args, "tracking_uri", None), _load_benchmark(storage, name), out,
                                default_in_out=False)
         if uri is None:
@@ -665,12 +636,12 @@ def report_command(args) -> int:
                 tracker.log_artifact(None, artifact, all_parents=True,
                                      subdir="figures" if artifact.suffix == ".png" else None)
             tracker.close()
-        frames.append(report.export_frame(storage, name))
         if not args.summary:
             print(paths[0].read_text())
-        print(f"Leaderboard: {paths[0].resolve()} ({len(paths) - 1} figures in {(out / 'figures').resolve()})")
+        print(f"Leaderboard: {paths[0].resolve()} ({sum(p.suffix == '.png' for p in paths)} figures in "
+              f"{(out / 'figures').resolve()})" + (f"; LaTeX: {paths[1].resolve()}" if latex else ""))
     if args.summary:
-        paths = report.write_summary(frames, Path(args.summary))
+        paths = report.write_summary(entries, Path(args.summary), latex=latex)
         print(paths[0].read_text())
         print(f"Summary: {paths[0]}")
     return 0

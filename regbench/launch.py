@@ -1,54 +1,173 @@
 """`regbench launch`: N workers through submitit, so a user with a cluster does not write a launcher.
 
-Each job runs ``regbench worker`` in a fresh Python process (local processes by default, Slurm jobs with a partition).
-Workers coordinate only through the storage, so a job that dies loses nothing: its running trial goes stale and is
-retried once by whichever worker looks next.
+Each job runs ``regbench worker`` (local processes by default, Slurm jobs with ``--slurm PARTITION``). Workers
+coordinate only through the storage, so a job that dies loses nothing: its running trial goes stale and is retried by
+whichever worker looks next, and a worker stopped by a signal saves its trial and queues it to resume.
+
+Here: the command's options (``add_parser``), the job each worker is (``Worker``), and the submission
+(``start_workers``). Following the jobs and the outcome are regbench/launcher.py's; what Slurm is asked, and how
+its answers are read, is regbench/slurm.py's.
 """
 from __future__ import annotations
 
+import argparse
 import os
+import signal
 from pathlib import Path
 
+from regbench.arguments import CACHE_DIR, OUTPUT_DIR, STORE_URL, TRACKING_URI
 
-def _worker(entry, storage_url: str, benchmark: str, data_dir: str, tracking_uri: str | None = None) -> int:
-    """One job: ``entry`` is regbench.cli.main, handed down by the CLI (submitit pickles it by name), so this module
-    never imports the CLI that imports it."""
-    main = entry
-    mirror = ["--tracking-uri", tracking_uri] if tracking_uri else []
-    code = main(["worker", "--storage", storage_url, "--name", benchmark, "--data-dir", data_dir, "--quiet", *mirror])
-    if code != 0:
-        raise RuntimeError(f"regbench worker exited with status {code}")
-    return code
+REQUEUES = 20  # times a job that reaches its time limit saves its trial and requeues itself (submitit's countdown)
 
 
-def start_workers(entry, storage_url: str, benchmark: str, n: int, folder: Path, data_dir: str,
-                  slurm_partition: str | None = None, timeout_min: int = 24 * 60,
-                  tracking_uri: str | None = None) -> list:
+def add_parser(sub) -> None:
+    la = sub.add_parser("launch", help="start N workers through submitit (local processes or Slurm), then report",
+                        description="Start N `regbench worker`s on a planned benchmark (local processes, or Slurm jobs "
+                                    "with --slurm), follow them, and write the leaderboard once the benchmark is "
+                                    "complete. The outcome is read from the store, not from the jobs' exit codes.")
+    la.add_argument("--name", help="a benchmark planned in the storage (`regbench run --name NAME --plan-only`)")
+    la.add_argument("name_positional", nargs="?", metavar="NAME", help=argparse.SUPPRESS)  # deprecated: use --name
+    la.add_argument("--tracking-uri", help="MLflow tracking URI the workers mirror to (default: $MLFLOW_TRACKING_URI, "
+                                           "else the one the benchmark's run recorded)", kind=TRACKING_URI)
+    la.add_argument("--workers", type=int, default=2, help="number of workers, one job each (default 2)")
+    la.add_argument("--per-gpu", type=int, default=1, metavar="N",
+                    help="worker processes per job: N on each GPU the job gets (N on the CPU without one); default 1")
+    la.add_argument("--storage", kind=STORE_URL, help="storage URL (default: sqlite:///runs/NAME/regbench.db)")
+    la.add_argument("--out", kind=OUTPUT_DIR, help="where the leaderboard and worker logs go (default runs/NAME)")
+    la.add_argument("--data-dir", default=None, help="dataset cache (default: $REGBENCH_DATA or ~/.cache/regbench)",
+                    kind=CACHE_DIR)
+    la.add_argument("--progress-seconds", type=float, default=None, metavar="S",
+                    help="while waiting, a progress line every S seconds (default: a live line on a terminal, one a "
+                         "minute otherwise)")
+    la.add_argument("--timeout-min", type=int, default=None, help=argparse.SUPPRESS)  # old spelling of --time
+    sl = la.add_argument_group("Slurm (with --slurm; each worker is one job; checked with sinfo/scontrol before "
+                               "anything is queued)")
+    sl.add_argument("--slurm", metavar="PARTITION", help="submit the workers as Slurm jobs to this partition")
+    sl.add_argument("--gpus-per-job", type=int, default=None, metavar="N",
+                    help="GPUs per job (default: 1 when the benchmark's device is cuda, or auto on a partition with "
+                         "GPUs; else 0: no GPU is requested)")
+    sl.add_argument("--cpus-per-job", type=int, default=None, metavar="N",
+                    help="CPUs per job (default: one per worker process, --per-gpu)")
+    sl.add_argument("--mem", metavar="SIZE", help="memory per job, e.g. 4G (default: the cluster's default if it sets "
+                                                   "one, else a node's memory per CPU times the job's CPUs, at most 4G)")
+    sl.add_argument("--time", metavar="TIME", help="time limit per job, in minutes or D-HH:MM:SS (default: 24 hours, "
+                                                    "or the partition's MaxTime if shorter); a job that reaches it "
+                                                    "saves its trial and requeues itself")
+    sl.add_argument("--account", help="Slurm account to charge")
+    sl.add_argument("--qos", help="Slurm quality of service")
+    sl.add_argument("--constraint", help="Slurm node features the jobs need (sbatch --constraint)")
+    sl.add_argument("--array-parallelism", type=int, default=None, metavar="N",
+                    help="at most N of the jobs run at once (default: all of them)")
+    sl.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra sbatch parameter, e.g. --sbatch reservation=mine or --sbatch exclusive (repeatable)")
+    sl.add_argument("--setup", action="append", default=[], metavar="LINE",
+                    help="a shell line each job runs before its worker, e.g. --setup 'module load cuda' (repeatable)")
+    sl.add_argument("--leave-jobs", action="store_true",
+                    help="on Ctrl-C/SIGTERM leave the jobs queued or running (default: cancel them); rerun the same "
+                         "command to reattach to them")
+
+
+class Worker:
+    """One job: ``regbench worker ARGV`` as a child process, so that the job can stop it at a safe point.
+
+    Slurm sends USR2 before a job's time limit (and on preemption); submitit's handler then calls ``checkpoint``,
+    which stops the worker like SIGTERM does (its running trial is saved and queued to resume) and hands submitit a
+    new copy of this job, which submitit saves before requeueing the job (``scontrol requeue``): the requeued job
+    starts a fresh worker that resumes the trial. ``scancel`` signals every process of the job, so the worker gets
+    its SIGTERM directly; the worker ignores USR2 (only this process acts on it)."""
+
+    def __init__(self, argv: list[str]):
+        self.argv = list(argv)
+        self._child = None
+
+    def __call__(self) -> int:
+        import subprocess
+        import sys
+
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if os.environ.get("SLURM_CPUS_PER_TASK") and "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = os.environ["SLURM_CPUS_PER_TASK"]  # torch's threads: the CPUs the job has
+        local = os.environ.get("SUBMITIT_EXECUTOR") != "slurm"
+        # A local worker has a session of its own: Ctrl-C at the terminal, or launch cancelling its jobs, reaches it
+        # once, through this process (a second signal would stop it at once, not at a safe point).
+        self._child = subprocess.Popen([sys.executable, "-m", "regbench.cli", "worker", *self.argv], env=env,
+                                       preexec_fn=_ignore_usr2, start_new_session=local)
+        if local:
+            forwarded = []
+
+            def forward(signum, _frame):
+                if not forwarded and self._child.poll() is None:
+                    forwarded.append(signum)
+                    self._child.send_signal(signum)
+
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, forward)
+        code = self._child.wait()
+        if code != 0:
+            raise RuntimeError(f"regbench worker exited with status {code}")
+        return code
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit's USR2 handler: stop the worker at its next safe point, then requeue this job (a new copy)."""
+        from submitit.helpers import DelayedSubmission
+
+        child = self._child
+        if child is not None and child.poll() is None:
+            print(f"regbench: job time limit near or preempted (USR2): stopping the worker so that its trial is saved "
+                  f"and queued to resume; the job is requeued", flush=True)
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(timeout=75)  # Slurm's warning comes 90 s before the limit
+            except Exception:  # noqa: BLE001 - still running: stop it now, its trial is retried when found stale
+                child.kill()
+        return DelayedSubmission(Worker(self.argv))
+
+
+def _ignore_usr2() -> None:
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def worker_argv(storage_url: str, benchmark: str, data_dir: str, tracking_uri: str | None, per_gpu: int,
+                device: str | None) -> list[str]:
+    argv = ["--storage", storage_url, "--name", benchmark, "--data-dir", data_dir]
+    argv += ["--tracking-uri", tracking_uri] if tracking_uri else []
+    argv += ["--per-gpu", str(per_gpu)] if per_gpu != 1 else []
+    argv += ["--device", device] if device else []
+    return argv
+
+
+def start_workers(argv: list[str], n: int, folder: Path, request=None, job_name: str = "regbench",
+                  comment: str | None = None, parallelism: int | None = None, setup: list[str] | None = None) -> list:
+    """Submit ``n`` Worker jobs: Slurm jobs (one array) for a ``slurm.Request``, else local processes. Returns
+    submitit's job objects."""
     import submitit
 
     folder.mkdir(parents=True, exist_ok=True)
-    if slurm_partition:
-        executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
-        executor.update_parameters(slurm_partition=slurm_partition, timeout_min=timeout_min, name=f"rb-{benchmark}",
-                                   cpus_per_task=4, gpus_per_node=1)
+    if request is not None:
+        executor = submitit.SlurmExecutor(folder=str(folder), max_num_timeout=REQUEUES)
+        params = {"partition": request.partition, "time": request.time_min, "cpus_per_task": request.cpus,
+                  "job_name": job_name, "array_parallelism": parallelism or n,
+                  "additional_parameters": {"requeue": True, **request.extra}}
+        optional = {"gpus_per_node": request.gpus or None, "mem": f"{request.mem_mb}MB" if request.mem_mb else None,
+                    "account": request.account, "qos": request.qos, "constraint": request.constraint,
+                    "comment": comment, "setup": list(setup) if setup else None}
+        executor.update_parameters(**params, **{k: v for k, v in optional.items() if v is not None})
     else:
         executor = submitit.LocalExecutor(folder=str(folder))
-        executor.update_parameters(timeout_min=timeout_min)
+        executor.update_parameters(timeout_min=24 * 60)
     with executor.batch():
-        jobs = [executor.submit(_worker, entry, storage_url, benchmark, data_dir, tracking_uri) for _ in range(n)]
+        jobs = [executor.submit(Worker(argv)) for _ in range(n)]
     return jobs
 
 
-def wait(jobs) -> list[str]:
-    """Block until every job ends; returns one line per failed job."""
-    failures = []
-    for job in jobs:
-        try:
-            job.result()
-        except Exception as exc:  # submitit re-raises the job's exception with its traceback text
-            text = str(exc).strip().splitlines()
-            failures.append(f"job {job.job_id}: {text[-1] if text else type(exc).__name__}")
-    return failures
+def submitted_line(folder: Path, job_id: str) -> str | None:
+    """The sbatch line of what was submitted, from the script submitit wrote (its #SBATCH lines, logs aside)."""
+    script = folder / f"{job_id.split('_')[0]}_submission.sh"
+    if not script.is_file():
+        return None
+    flags = [line.split(None, 1)[1] for line in script.read_text().splitlines() if line.startswith("#SBATCH ")]
+    shown = [f for f in flags if not f.startswith(("--output=", "--error=", "--open-mode="))]
+    return "sbatch " + " ".join(shown)
 
 
 def release(jobs: list) -> None:

@@ -37,6 +37,10 @@ NUMBERS: dict[str, tuple[float, float, bool]] = {
     "--per-gpu": (1, 256, True),
     "--workers": (1, 10_000, True),
     "--timeout-min": (1, 10**7, True),
+    "--gpus-per-job": (0, 1024, True),  # launch --slurm (regbench/launch.py)
+    "--cpus-per-job": (1, 100_000, True),
+    "--array-parallelism": (1, 10_000, True),
+    "--progress-seconds": (0.1, 1e6, False),
     "--margin": (0.0, 100.0, False),  # percentage points; > 0 checked by report
     "--seeds": (1, MAX_SEEDS, True),  # suite --seeds: a count
     "--port": (1, 65535, True),
