@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_suite_parser(sub)
     from regbench.localpg import add_parser as add_postgres_parser
     add_postgres_parser(sub)
+    from regbench.ui import add_parser as add_ui_parser
+    add_ui_parser(sub)
     return p
 
 
@@ -234,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "postgres":
             from regbench.localpg import postgres_command
             return postgres_command(args)
+        if args.command == "ui":
+            from regbench.ui import ui_command
+            return ui_command(args)
         return commands.report_command(args)
     except RegbenchError as exc:
         print(f"regbench: error: {exc}", file=sys.stderr)

@@ -114,7 +114,7 @@ def header_lines(df: pd.DataFrame, collapsed: list[str], reference: str) -> list
                      f"fix the recipe (a lower `--lr`, more `--epochs`) and rerun under a new `--name`")
     lines.append(f"- ⚠ {len(bad)} of {len(df)} runs collapsed (one predicted class, or test accuracy within noise "
                  f"of chance; one-sided binomial test at α = {ALPHA:g})"
-                 + (f"; every run of {', '.join(collapsed)}" if collapsed else "")
+                 + (f", every run of {', '.join(collapsed)} among them" if collapsed else "")
                  + ": marked ⚠ in the table, red × in the per-seed figure, listed under \"Collapsed runs\"")
     return lines
 

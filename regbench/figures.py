@@ -44,7 +44,7 @@ def seed_points(runs: pd.DataFrame, summary: pd.DataFrame, path, metric_label: s
     import seaborn as sns
 
     order = list(summary["method"])
-    fig, axes = _figure(1.2 + 1.1 * len(order), 3.6)
+    fig, axes = _figure(max(1.2 + 1.1 * len(order), 4.6), 3.6)
     ax = axes[0, 0]
     data = runs.assign(value=runs["value"] * 100)
     bad = data["degenerate"].astype(bool) if "degenerate" in data else pd.Series(False, index=data.index)
@@ -52,7 +52,8 @@ def seed_points(runs: pd.DataFrame, summary: pd.DataFrame, path, metric_label: s
                   jitter=0.12, size=6, alpha=0.8, ax=ax, palette=method_palette(order))
     if bad.any():
         where = {m: i for i, m in enumerate(order)}
-        ax.scatter([where[m] for m in data.method[bad]], data.value[bad], marker="x", color="red", s=45, lw=1.6,
+        jitter = np.random.default_rng(0).uniform(-0.12, 0.12, int(bad.sum()))  # seeded: redraws are identical
+        ax.scatter([where[m] + j for m, j in zip(data.method[bad], jitter, strict=True)], data.value[bad], marker="x", color="red", s=45, lw=1.6,
                    zorder=4, label="collapsed run")
     no_interval = []
     for i, row in enumerate(summary.itertuples()):
@@ -288,5 +289,5 @@ def paired_differences(pairs: pd.DataFrame, rows: pd.DataFrame, margin_pp: float
     ax.set_ylim(-0.6, len(methods) - 0.4)
     ax.set_xlabel(f"Δ test accuracy vs {reference} (pp), paired by seed")
     ax.set_title(f"difference to {reference} per seed (dots), mean (◆) and 95 % CI (bar)", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: never over a row's points
     return _save(fig, path)

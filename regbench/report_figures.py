@@ -42,7 +42,8 @@ def section(df: pd.DataFrame, table, curve: pd.DataFrame, folder: Path, written:
     chance = degenerate.chance_level(df)
     if table is not None and len(table) > 1:
         rows = table.reset_index()
-        rows = rows.assign(label=[f"{r.method}  {cells.delta_text(r)}" for r in rows.itertuples()])
+        rows = rows.assign(label=[f"{r.method}  {cells.delta_text(r)}" + ("  (collapsed)" if r.verdict ==
+                                  degenerate.COLLAPSED else "") for r in rows.itertuples()])
         embed(figures.paired_differences(_pairs(df, reference), rows[rows.method != reference], margin_pp,
                                          folder / "paired_differences.png", reference=reference),
               f"Δ test accuracy against {reference} (pp) per seed (dots, paired by seed), the mean (diamond) and "

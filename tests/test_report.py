@@ -239,7 +239,7 @@ def _run(method, hparams, history, metrics=None, layers=("block3.act", "pool")):
 
 
 def test_ses_target_is_drawn_for_any_layer_rule_and_composites_never_for_another_methods_beta():
-    from regbench.report import _erank_history, erank_caption
+    from regbench.report_figures import _erank_history, erank_caption
 
     h = [{"epoch": 1, "erank/block3.act": 5.0, "width/block3.act": 128, "erank/pool": 5.0, "width/pool": 128,
           "ses_entropy/pool": 1.6}]
@@ -258,7 +258,7 @@ def test_ses_target_is_drawn_for_any_layer_rule_and_composites_never_for_another
 
 
 def test_identical_layer_series_become_one_panel():
-    from regbench.report import merge_identical_layers
+    from regbench.report_figures import merge_identical_layers
 
     rows = [{"method": m, "seed": s, "epoch": e, "layer": layer, "erank": 1.0 + e + s + (layer == "block2.act")}
             for m in ("baseline", "ses") for s in (0, 1) for e in (1, 2) for layer in ("block2.act", "block3.act",
