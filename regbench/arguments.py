@@ -64,8 +64,21 @@ def _plain(value: str, option: str, what: str) -> Path:
 
 
 def _not_root(path: Path, option: str, value: str, what: str) -> None:
-    if path.resolve() == Path(path.anchor or "/"):
+    if os.path.realpath(path) == os.path.abspath(path.anchor or "/"):  # realpath: never raises on a symlink loop
         raise ConfigError(f"{option} {_shown(value)} is the filesystem root, not a folder of regbench's; pass {what}")
+
+
+def _no_broken_link(path: Path, option: str, value: str, what: str) -> None:
+    """A symbolic link that loops or points nowhere, at ``path`` or above it, is named as such."""
+    probe = Path(os.path.abspath(path))
+    for part in [probe, *probe.parents]:
+        if os.path.islink(part) and not os.path.exists(part):
+            try:
+                os.stat(part)
+            except OSError as exc:
+                raise ConfigError(f"{option} {_shown(value)}: {part} is a symbolic link that "
+                                  f"{'loops' if exc.errno == 40 else 'points nowhere'} ({exc.strerror}); fix or "
+                                  f"remove the link, or pass {what} elsewhere") from None
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -89,6 +102,7 @@ def _probe_writable(folder: Path) -> str | None:
 
 def check_creatable_dir(path: Path, option: str, value: str, what: str, writable: bool) -> None:
     """A folder that exists (and, if ``writable``, accepts a new file) or that ``mkdir -p`` can create."""
+    _no_broken_link(path, option, value, what)
     if path.exists():
         if not path.is_dir():
             raise ConfigError(f"{option} {_shown(value)}: {path} is a file, not a directory; pass {what}")
@@ -143,6 +157,7 @@ class InputDir(Kind):
         what = "the output dir of a `regbench run`"
         path = _plain(value, option, what)
         _not_root(path, option, value, what)
+        _no_broken_link(path, option, value, what)
         if not path.exists():
             raise ConfigError(f"{option} {_shown(value)} does not exist; pass {what}")
         if not path.is_dir():
@@ -159,6 +174,7 @@ class LookupDir(Kind):
         what = "the data sets' directory"
         path = _plain(value, option, what)
         _not_root(path, option, value, what)
+        _no_broken_link(path, option, value, what)
         if path.exists() and not path.is_dir():
             raise ConfigError(f"{option} {_shown(value)} is a file, not a directory; pass {what}")
         base = _nearest_existing(path)

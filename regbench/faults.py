@@ -40,18 +40,10 @@ FILL_ENV = "REGBENCH_FAULT_FILL"
 def fill(folder: str) -> None:
     """``<event>:<k>:full``: instead of a kill, the file system holding ``folder`` (a small tmpfs in the tests) is
     filled to the last byte at that point, and the process goes on: every later write there meets ENOSPC."""
-    with open(os.path.join(folder, ".regbench-filler"), "ab") as f:
-        chunk = b"\0" * (1 << 16)
-        try:
-            while True:
-                f.write(chunk)
-                f.flush()
-        except OSError:
-            pass
-        for size in (4096, 512, 1):  # the last partial blocks
+    with open(os.path.join(folder, ".regbench-filler"), "ab", buffering=0) as f:  # unbuffered: close never fails
+        for size in (1 << 16, 4096, 512, 1):  # then the last partial blocks
             try:
                 while True:
                     f.write(b"\0" * size)
-                    f.flush()
             except OSError:
                 continue

@@ -14,7 +14,10 @@ import argparse
 import hashlib
 import os
 import re
+import shutil
 import sqlite3
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -224,9 +227,9 @@ def test_every_hostile_value_is_one_line_exit_2_and_changes_nothing(matrix):
 
 # ---- the last line of defence ----------------------------------------------------------------------------------
 
-def _corrupt_store(folder: Path) -> Path:
-    """A real Optuna store whose benchmark record is not what regbench writes (its run config is not JSON): no user
-    input is wrong, so reading it is a bug in regbench's handling, and the last line of defence must catch it."""
+def _store_with_a_bug(folder: Path) -> Path:
+    """A real Optuna store holding a real planned benchmark record; the bug is planted in the process (below), since
+    a store of the wrong shape is now refused as bad input (exit 2, tests/test_readback.py)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -234,6 +237,16 @@ def _corrupt_store(folder: Path) -> Path:
     study = optuna.create_study(study_name="bench", storage=f"sqlite:///{folder}/regbench.db")
     study.set_user_attr("spec", {"benchmark": "bench", "base": "{not json", "seeds": [0], "methods": ["baseline"]})
     return folder / "regbench.db"
+
+
+def _with_a_bug(*args: str, env_extra: dict, cwd) -> subprocess.CompletedProcess:
+    """The console's ``main`` with a genuine bug planted in `status` (a ZeroDivisionError), as a user would meet it."""
+    code = ("import sys; from regbench import commands; "
+            "commands.status_command = lambda args: (lambda: 1 / 0)(); "
+            "from regbench.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}, **env_extra}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=300)
 
 
 def _crash_line(proc) -> Path:
@@ -246,18 +259,55 @@ def _crash_line(proc) -> Path:
     return path
 
 
+def test_a_store_of_the_wrong_shape_is_bad_input_not_a_bug(tmp_path):
+    out = tmp_path / "out"
+    _store_with_a_bug(out)
+    proc = regbench_cli("status", str(out), env_extra={"TMPDIR": str(tmp_path)}, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "plan of benchmark 'bench'" in proc.stderr, proc.stderr
+    assert not list(out.glob("regbench-crash-*"))
+
+
 def test_an_unexpected_exception_is_one_line_with_the_traceback_in_the_output_dir(tmp_path):
     out = tmp_path / "out"
-    _corrupt_store(out)
-    path = _crash_line(regbench_cli("status", str(out), env_extra={"TMPDIR": str(tmp_path)}, cwd=tmp_path))
+    _store_with_a_bug(out)
+    path = _crash_line(_with_a_bug("status", str(out), env_extra={"TMPDIR": str(tmp_path)}, cwd=tmp_path))
     assert path.parent == out.resolve()
-    assert "JSONDecodeError" in path.read_text()
+    assert "ZeroDivisionError" in path.read_text()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # written whole: no temp file left
 
 
 def test_without_an_output_dir_the_traceback_goes_to_the_temp_dir(tmp_path):
-    db = _corrupt_store(tmp_path / "store")
+    db = _store_with_a_bug(tmp_path / "store")
     crash = tmp_path / "crash"
     crash.mkdir()
-    path = _crash_line(regbench_cli("status", "--storage", f"sqlite:///{db}", env_extra={"TMPDIR": str(crash)},
-                                    cwd=tmp_path))
+    path = _crash_line(_with_a_bug("status", "--storage", f"sqlite:///{db}", env_extra={"TMPDIR": str(crash)},
+                                   cwd=tmp_path))
     assert path.parent == crash.resolve()
+
+
+def test_a_crash_file_never_lands_half_written_in_a_full_out(tmp_path):
+    """OUT on a full disk: the crash report goes to the temp dir, and OUT gets neither a partial report nor a temp
+    file (written under a temp name, renamed only once whole)."""
+    out = tmp_path / "out"
+    _store_with_a_bug(out)
+    full = tmp_path / "full"
+    full.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not allowed here (needs root or CAP_SYS_ADMIN)")
+    try:
+        shutil.copy(out / "regbench.db", full / "regbench.db")
+        with open(full / "filler", "wb", buffering=0) as f:  # fill the rest, to the last byte
+            try:
+                while True:
+                    f.write(b"\0" * 512)
+                    f.flush()
+            except OSError:
+                pass
+        crash = tmp_path / "crash"
+        crash.mkdir()
+        path = _crash_line(_with_a_bug("status", str(full), env_extra={"TMPDIR": str(crash)}, cwd=tmp_path))
+        assert path.parent == crash.resolve()
+        assert sorted(p.name for p in full.iterdir()) == ["filler", "regbench.db"]
+    finally:
+        subprocess.run(["umount", str(full)], check=True)
