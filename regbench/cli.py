@@ -100,8 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stop poor tuning trials early on their per-epoch validation score (default median)")
     tune.add_argument("--objective", choices=["val_acc", "val_nll"], default="val_acc",
                       help="what tuning optimizes (default val_acc, maximized; val_nll is minimized)")
-    tune.add_argument("--tune-shared", action="store_true",
-                      help="also tune lr and weight decay, for every method including baseline")
+    tune.add_argument("--tune-shared", action=argparse.BooleanOptionalAction, default=None,
+                      help="tune the shared lr and weight decay with each arm's own hparams, for every arm including "
+                           "baseline (the default whenever --trials or --budget-epochs tunes: the same budget for "
+                           "every arm, DomainBed's protocol); --no-tune-shared keeps them at the recipe's, and then "
+                           "an arm with no hparams of its own (baseline) must be named by --untuned")
+    tune.add_argument("--untuned", metavar="METHODS",
+                      help="comma-separated arms that run their defaults while the others are tuned, on purpose "
+                           "(an unequal budget; the leaderboard says per arm what it got)")
+    tune.add_argument("--supersede", action="store_true",
+                      help="replace the stored plan of --name when this command changes its protocol (recipe, data "
+                           "split, a method's --set or space, tuning rules, fewer seeds/methods/trials): its queued "
+                           "runs are cancelled, never trained; its finished runs stay in the store, counted nowhere")
     tune.add_argument("--oracle", action="store_true",
                       help="also evaluate tuning trials on test and add an ORACLE table (selected on test: "
                            "optimistic, for reference only)")

@@ -85,7 +85,7 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
         from regbench.datasets import shift as shift_sets
         shift_sets.check(args.shift, args.dataset)
     seeds = _parse_seeds(args.seeds)
-    rules = _tuning_rules(args)  # bad --trials/--budget-epochs/… fail before any storage is opened
+    rules = _tuning_rules(args, methods)  # bad --trials/--budget-epochs/… fail before any storage is opened
     _checkpoint_options(args, Path("."))
     if getattr(args, "parallel_seeds", 1) < 1:
         raise ConfigError(f"--parallel-seeds must be at least 1 (1 = one seed at a time), got {args.parallel_seeds}")
@@ -130,6 +130,16 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
 
         from regbench.datasets import shift as shift_sets
         splits = dataclasses.replace(splits, shift=shift_sets.load(args.shift, data_dir, splits))
+    from regbench import plans, protocol, runner
+    from regbench.store import OutputLock, default_storage_url, load_spec, open_storage
+
+    bench = protocol.Benchmark(name=name, base=base, fixed={m: _typed_sets(m, overrides.get(m, {})) for m in methods},
+                            seeds=seeds, protocol=rules, command=command_line)
+    # An invalid hparam from a search space, an arm left nothing to tune, or a rerun that changes the protocol the
+    # name binds (without --supersede) fail here, before any write.
+    protocol.check_search_spaces(bench, check=lambda m, hp: check_attach(m, hp, model, dataset))
+    plans.check_fair(bench)
+    plans.check_rerun(plans.stored_spec(storage, out, name), bench, getattr(args, "supersede", False))
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -137,14 +147,6 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"cannot write to output dir {out}: {exc.strerror}; choose another --out") from None
-
-    from regbench import protocol, runner
-    from regbench.store import OutputLock, default_storage_url, load_spec, open_storage
-
-    bench = protocol.Benchmark(name=name, base=base, fixed={m: _typed_sets(m, overrides.get(m, {})) for m in methods},
-                            seeds=seeds, protocol=rules, command=command_line)
-    # An invalid hparam from a search space fails here, before any write.
-    protocol.check_search_spaces(bench, check=lambda m, hp: check_attach(m, hp, model, dataset))
     _check_checkpoints(out / "checkpoints")
     with OutputLock(out):
         owned = storage is None
@@ -158,12 +160,18 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
         previous = load_spec(storage, name) or {}
         if "heartbeat" in previous:  # a stored heartbeat setting is the benchmark's, not this command's
             bench.extra["heartbeat"] = previous["heartbeat"]
+        replace = getattr(args, "supersede", False)  # the protocol is checked again under the lock
+        superseding = plans.adopt(previous, bench, *plans.check_rerun(previous, bench, replace), replace)
         apply_heartbeat(storage, bench)
-        protocol.save_spec(storage, bench)
+        protocol.save_spec(storage, bench)  # first: a worker of a superseded plan stops before its next claim
         if not owned:  # OUT names the shared store, so status/report/export OUT find it (the password is not kept)
             write_pointer(out, storage_url, name)
         if owned:  # we hold the output dir's lock, so a RUNNING trial in its store belongs to a dead process
             runner.fail_dead_trials(storage, protocol.study_names(bench))
+        if superseding:  # the old plan's queued runs are cancelled, never trained; what was superseded is said
+            print(plans.supersede(storage, previous, bench, owned), file=sys.stderr, flush=True)
+            protocol.save_spec(storage, bench)
+            plans.retire_mlflow(tracking_uri, bench, lambda msg: print(msg, file=sys.stderr, flush=True))
         if args.plan_only:
             print(f"Planned benchmark {name!r} in {_safe(storage_url)}; join it with: regbench worker --storage "
                   f"{_safe(storage_url)} --name {name}  (or regbench launch --name {name} --workers N ...); runs "
@@ -271,11 +279,10 @@ def _check_checkpoints(directory: Path) -> None:
             checkpoint.load(path, path.stem, torch.device("cpu"))
 
 
-def _tuning_rules(args):
-    from regbench.protocol import TuningRules
+def _tuning_rules(args, methods: list[str]):
+    from regbench.plans import tuning_rules
 
-    return TuningRules(trials=args.trials, budget_epochs=args.budget_epochs, pruner=args.pruner,
-                    objective=args.objective, tune_shared=args.tune_shared, oracle=args.oracle)
+    return tuning_rules(args, methods)  # fair tuning unless opted out (--no-tune-shared, --untuned)
 
 
 def work(storage, bench, splits, tracking_uri: str | None, quiet: bool = False, wait: bool = True,
@@ -292,6 +299,8 @@ def work(storage, bench, splits, tracking_uri: str | None, quiet: bool = False, 
         print(msg, file=sys.stderr, flush=True)
 
     tracker = tracking.SafeTracker(tracking_uri, bench.name, warn) if tracking_uri else None
+    if tracker is not None and bench.plan:  # the runs of the plans this one superseded leave MLflow's parents
+        tracker.use_plan(bench.plan)
 
     def on_trial(outcome: runner.Outcome) -> None:
         t = outcome.trial

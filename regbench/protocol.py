@@ -32,6 +32,7 @@ optuna.logging.set_verbosity(optuna.logging.ERROR)  # we print our own one line 
 TUNE_SEED = 10_000              # training seed of every tuning trial: distinct from the final seeds 0..N-1
 OBJECTIVES = {"val_acc": "maximize", "val_nll": "minimize"}
 PRUNERS = ("none", "median", "hyperband")
+LATER_RULES = {"untuned": ()}   # TuningRules fields added after stores existed, with the value old specs mean
 SHARED_PREFIX = "shared."       # shared training hparams in a tuning trial's params: shared.lr, shared.weight_decay
 
 
@@ -46,8 +47,10 @@ class TuningRules:
     tune_shared: bool = False           # also tune lr and weight decay, for every method including baseline
     oracle: bool = False                # also evaluate tuning trials on test, for an oracle table labelled as such
     sampler_seed: int = 0
+    untuned: tuple[str, ...] = ()       # arms run with their defaults on purpose (--untuned): an unequal budget
 
     def __post_init__(self):
+        object.__setattr__(self, "untuned", tuple(self.untuned))  # a stored spec holds a JSON list
         if self.trials < 0:
             raise ConfigError(f"--trials must be >= 0 (0 = defaults only), got {self.trials}")
         if self.budget_epochs is not None and self.budget_epochs < 1:
@@ -77,6 +80,7 @@ class Benchmark:
     protocol: TuningRules = field(default_factory=TuningRules)
     command: str = ""
     extra: dict = field(default_factory=dict)
+    plan: int = 0                           # 0 = the first plan under this name; +1 each time a plan supersedes it
     _space_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -84,15 +88,20 @@ class Benchmark:
         return list(self.fixed)
 
     def ident(self, method: str) -> str:
-        """Hash of everything a method's tuning depends on (not the seeds, not the trial count: those may grow)."""
+        """Hash of everything a method's tuning depends on (not the seeds, not the trial count: those may grow). A
+        superseding plan (``plan`` > 0) tunes in studies of its own, so no trial of a superseded plan is reused."""
         keyed = self.base.replace(method=method, hparams={}, seed=0).keyed()
-        proto = {k: v for k, v in asdict(self.protocol).items() if k not in ("trials", "budget_epochs", "oracle")}
-        blob = json.dumps({"run": keyed, "fixed": self.fixed[method], "protocol": proto}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        proto = {k: v for k, v in asdict(self.protocol).items() if k not in ("trials", "budget_epochs", "oracle")
+                 and not (k in LATER_RULES and v == LATER_RULES[k])}  # fields added later: old idents stay valid
+        blob = {"run": keyed, "fixed": self.fixed[method], "protocol": proto}
+        if self.plan:
+            blob["plan"] = self.plan
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
     def tunes(self, method: str) -> bool:
-        """Tuning a method with nothing to search (baseline without --tune-shared) would repeat one run: skip it."""
-        if not self.protocol.tunes:
+        """Tuning a method with nothing to search (baseline without shared tuning) would repeat one run: skip it; an
+        arm named by ``--untuned`` runs its defaults."""
+        if not self.protocol.tunes or method in self.protocol.untuned:
             return False
         if method not in self._space_cache:
             self._space_cache[method] = space_keys(self, method)
@@ -117,6 +126,7 @@ class Benchmark:
                             "tune_study": self.tune_study_name(m) if self.tunes(m) else None,
                             "space": space_keys(self, m)}
                         for m in self.methods},
+            **({record.PLAN: self.plan} if self.plan else {}),
             **self.extra,
         }
 
@@ -125,7 +135,9 @@ class Benchmark:
         return cls(name=spec["benchmark"], base=RunConfig.from_json(spec["base"]),
                    fixed={m: info["fixed"] for m, info in spec["methods"].items()}, seeds=list(spec["seeds"]),
                    protocol=TuningRules(**spec["protocol"]), command=spec.get("command", ""),
-                   extra={k: spec[k] for k in ("split_hash", "storage", "tracking_uri", "heartbeat") if k in spec})
+                   extra={k: spec[k] for k in ("split_hash", "storage", "tracking_uri", "heartbeat",
+                                               record.SUPERSEDED_PLANS) if k in spec},
+                   plan=int(spec.get(record.PLAN, 0)))
 
 
 # ---- search spaces ------------------------------------------------------------------------------------------------
@@ -267,3 +279,69 @@ def study_names(bench: Benchmark) -> list[str]:
     names += [bench.tune_study_name(m) for m in bench.methods if bench.tunes(m)]
     return names
 
+
+
+# ---- a benchmark's identity: what its name binds ----------------------------------------------------------------
+
+TUNING_FIELDS = ("pruner", "objective", "tune_shared", "oracle", "sampler_seed", "untuned")
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, str) and len(value) == 64:  # a split hash
+        return value[:10] + "…"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value)) or "none"
+    return str(value)
+
+
+def _recipe(spec: dict) -> dict:
+    """The shared recipe and data split a spec binds: the keyed fields of its base run, less what varies per run."""
+    base = RunConfig.from_json(spec["base"]) if isinstance(spec["base"], str) else RunConfig(**spec["base"])
+    return {k: v for k, v in base.keyed().items() if k not in ("method", "hparams", "seed")}
+
+
+def plan_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(changes, extensions) from a stored spec ``old`` to a new one: a change alters the protocol a benchmark's name
+    binds (its recipe and data split, a method's fixed hparams or search space, the tuning rules, fewer seeds,
+    methods, trials or epochs); an extension only adds to it (more seeds, methods, trials or tuning epochs). A spec
+    stored before a field existed means that field's old value (TuningRules' defaults)."""
+    changes, extensions = [], []
+    a, b = _recipe(old), _recipe(new)
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            changes.append(f"{k.replace('split_hash', 'data split')} {_shown(a.get(k))} → {_shown(b.get(k))}")
+    olds, news = list(old["seeds"]), list(new["seeds"])
+    if not set(olds) <= set(news):
+        changes.append(f"seeds {_shown(olds)} → {_shown(news)}")
+    elif set(news) - set(olds):
+        extensions.append(f"seeds {_shown(sorted(set(news) - set(olds)))} added")
+    om, nm = old["methods"], new["methods"]
+    if set(om) - set(nm):
+        changes.append(f"methods {', '.join(m for m in om if m not in nm)} dropped")
+    if set(nm) - set(om):
+        extensions.append(f"methods {', '.join(m for m in nm if m not in om)} added")
+    p, q = asdict(TuningRules(**old.get("protocol", {}))), asdict(TuningRules(**new.get("protocol", {})))
+    for m in [m for m in nm if m in om]:
+        if om[m].get("fixed", {}) != nm[m].get("fixed", {}):
+            changes.append(f"{m} --set {_shown(om[m].get('fixed')) if om[m].get('fixed') else 'none'} → "
+                           f"{_shown(nm[m].get('fixed')) if nm[m].get('fixed') else 'none'}")
+        elif ("space" in om[m] and p["trials"] + (p["budget_epochs"] or 0) and q["trials"] + (q["budget_epochs"] or 0)
+              and p["tune_shared"] == q["tune_shared"] and om[m]["space"] != nm[m].get("space")):
+            changes.append(f"{m} search space {_shown(om[m]['space'])} → {_shown(nm[m].get('space'))}")
+    old_tunes, new_tunes = TuningRules(**p).tunes, TuningRules(**q).tunes
+    for k in ("trials", "budget_epochs"):
+        x, y = p[k], q[k]
+        if x == y:
+            continue
+        if old_tunes and x and y and y > x:
+            extensions.append(f"{k.replace('_', ' ')} {x} → {y}")
+        else:
+            changes.append(f"{k.replace('_', ' ')} {_shown(x or None) if k == 'budget_epochs' else x} → "
+                           f"{_shown(y or None) if k == 'budget_epochs' else y}")
+    if old_tunes and new_tunes:
+        for k in TUNING_FIELDS:
+            if p[k] != q[k] and not (k == "untuned" and tuple(p[k]) == tuple(q[k])):
+                changes.append(f"{k.replace('_', ' ')} {_shown(p[k])} → {_shown(q[k])}")
+    return changes, extensions

@@ -78,6 +78,11 @@ ERROR = "error:"              # an exception in training
 STALE = "no heartbeat"        # in the reason of a trial whose process died (found stale by another process)
 DIED = "its process died"     # in the reason of every trial failed because its process died
 
+# ---- issue 27: a benchmark's name binds its protocol ------------------------------------------------------------------
+SUPERSEDED = "superseded:"    # a queued run of a plan that `regbench run --supersede` replaced: never trained
+PLAN = "plan"                 # the spec: which plan of the benchmark's name this is (absent = 0, the first)
+SUPERSEDED_PLANS = "superseded"  # the spec: one entry per plan the current one replaced (what was cancelled, kept)
+
 
 def fail_reason(trial) -> str:
     return str(trial.user_attrs.get(FAIL_REASON, ""))
@@ -93,6 +98,11 @@ def skipped(trial) -> bool:
 
 def diverged(trial) -> bool:
     return _failed_with(trial, DIVERGED)
+
+
+def superseded(trial) -> bool:
+    """A queued run cancelled because its plan was superseded: it never trained and counts nowhere."""
+    return _failed_with(trial, SUPERSEDED)
 
 
 def interrupted(trial) -> bool:
@@ -154,7 +164,7 @@ def spent(trials) -> dict:
     trials cost nothing yet; interrupted attempts count what they trained (their resumed copy counts the rest)."""
     out = {"trials": 0, "epochs": 0, "seconds": 0.0}
     for t in trials:
-        if t.state in (TrialState.WAITING, TrialState.RUNNING) or skipped(t):
+        if t.state in (TrialState.WAITING, TrialState.RUNNING) or skipped(t) or superseded(t):
             continue
         budget = attempt_budget(t)
         out["trials"] += 1

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from regbench import degenerate, record, report_figures, stats
+from regbench import degenerate, fairness, record, report_figures, stats
 from regbench.cells import delta_text as _delta_cell
 from regbench.cells import hparams_text as _hparams_text
 from regbench.cells import mark as _mark
@@ -25,7 +25,7 @@ from regbench.cells import num as _num
 from regbench.cells import p_text as _p
 from regbench.errors import ConfigError, RegbenchError
 from regbench.report_figures import _blocks
-from regbench.store import final_trials, load_spec, selection, trials_of
+from regbench.store import final_trials, load_spec, plan_finals, selection, trials_of
 
 REFERENCE = "baseline"
 _mean_ci = mean_cell
@@ -133,16 +133,7 @@ def leaderboard(storage, benchmark: str, margin_pp: float = 0.5, figures_dir: Pa
              f"seeds {', '.join(map(str, spec['seeds']))} (shared by every method, so differences are paired)")]
     proto = spec.get("protocol") or {}
     tuned = bool(proto.get("trials") or proto.get("budget_epochs"))
-    if tuned:
-        budget = " and ".join(x for x in (f"{proto['trials']} trials" if proto.get("trials") else "",
-                                          f"{proto['budget_epochs']} epochs" if proto.get("budget_epochs") else "") if x)
-        lines.append(f"- tuning: every method got {budget} of Optuna TPE (seed {proto.get('sampler_seed', 0)}, "
-                     f"{proto.get('pruner', 'median')} pruner) over its search space"
-                     + (" plus the shared lr and weight decay" if proto.get("tune_shared") else "")
-                     + f", objective `{proto.get('objective', 'val_acc')}` on the validation split (test never read); "
-                       "the best trial was rerun over the seeds below")
-    else:
-        lines.append("- no tuning: every method ran with its defaults (and any `--set`)")
+    lines += fairness.tuning_lines(storage, spec)  # the rule, then what each arm spent, counted from the store
     if spec.get("shift"):
         if spec["shift"].endswith("_style"):
             lines.append(f"- shift set `{spec['shift']}`: generated CIFAR-C-style corruptions of the test split "
@@ -171,7 +162,7 @@ def leaderboard(storage, benchmark: str, margin_pp: float = 0.5, figures_dir: Pa
                   f"verdict | detectable Δ (pp), 80 % power, α = {alpha_plan:.3g} | gap (pp) | ECE % | NLL "
                   f"|{shift_head} final erank | s/epoch | hparams; budget spent |"),
               "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if shifted else "") + "---|---|---|"]
-    budgets = {m: _budget(storage, benchmark, m, spec["methods"][m]) for m in methods}
+    budgets = {m: _budget(storage, benchmark, m, spec["methods"][m], spec["seeds"]) for m in methods}
     notes = []
     for method in methods:
         mine = df[df.method == method] if not df.empty else df
@@ -181,8 +172,9 @@ def leaderboard(storage, benchmark: str, margin_pp: float = 0.5, figures_dir: Pa
         shown = [k for k in hparams if k in set(info.get("space", [])) | set(info.get("fixed", {}))]
         hp = _hparams_text({**{k: hparams[k] for k in (shown if "space" in info else hparams)},
                             **chosen.get("shared", {})})
-        if info.get("space") == [] and proto and tuned:
-            hp = (hp if hp != "–" else "defaults") + " (nothing to tune)"
+        if not info.get("tune_study") and proto and tuned:  # an arm tuning left out: said in its own row too
+            hp = (hp if hp != "–" else "defaults") + (" (untuned: `--untuned`)" if method in (
+                proto.get("untuned") or ()) else " (nothing to tune)")
         hp += f"; {budgets[method]}"
         if mine.empty:
             lines.append(f"| {method} | 0 | no finished runs | | | | | | | | | |{' | | |' if shifted else ''} | "
@@ -319,9 +311,11 @@ def _learning_curve_frame(storage, spec: dict) -> tuple[pd.DataFrame, str]:
     return curve.dropna(subset=["train_size"]), ""
 
 
-def _budget(storage, benchmark: str, method: str, info: dict) -> str:
+def _budget(storage, benchmark: str, method: str, info: dict, seeds=None) -> str:
+    """What the current plan spent on a method: its tuning study and its selected configuration's final runs over the
+    plan's seeds (never a superseded plan's runs, nor an earlier selection's)."""
     tuning = record.spent(trials_of(storage, info.get("tune_study")))
-    finals = record.spent(trials_of(storage, record.final_study_name(benchmark, method)))
+    finals = record.spent(plan_finals(storage, benchmark, method, info, seeds if seeds is not None else []))
     epochs, seconds = tuning["epochs"] + finals["epochs"], tuning["seconds"] + finals["seconds"]
     text = f"{epochs} epochs, {seconds / 60:.1f} min"
     return text + (f" ({tuning['trials']} tuning trials)" if info.get("tune_study") else "")

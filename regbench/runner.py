@@ -183,6 +183,7 @@ class Runner:
         wait for them (a worker) or return (``wait=False``)."""
         pending = list(self.bench.methods)
         while pending:
+            self._check_plan()
             progressed = False
             for method in list(pending):
                 state = self.step(method)
@@ -195,6 +196,17 @@ class Runner:
                 if not self.wait:
                     return
                 time.sleep(POLL_SECONDS)
+
+    def _check_plan(self) -> None:
+        """Stop before claiming anything once `regbench run --supersede` replaced the plan this process loaded: the
+        old plan's runs must not be trained (a worker that stops here may be started again to join the new plan)."""
+        from regbench.store import load_spec
+
+        stored = int((load_spec(self.storage, self.bench.name) or {}).get(record.PLAN, 0))
+        if stored != self.bench.plan:
+            raise RegbenchError(f"benchmark {self.bench.name!r} was superseded by plan {stored} (regbench run "
+                                f"--supersede) while this process ran plan {self.bench.plan}; it stops without "
+                                f"training the old plan's runs: start the worker again to join plan {stored}")
 
     def step(self, method: str) -> str:
         """Run at most one trial of ``method``: "ran", "wait" (others hold its remaining work) or "done"."""
@@ -215,10 +227,10 @@ class Runner:
         _fail_stale(final)
         configs = self.select(method)
         waiting = enqueue_missing(final, configs)
-        if waiting:
-            self._run_one(final, self._final_objective(final), "final", method)
-            return "ran"
         keys = {c.key() for c in configs}
+        if waiting:
+            self._run_one(final, self._final_objective(final, keys), "final", method)
+            return "ran"
         if any(record.config_key(t) in keys for t in final.get_trials(deepcopy=False,
                                                                                   states=(TrialState.RUNNING,))):
             return "wait"
@@ -328,12 +340,15 @@ class Runner:
             return self._train(trial, cfg, prune=True)
         return objective
 
-    def _final_objective(self, study: optuna.Study):
+    def _final_objective(self, study: optuna.Study, keys: set[str] | None = None):
         def objective(trial):
             if not record.has_config(trial):  # another worker claimed the last queued run first
                 record.write_failure(trial, record.SKIPPED, "no queued run left to claim")
                 raise _Skip()
             key = record.config_key(trial)
+            if keys is not None and key not in keys:  # queued for another selection or seed list: not this plan's
+                record.write_failure(trial, record.SKIPPED, "not a run of the benchmark's current plan")
+                raise _Skip()
             for other in study.get_trials(deepcopy=False):
                 if other.number == trial.number or record.config_key(other) != key:
                     continue

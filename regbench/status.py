@@ -12,7 +12,7 @@ from regbench.store import trials_of as store_trials
 def _counts(trials) -> dict[str, int]:
     counts = {"done": 0, "running": 0, "failed": 0, "pruned": 0, "queued": 0, "interrupted": 0}
     for t in trials:
-        if record.skipped(t):
+        if record.skipped(t) or record.superseded(t):  # never trained
             continue
         if record.interrupted(t):  # its queued copy resumes it: shown apart, never as a failed run
             counts["interrupted"] += 1

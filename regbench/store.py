@@ -315,12 +315,26 @@ def completed_values(storage, study_name: str) -> list[tuple[int, float]]:
 
 
 def trials_of(storage, study_name: str | None) -> list:
+    """A study's trials, less the queued runs a superseding plan cancelled (they never trained)."""
     if not study_name:
         return []
     try:
-        return optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
+        trials = optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
     except KeyError:
         return []
+    return [t for t in trials if not record.superseded(t)]
+
+
+def plan_finals(storage, benchmark: str, method: str, info: dict, seeds) -> list:
+    """Every final trial (any state) of the benchmark's current plan for one method: its selected configuration over
+    the plan's seeds. Runs of a superseded plan, of an earlier selection or of seeds the plan does not name are not
+    the current plan's, so no budget, status or MLflow parent counts them."""
+    group_key = selection(storage, benchmark, method, info).get("group_key")
+    if group_key is None:
+        return []
+    seeds = set(seeds)
+    return [t for t in trials_of(storage, record.final_study_name(benchmark, method))
+            if record.group_key(t) == group_key and record.seed(t) in seeds]
 
 
 class OutputLock:

@@ -69,6 +69,7 @@ EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_deve
 # History names renamed in MLflow so no metric shares a name with a param or reads as something else: ``lr`` is the
 # configured rate (a param); the schedule's per-epoch values are the metric ``scheduled_lr``.
 SERIES_NAMES = {"lr": "scheduled_lr", "seconds": "epoch_seconds"}
+PLAN_TAG, SUPERSEDED_TAG = "regbench.plan", "regbench.superseded"  # which plan of the benchmark a run mirrors
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -143,7 +144,8 @@ class Tracker:
                 run = self._find(f"tags.`regbench.parent` = '{method}'")
                 if run is None:
                     run = self.client.create_run(self.experiment_id, run_name=method, start_time=start_ms,
-                                                 tags={"regbench.parent": method, "regbench.method": method})
+                                                 tags={"regbench.parent": method, "regbench.method": method,
+                                                       **self._plan_tag()})
                     self._created.add(method)
                     if hparams:
                         from mlflow.entities import Param
@@ -151,6 +153,32 @@ class Tracker:
                                                                        for k, v in hparams.items()])
             self._parents[method] = run.info.run_id
         return self._parents[method]
+
+    plan = 0  # the benchmark's plan this tracker mirrors (use_plan); runs of plan 0 carry no plan tag
+
+    def _plan_tag(self) -> dict:
+        return {PLAN_TAG: str(self.plan)} if self.plan else {}
+
+    def use_plan(self, plan: int) -> int:
+        """Mirror plan ``plan`` of the benchmark, and retire every run of another plan (one that a `regbench run
+        --supersede` replaced): each is tagged ``regbench.superseded`` and deleted (MLflow keeps deleted runs;
+        ``mlflow runs restore`` brings one back), so no parent, child or chart of the UI counts it and a run the new
+        plan shares with the old is mirrored afresh under the new parent. Returns how many runs were retired."""
+        self.plan, retired, token = plan, 0, None
+        while True:
+            page = self.client.search_runs([self.experiment_id], max_results=1000, page_token=token)
+            for run in page:
+                theirs = run.data.tags.get(PLAN_TAG, "0")
+                if theirs != str(plan):
+                    self.client.set_tag(run.info.run_id, SUPERSEDED_TAG, f"plan {theirs} superseded by plan {plan}")
+                    self.client.delete_run(run.info.run_id)
+                    retired += 1
+            token = page.token
+            if not token:
+                break
+        if retired:
+            self._parents.clear()
+        return retired
 
     def has_run(self, uid: str) -> bool:
         return self._find(f"tags.`regbench.uid` = '{uid}'") is not None
@@ -221,7 +249,7 @@ class Tracker:
             "regbench.uid": uid, "regbench.kind": kind, "regbench.state": state,
             **({"regbench.fail_reason": reason[:500]} if reason else {}),
             "regbench.study": study_name, "regbench.trial": str(trial_number), "regbench.seed": str(config["seed"]),
-            **{f"env.{k}": str(v) for k, v in env.items()}})
+            **self._plan_tag(), **{f"env.{k}": str(v) for k, v in env.items()}})
         params = [Param(_key(f"hparams.{k}"), str(v)) for k, v in config.get("hparams", {}).items()]
         params += [Param(_key(k), str(v)) for k, v in config.items() if k != "hparams"]
         # Each metric once: the per-epoch series (the last point is the final value), then the final-only scalars.
@@ -343,12 +371,17 @@ def mirror_benchmark(storage, tracker, bench) -> None:
     leaderboard's numbers). Reads the store through ``regbench.store`` only."""
     from regbench import record, report, store
 
+    if bench.plan:  # a superseding plan: the runs of the plans it replaced leave every parent (retire_other_plans)
+        tracker.use_plan(bench.plan)
     for method in bench.methods:
-        names = [record.final_study_name(bench.name, method)]
+        # The current plan's runs only: its tuning study and its selected configuration's finals over its seeds.
+        final = record.final_study_name(bench.name, method)
+        studies = [(final, store.plan_finals(storage, bench.name, method, {"ident": bench.ident(method)},
+                                             bench.seeds))]
         if bench.tunes(method):
-            names.append(bench.tune_study_name(method))
-        for name in names:
-            for t in store.trials_of(storage, name):
+            studies.append((bench.tune_study_name(method), store.trials_of(storage, bench.tune_study_name(method))))
+        for name, trials in studies:
+            for t in trials:
                 if t.state.name in ("COMPLETE", "PRUNED", "FAIL") and not record.skipped(t):
                     tracker.mirror(name, t)
         selected = store.selection(storage, bench.name, method, {"ident": bench.ident(method)})
