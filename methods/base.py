@@ -45,6 +45,7 @@ class AttachContext(Protocol):
 
     num_classes: int
     input_shape: tuple[int, ...]
+    seed: int                       # the run's training seed, for a method's own random draws
 
     def select_layers(self, rule: str) -> list[tuple[str, nn.Module]]:
         """Resolve a named rule (``all``, ``last:3``, ``all-relu``, ``auto`` = the model family's default)."""

@@ -116,7 +116,7 @@ class SES(Method):
 
     def attach(self, model, ctx):
         self.keys = ctx.capture(ctx.select_layers(self.hparams["layers"]), where="output")
-        self._seed = torch.initial_seed() % 2**63  # the run's seed (engine.seed_everything ran before attach)
+        self._seed = ctx.seed % 2**63  # the run's seed: its own generator's draws are the run's, paired across methods
         self._generator: torch.Generator | None = None
         self._targets: dict[tuple, Tensor] = {}
         self._last: tuple[list[str], Tensor, Tensor] | None = None

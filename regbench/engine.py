@@ -27,6 +27,7 @@ from regbench.config import RunConfig
 from regbench.device_data import DeviceData
 from regbench.errors import ConfigError
 from regbench.methods.base import Method, StepContext
+from regbench.stopping import request_stop, stop_requested, stoppable, take_stop  # noqa: F401 (request_stop: re-exported for tests)
 from regbench.metrics import (
     accuracy,
     as_matrix,
@@ -124,9 +125,9 @@ class ActivationCapture:
 class ModelContext:
     """What ``Method.attach`` sees (methods/base.py: AttachContext)."""
 
-    def __init__(self, model, capture: ActivationCapture, num_classes: int, input_shape):
+    def __init__(self, model, capture: ActivationCapture, num_classes: int, input_shape, seed: int = 0):
         self.model, self._capture = model, capture
-        self.num_classes, self.input_shape = num_classes, tuple(input_shape)
+        self.num_classes, self.input_shape, self.seed = num_classes, tuple(input_shape), seed
 
     def select_layers(self, rule: str):
         return models.select_layers(self.model, models.default_layer_rule(self.model) if rule == "auto" else rule)
@@ -371,7 +372,8 @@ class _Run:
         if self.fast.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.capture = ActivationCapture(self.model)
-        method.attach(self.model, ModelContext(self.model, self.capture, splits.num_classes, splits.input_shape))
+        method.attach(self.model, ModelContext(self.model, self.capture, splits.num_classes, splits.input_shape,
+                                               seed=config.seed))
         self.train_keys = set(self.capture.keys())
         # Whether vmap can stack this run, judged on what the method attached (before the diagnostic hooks below)
         self.vmap_blocker = stacked.vmap_blocker(config, method, self.model, self.train_keys, self.fast.scaler)

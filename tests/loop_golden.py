@@ -5,8 +5,9 @@ RNG, SES, augmented batches), a stop mid-epoch and its resume, K = 2 groups of s
 and a group stopped and resumed — and returns, per case, the sha256 of each run's history (timings left out) and of
 its final weights, optimizer and method state (the kept last-epoch checkpoint). ``tests/golden/loop_cpu.json`` holds
 these for the loop before issue 19's merge of ``parallel.py`` into ``engine.train``; tests/test_loop_golden.py
-compares. Float results depend on the CPU's kernels (SIMD width, torch build), so the file records the platform and
-the test only compares on a matching one.
+compares. Float results depend on the CPU (its model and SIMD width), the torch build and the numeric libraries that
+make the data (numpy, scipy, scikit-learn), so the file holds one record per platform, each recorded from the loop
+before the change under test, and the test compares on the record whose platform matches, or skips.
 
     .venv/bin/python tests/loop_golden.py --write     # re-record (only when a change of results is intended)
 """
@@ -25,7 +26,28 @@ TIMING = ("seconds", "seconds_per_epoch")
 
 
 def platform() -> dict:
-    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}
+    from importlib.metadata import version
+
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "unknown")
+    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(), "cpu_model": model,
+            **{name: version(name) for name in ("numpy", "scipy", "scikit-learn")}}
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def records() -> list[dict]:
+    """The recorded platforms, each ``{"platform": …, "cases": …}``."""
+    return json.loads(GOLDEN.read_text())["records"]
+
+
+def matching_record() -> dict | None:
+    here = platform()
+    return next((r for r in records() if r["platform"] == here), None)
 
 
 def _digest(obj) -> str:
@@ -125,8 +147,10 @@ def main(argv) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     with tempfile.TemporaryDirectory() as tmp:
         got = {"platform": platform(), "cases": cases(Path(tmp))}
-    if "--write" in argv:
-        GOLDEN.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+    if "--write" in argv:  # replaces this platform's record, keeps the others
+        kept = [r for r in records() if r["platform"] != platform()] if GOLDEN.exists() else []
+        data = {"records": [*kept, {"platform": platform(), "cases": got["cases"]}]}
+        GOLDEN.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         print(f"wrote {GOLDEN}")
     else:
         print(json.dumps(got, indent=1, sort_keys=True))
