@@ -356,7 +356,10 @@ def option_name(action) -> str:
 def check_arguments(parser, args) -> None:
     """Check every value of an argument with a declared kind (given, or a default that is not None), in the order
     the parser declares them; the first unusable one raises ConfigError."""
+    from regbench import limits  # numbers (ranges, NaN/inf) and the environment variables that stand in for flags
+
     actions = chosen_actions(parser, args)
+    limits.check_numbers(actions, args)
     for action in actions:
         kind = getattr(action, "kind", None)
         value = getattr(args, action.dest, None)
@@ -364,9 +367,6 @@ def check_arguments(parser, args) -> None:
             continue
         for item in value if isinstance(value, list) else [value]:
             kind.check(str(item), option_name(action))
-    from regbench import limits  # numbers (ranges, NaN/inf) and the environment variables that stand in for flags
-
-    limits.check_numbers(actions, args)
     limits.check_environment(actions, args)
 
 

@@ -311,3 +311,193 @@ def test_a_crash_file_never_lands_half_written_in_a_full_out(tmp_path):
         assert sorted(p.name for p in full.iterdir()) == ["filler", "regbench.db"]
     finally:
         subprocess.run(["umount", str(full)], check=True)
+
+
+# ---- numbers: every numeric option × boundary values, and relations between values ---------------------------------
+
+from regbench import limits  # noqa: E402
+from regbench.cli import main  # noqa: E402
+
+BOUNDARY = ["0", "-1", "1", "1.5", "1000000000000", str(2**31), str(2**63), str(2**64), "99999999999999999999",
+            "nan", "inf", "-inf", "1e308"]
+
+
+def _sentinel_argv(words: tuple, tmp: Path) -> tuple[list[str], str]:
+    """A command line for ``words`` that, once its numbers pass, fails cleanly on something else (the sentinel,
+    named by the returned text), so an accepted number never starts real work."""
+    missing = f"sqlite:///{tmp}/missing.db"
+    return {
+        ("run",): (["run", "--methods", "no_such_method", "--dataset", "digits", "--out", str(tmp / "o")],
+                   "unknown method"),
+        ("worker",): (["worker", "--storage", missing, "--name", "x"], "--storage"),
+        ("launch",): (["launch", "--name", "x", "--storage", missing], "--storage"),
+        ("report",): (["report", str(tmp / "empty-out")], "holds no store"),
+        ("suite",): (["suite", "no_such_suite", "--out", str(tmp / "o")], "no_such_suite"),
+        ("postgres",): (["postgres", "url", "--dir", str(tmp / "pg")], None),
+        ("ui",): (["ui", str(tmp / "missing-out")], "does not exist"),
+    }[words]
+
+
+def _numeric_options():
+    for words, parser in subcommands(build_parser()):
+        for action in parser._actions:
+            if action.type in (int, float) and action.option_strings:
+                yield words, max(action.option_strings, key=len), action.type
+
+
+def _range(words, option):
+    return limits.NUMBERS.get(f"{' '.join(words)} {option}") or limits.NUMBERS[option]
+
+
+NUMERIC = list(_numeric_options())
+
+
+def test_every_numeric_option_has_a_range_with_an_upper_bound():
+    assert len(NUMERIC) >= 15
+    for words, option, kind in NUMERIC:
+        low, high, integer = _range(words, option)
+        assert high < 2**53 and integer == (kind is int), (words, option)
+
+
+def _outcome(argv, capsys) -> tuple[int, list[str]]:
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own refusal (a float for an int option): exit 2, one line
+        code = exc.code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return code, err
+
+
+@pytest.mark.parametrize("words,option,kind", NUMERIC, ids=[f"{' '.join(w)} {o}" for w, o, _ in NUMERIC])
+def test_every_numeric_option_at_every_boundary(words, option, kind, tmp_path, capsys, monkeypatch):
+    """Each boundary value: refused in one line naming the option (exit 2) when outside the option's range or not a
+    finite number of its type; otherwise the command goes on to its sentinel. Never exit 70, never an overflow."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "empty-out").mkdir()
+    argv, sentinel = _sentinel_argv(words, tmp_path)
+    low, high, integer = _range(words, option)
+    refused = 0
+    for value in BOUNDARY:
+        code, err = _outcome([*argv, f"{option}={value}"], capsys)
+        number = float(value)
+        fits = (not integer or value.lstrip("-").isdigit()) and number == number and abs(number) != float("inf") \
+            and low <= (int(value) if integer else number) <= high \
+            and not (option in limits.OPEN_LOW and number <= low)
+        assert code != EXIT_BUG and not any("bug in regbench" in line for line in err), (option, value, err)
+        if fits:
+            assert sentinel is None or (code == 2 and sentinel in err[-1]), (option, value, code, err)
+        else:
+            refused += 1
+            assert code == 2 and len(err) == 1 and option in err[0], (option, value, code, err)
+    assert refused >= 6
+
+
+RELATIONS = {
+    "parallel seeds > seeds": (["--seeds", "2", "--parallel-seeds", "3"], "--parallel-seeds"),
+    "train-acc-sample > train split": (["--train-acc-sample", "100000"], "--train-acc-sample"),
+    "train-acc-sample > train-size": (["--train-size", "100", "--train-acc-sample", "101"], "--train-acc-sample"),
+    "train-size > split": (["--train-size", "100000"], "train_size"),
+    "train-size < classes": (["--train-size", "5"], "train_size"),
+    "train-per-class > smallest class": (["--train-per-class", "100000"], "train_per_class"),
+    "train-size with train-per-class": (["--train-size", "100", "--train-per-class", "10"], "--train-per-class"),
+    "seeds repeated": (["--seeds", "1,1"], "--seeds"),
+    "seed past numpy's range": (["--seeds", f"0,{2**32}"], "--seeds"),
+    "seed count huge": (["--seeds", "99999999999999999999"], "--seeds"),
+    "seed count 2**64": (["--seeds", str(2**64)], "--seeds"),
+    "seeds negative": (["--seeds", "-3"], "--seeds"),
+    "seeds a word": (["--seeds", "three"], "--seeds"),
+}
+
+
+@pytest.mark.parametrize("name", list(RELATIONS))
+def test_relations_between_values_are_one_line(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    extra, option = RELATIONS[name]
+    out = tmp_path / "o"
+    code, err = _outcome(["run", "--methods", "baseline", "--dataset", "digits", "--model", "mlp", "--epochs", "1",
+                          "--out", str(out), "--data-dir", str(tmp_path / "data"), *extra], capsys)
+    assert code == 2 and len(err) == 1 and option in err[0], (name, code, err)
+    assert not out.exists()
+
+
+def test_the_largest_seed_numpy_accepts_trains(tmp_path, capsys, monkeypatch):
+    """The top of the seed range is real: seed 2**32-1 trains (numpy's and torch's seeding both take it)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    import optuna
+
+    code, err = _outcome(["run", "--methods", "baseline", "--dataset", "digits", "--model", "mlp", "--epochs", "1",
+                          "--seeds", f"{2**32 - 1},", "--quiet", "--out", str(tmp_path / "o"), "--data-dir",
+                          str(tmp_path / "data")], capsys)
+    assert code == 0, err
+    storage = f"sqlite:///{tmp_path / 'o' / 'regbench.db'}"
+    names = [s for s in optuna.get_all_study_names(storage) if s.endswith(":final")]
+    [trial] = optuna.load_study(study_name=names[0], storage=storage).get_trials()
+    assert trial.state.name == "COMPLETE"
+
+
+# ---- environment variables: every one regbench reads × hostile values ----------------------------------------------
+
+def _environment_reads() -> set[str]:
+    """Every environment variable named in regbench's source (os.environ[...] / .get / getenv / setdefault)."""
+    root = Path(__file__).resolve().parents[1]
+    names = set()
+    for path in [*root.glob("regbench/**/*.py"), *root.glob("datasets/**/*.py")]:
+        text = path.read_text()
+        consts = dict(re.findall(r'^([A-Z_]+) = "([A-Z][A-Z0-9_]+)"', text, re.M))
+        for arg in re.findall(r'(?:os\.environ(?:\.get|\.setdefault)?\(|os\.environ\[|os\.getenv\()\s*([^,)\]]+)', text):
+            arg = arg.strip()
+            names.add(arg.strip("\"'") if arg[0] in "\"'" else consts.get(arg, arg))
+    return names
+
+
+def test_every_environment_variable_read_is_checked_or_listed_as_a_flag():
+    read = _environment_reads()
+    assert {"MLFLOW_TRACKING_URI", "REGBENCH_DATA", "REGBENCH_FAULT_AT"} <= read
+    unchecked = read - set(limits.ENVIRONMENT) - set(limits.ENVIRONMENT_FLAGS)
+    assert not unchecked, f"read but neither checked (limits.ENVIRONMENT) nor listed as a flag: {unchecked}"
+
+
+def hostile_environment(tmp: Path) -> dict[str, list[str]]:
+    afile = tmp / "afile"
+    afile.write_text("x\n")
+    loop = tmp / "loop"
+    loop.symlink_to("loop")
+    paths = [str(afile), f"{afile}/child", "/", str(tmp / "bad\x01name"), str(tmp) + "/abc" * 1100, str(loop),
+             f"{UNWRITABLE}/x"]
+    numbers = ["-1", "nan", "inf", "abc", "99999999999999999999", "1.5", " "]
+    return {
+        "MLFLOW_TRACKING_URI": ["garbage", "sqlite://", "sqlite:///", "ftp://host/x", "http://", "\x01",
+                                "x" * 5000, f"sqlite:///{afile}", f"sqlite:///{afile}/child/m.db"],
+        "REGBENCH_DATA": paths,
+        "REGBENCH_FAULT_AT": ["bogus", "epoch:x", "epoch:0", "epoch:-1", "epoch:1:melt", "epoch:1:full",
+                              "epoch:99999999999999999999", ":1"],
+        "CUDA_VISIBLE_DEVICES": ["\x01", "0" * 5000],
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": numbers,
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": numbers,
+        "SLURM_CPUS_PER_TASK": [*numbers, "0", "100000"],
+        "REGBENCH_CIFAR10_SUBSET": ["\x01", "x" * 5000],
+    }
+
+
+BENIGN = {"MLFLOW_TRACKING_URI": "sqlite:///{tmp}/m.db", "REGBENCH_DATA": "{tmp}/data", "REGBENCH_FAULT_AT": "",
+          "CUDA_VISIBLE_DEVICES": "0,1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+          "SLURM_CPUS_PER_TASK": "4", "REGBENCH_CIFAR10_SUBSET": "{tmp}/subset.npz"}
+
+
+@pytest.mark.parametrize("name", list(limits.ENVIRONMENT))
+def test_every_environment_variable_with_hostile_values(name, tmp_path, capsys, monkeypatch):
+    """A hostile value is one line naming the variable, exit 2, before any work; a benign one reaches the sentinel
+    (an unknown method). ``run`` reads every variable here (--tracking-uri and --data-dir not given)."""
+    for other in limits.ENVIRONMENT:
+        monkeypatch.delenv(other, raising=False)
+    argv = ["run", "--methods", "no_such_method", "--dataset", "digits", "--out", str(tmp_path / "o")]
+    values = hostile_environment(tmp_path)[name]
+    assert values
+    for value in values:
+        monkeypatch.setenv(name, value)
+        code, err = _outcome(argv, capsys)
+        assert code == 2 and len(err) == 1 and f"${name}" in err[0], (name, value[:40], code, err)
+    monkeypatch.setenv(name, BENIGN[name].format(tmp=tmp_path))
+    code, err = _outcome(argv, capsys)
+    assert code == 2 and "unknown method" in err[-1], (name, err)
+    assert not (tmp_path / "o").exists()
