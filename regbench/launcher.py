@@ -56,7 +56,8 @@ def launch_command(args, default_data_dir: str) -> int:
     else:
         given = [f"--{k.replace('_', '-')}" for k in SLURM_ONLY if getattr(args, k, None) not in (None, [], False)]
         if given:
-            raise ConfigError(f"{', '.join(given)} only apply to Slurm jobs; add --slurm PARTITION, or drop them")
+            raise ConfigError(f"{', '.join(given)} {'apply' if len(given) > 1 else 'applies'} only to Slurm jobs; add "
+                              f"--slurm PARTITION, or drop {'them' if len(given) > 1 else 'it'}")
     tracking_uri = commands.tracking_uri_for(getattr(args, "tracking_uri", None), bench)
     if tracking_uri is None:
         print(commands.not_mirrored(storage_url, name), file=sys.stderr)
@@ -185,9 +186,9 @@ def _check_storage_reach(storage_url: str, part) -> None:
     else:
         return
     fix = "pass --storage postgresql://USER@HOST/DB of a PostgreSQL server the compute nodes reach"
-    if len(part.nodes) > 1:
+    if part.total_nodes > 1:
         raise ConfigError(f"--storage {safe_url(storage_url)} is {what}; partition {part.name!r} runs jobs on "
-                          f"{len(part.nodes)} nodes, which cannot share it: {fix}")
+                          f"{part.total_nodes} nodes, which cannot share it: {fix}")
     print(f"regbench: warning: --storage {safe_url(storage_url)} is {what}; the jobs of partition {part.name!r} run "
           f"on its only node {part.nodes[0].name if part.nodes else '?'}, which must be this machine (else {fix})",
           file=sys.stderr)
@@ -352,7 +353,7 @@ def _progress_line(done: int, planned: int | None, first: int, elapsed: float, j
     runs = f"{done}/{planned}" if planned else f"{done}"
     left = ""
     if planned and done >= planned:
-        left = "; all runs done, workers finishing"
+        left = "; all runs done" + (", workers finishing" if "0 job" not in jobs and "0 worker" not in jobs else "")
     elif planned and done > first:
         seconds = elapsed / (done - first) * (planned - done)
         left = f"; ~{_duration(seconds)} left"

@@ -116,7 +116,8 @@ class Partition:
     max_time_min: int | None          # None: unlimited
     default_mem: bool                 # the partition or cluster sets a default memory per job (DefMemPer…)
     max_mem_mb: int | None            # MaxMemPerNode, None: unlimited
-    nodes: list[Node] = field(default_factory=list)
+    total_nodes: int = 0              # nodes a job may land on (also those declared but not up)
+    nodes: list[Node] = field(default_factory=list)   # the nodes scontrol shows
 
     @classmethod
     def read(cls, name: str) -> Partition:
@@ -139,7 +140,8 @@ class Partition:
             default_mem = any(re.search(rf"^{k}\s*=\s*(\d+)", config, re.M) for k in ("DefMemPerCPU", "DefMemPerNode"))
         max_mem = info.get("MaxMemPerNode", "UNLIMITED")
         part = cls(name=name, max_time_min=max_time, default_mem=default_mem,
-                   max_mem_mb=None if max_mem.upper() in UNLIMITED else int(max_mem))
+                   max_mem_mb=None if max_mem.upper() in UNLIMITED else int(max_mem),
+                   total_nodes=int(info.get("TotalNodes", "0") or 0))
         for line in _run(["scontrol", "show", "node", "-o"]).stdout.splitlines():
             node = fields(line)
             if name not in node.get("Partitions", "").split(","):
@@ -147,6 +149,7 @@ class Partition:
             part.nodes.append(Node(name=node.get("NodeName", "?"), cpus=int(node.get("CPUTot", 0) or 0),
                                    memory_mb=int(node.get("RealMemory", 0) or 0), gpus=gpu_count(node.get("Gres", "")),
                                    state=node.get("State", "?")))
+        part.total_nodes = max(part.total_nodes, len(part.nodes))
         return part
 
     @property

@@ -51,13 +51,20 @@ class Cluster:
 
     def __init__(self, folder: Path, cpus: int = 2, memory_mb: int = 2000, gpus: int = 0,
                  partitions: dict[str, str] | None = None, extra: str = ""):
+        """The default partitions: ``cpu`` (the default), ``short`` (MaxTime 30 minutes) and ``wide``, which also
+        holds ``ghost``, a node declared for the future that never joins (a partition of two nodes)."""
         self.folder = Path(folder).resolve()
         self.cpus, self.memory_mb, self.gpus = cpus, memory_mb, gpus
-        self.partitions = partitions or {"cpu": ""}
-        self.extra = extra
-        self.host = socket.gethostname().split(".")[0]
+        self.partitions = partitions or {"cpu": "", "short": "MaxTime=30", "wide": f"Nodes={self.host_name()},ghost"}
+        self.extra = extra if partitions else (extra + "\nNodeName=ghost NodeAddr=127.0.0.2 CPUs=2 RealMemory=2000 "
+                                                         "State=FUTURE")
+        self.host = self.host_name()
         self.conf = self.folder / "slurm.conf"
         self._procs: list[subprocess.Popen] = []
+
+    @staticmethod
+    def host_name() -> str:
+        return socket.gethostname().split(".")[0]
 
     @property
     def env(self) -> dict:
@@ -92,7 +99,7 @@ class Cluster:
             "ReturnToService=2", "SlurmdParameters=config_overrides",
             "MpiDefault=none", "SwitchType=switch/none", "LaunchParameters=use_interactive_step",
             "SchedulerType=sched/backfill", "SchedulerParameters=sched_interval=1,bf_interval=1",
-            "MinJobAge=600", "KillWait=5", "InactiveLimit=0", "Waittime=0", "MessageTimeout=20",
+            "MinJobAge=600", "KillWait=30", "InactiveLimit=0", "Waittime=0", "MessageTimeout=20",
             f"StateSaveLocation={f / 'state'}", f"SlurmdSpoolDir={f / 'spool'}",
             f"SlurmctldPidFile={f / 'slurmctld.pid'}", f"SlurmdPidFile={f / 'slurmd.pid'}",
             f"SlurmctldLogFile={f / 'log' / 'slurmctld.log'}", f"SlurmdLogFile={f / 'log' / 'slurmd.log'}",
@@ -102,8 +109,8 @@ class Cluster:
             f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.memory_mb}{gres} State=UNKNOWN",
         ]
         for i, (name, options) in enumerate(self.partitions.items()):
-            lines.append(f"PartitionName={name} Nodes={self.host} {'Default=YES ' if i == 0 else ''}"
-                         f"State=UP {options}".rstrip())
+            nodes = "" if "Nodes=" in options else f"Nodes={self.host} "
+            lines.append(f"PartitionName={name} {nodes}{'Default=YES ' if i == 0 else ''}State=UP {options}".rstrip())
         self.conf.write_text("\n".join(x for x in lines if x) + "\n")
 
     def _spawn(self, argv: list[str], log: str) -> subprocess.Popen:
