@@ -53,7 +53,7 @@ class RunConfig:
     data_dir: str = ""
     eval_test: bool = True
     compile: bool = False  # torch.compile the training forward (--compile); not keyed, like device
-    # Train accuracy on a fixed subsample of N training images instead of the whole split (engine.train_rows): the
+    # Train accuracy on a fixed subsample of N training images instead of the whole split (evaluation.train_rows): the
     # per-epoch eval-mode pass over the train split is a second pass over the data (45k images on CIFAR). The sample
     # depends only on split_seed, so every method and seed is measured on the same images. None = the whole split.
     train_acc_sample: int | None = None

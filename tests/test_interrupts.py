@@ -17,7 +17,7 @@ from helpers import with_ctrl_c
 from optuna.trial import TrialState
 from test_checkpoint import cfg, mnist1d, no_timing, scramble_global_rngs  # noqa: F401 - mnist1d is a fixture
 
-from regbench import cli, engine, registry
+from regbench import cli, engine, registry, stopping
 
 
 def stopping_at(method, step: int, exception=KeyboardInterrupt):
@@ -27,8 +27,8 @@ def stopping_at(method, step: int, exception=KeyboardInterrupt):
     def after_step_then_stop(ctx):
         after_step(ctx)
         if ctx.step == step:
-            assert engine.request_stop(exception)
-            assert not engine.request_stop(exception)  # a second signal is not queued: the CLI raises it at once
+            assert stopping.request_stop(exception)
+            assert not stopping.request_stop(exception)  # a second signal is not queued: the CLI raises it at once
     method.after_step = after_step_then_stop
     return method
 
@@ -54,10 +54,10 @@ def test_stop_after_a_step_mid_epoch_then_resume_is_bit_for_bit(tmp_path, mnist1
 
 
 def test_a_stop_request_outside_training_is_refused(mnist1d):
-    assert not engine.request_stop(KeyboardInterrupt)  # nothing trains: the CLI's handler raises at once
+    assert not stopping.request_stop(KeyboardInterrupt)  # nothing trains: the CLI's handler raises at once
     config = cfg("baseline", epochs=1)
     engine.train(config, mnist1d, registry.build_method("baseline", config.hparams))
-    assert not engine.request_stop(KeyboardInterrupt)  # the loop is over: nothing is left pending
+    assert not stopping.request_stop(KeyboardInterrupt)  # the loop is over: nothing is left pending
 
 
 def test_a_stop_after_the_last_step_check_is_raised_when_training_ends(mnist1d):
@@ -66,10 +66,10 @@ def test_a_stop_after_the_last_step_check_is_raised_when_training_ends(mnist1d):
 
     def stop_in_last_epoch(epoch, _row):
         if epoch == config.epochs:
-            assert engine.request_stop(KeyboardInterrupt)
+            assert stopping.request_stop(KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         engine.train(config, mnist1d, registry.build_method("baseline", config.hparams), on_epoch=stop_in_last_epoch)
-    assert not engine.stop_requested() and not engine.request_stop(KeyboardInterrupt)
+    assert not stopping.stop_requested() and not stopping.request_stop(KeyboardInterrupt)
 
 
 def test_inside_a_trial_a_late_stop_lets_the_run_finish_and_stops_when_the_trial_ends(mnist1d):
@@ -80,13 +80,13 @@ def test_inside_a_trial_a_late_stop_lets_the_run_finish_and_stops_when_the_trial
 
     def stop_in_last_epoch(epoch, _row):
         if epoch == config.epochs:
-            assert engine.request_stop(KeyboardInterrupt)
-    with pytest.raises(KeyboardInterrupt), engine.stoppable():
+            assert stopping.request_stop(KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt), stopping.stoppable():
         results.append(engine.train(config, mnist1d, registry.build_method("baseline", config.hparams),
                                     on_epoch=stop_in_last_epoch))
-        assert engine.stop_requested() and not engine.request_stop(KeyboardInterrupt)
+        assert stopping.stop_requested() and not stopping.request_stop(KeyboardInterrupt)
     assert len(results) == 1 and len(results[0].history) == config.epochs
-    assert not engine.stop_requested()
+    assert not stopping.stop_requested()
 
 
 def test_a_sigterm_while_a_trial_is_recorded_lets_the_record_finish_then_stops(tmp_path, data_dir):

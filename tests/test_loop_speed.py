@@ -9,7 +9,7 @@ from regbench.datasets.mnist1d import MNIST1D
 from torch.overrides import TorchFunctionMode
 
 import regbench
-from regbench import engine, registry
+from regbench import engine, evaluation, registry
 from regbench.config import RunConfig
 
 # Tensor → host reads: each waits for the device to finish everything queued before it (a sync on CUDA).
@@ -95,4 +95,4 @@ def test_train_accuracy_reads_the_resident_split_with_the_host_copys_logits(tmp_
         assert data.resident and (data.table is not None) == (splits is cifar)  # the uint8 path is exercised
         for chunk in (128, 1024):  # the host copy, as metrics.predict reads it, in the same chunks
             want = predict(model, splits.x_train, batch_size=chunk)
-            assert torch.equal(engine.predict_train(model, splits, data, batch_size=chunk), want)
+            assert torch.equal(evaluation.predict_train(model, splits, data, batch_size=chunk), want)

@@ -10,7 +10,7 @@ import torch
 from regbench.datasets.digits import Digits
 from regbench.datasets.mnist1d import MNIST1D
 
-from regbench import engine, registry
+from regbench import engine, registry, stopping
 from regbench.cli import main
 from regbench.config import RunConfig
 from regbench.errors import ConfigError
@@ -340,7 +340,7 @@ def test_resume_point_of_a_checkpoint(mnist1d, tmp_path):
 @pytest.mark.parametrize("backend,method", [("streams", "shade"), ("vmap", "confidence_penalty")])
 @pytest.mark.parametrize("epoch", [0, 1])  # epoch 0: a stop before any epoch ended still restores Adam's moments
 def test_ctrl_c_stops_a_group_after_its_step_and_it_resumes_bit_for_bit(mnist1d, backend, method, epoch, tmp_path):
-    # What the CLI's signal handler does (engine.request_stop), during the third step of an epoch: the group finishes
+    # What the CLI's signal handler does (stopping.request_stop), during the third step of an epoch: the group finishes
     # that lockstep step, saves every seed mid-epoch and raises; resumed together, it ends as if never stopped.
     from test_interrupts import stopping_at
 
@@ -354,7 +354,7 @@ def test_ctrl_c_stops_a_group_after_its_step_and_it_resumes_bit_for_bit(mnist1d,
     for path in paths:
         saved = torch.load(path, weights_only=True)
         assert (saved["epoch"], saved["step"], saved["partial_epoch"]["batch"]) == (epoch, stop_at + 1, 3)
-    assert not engine.request_stop(KeyboardInterrupt)  # the loop is over: nothing is left pending
+    assert not stopping.request_stop(KeyboardInterrupt)  # the loop is over: nothing is left pending
     resumed = engine.train_group(configs, mnist1d, build, backend=backend, checkpoints=paths)
     assert [r.resumed_from_step for r in resumed] == [stop_at + 1] * 2
     compare(group, resumed, atol=0)

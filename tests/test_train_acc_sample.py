@@ -7,7 +7,7 @@ import torch
 from helpers import regbench_cli
 from regbench.datasets.mnist1d import MNIST1D
 
-from regbench import engine, registry
+from regbench import engine, evaluation, registry
 from regbench.config import RunConfig
 from regbench.errors import ConfigError
 from regbench.metrics import accuracy, predict
@@ -25,20 +25,20 @@ def config(**kw) -> RunConfig:
 
 
 def test_the_sample_is_fixed_by_the_split_seed_alone():
-    rows = engine.train_rows(config(train_acc_sample=40, seed=0), 256)
+    rows = evaluation.train_rows(config(train_acc_sample=40, seed=0), 256)
     assert len(rows) == 40 and torch.equal(rows, rows.sort().values) and len(set(rows.tolist())) == 40
     for other in (config(train_acc_sample=40, seed=7), config(train_acc_sample=40, seed=0, method="ses")):
-        assert torch.equal(engine.train_rows(other, 256), rows)  # same images for every seed and method
-    assert not torch.equal(engine.train_rows(config(train_acc_sample=40, split_seed=1), 256), rows)
-    assert engine.train_rows(config(), 256) is None
-    assert engine.train_rows(config(train_acc_sample=256), 256) is None  # a sample as large as the split is the split
+        assert torch.equal(evaluation.train_rows(other, 256), rows)  # same images for every seed and method
+    assert not torch.equal(evaluation.train_rows(config(train_acc_sample=40, split_seed=1), 256), rows)
+    assert evaluation.train_rows(config(), 256) is None
+    assert evaluation.train_rows(config(train_acc_sample=256), 256) is None  # a sample as large as the split is the split
 
 
 def test_a_sampled_run_measures_train_accuracy_on_its_sample_and_trains_the_same(mnist1d):
     method = keep_model(registry.build_method("baseline"))
     sampled = engine.train(config(train_acc_sample=50), mnist1d, method)
     whole = engine.train(config(), mnist1d, registry.build_method("baseline"))
-    rows = engine.train_rows(config(train_acc_sample=50), len(mnist1d.y_train))
+    rows = evaluation.train_rows(config(train_acc_sample=50), len(mnist1d.y_train))
     method.model.eval()
     with torch.no_grad():
         want = accuracy(predict(method.model, mnist1d.x_train[rows]), mnist1d.y_train[rows])
