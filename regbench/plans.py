@@ -34,9 +34,8 @@ def tuning_rules(args, methods: list[str]) -> TuningRules:
     if unknown:
         raise ConfigError(f"--untuned {','.join(unknown)}: not in --methods ({', '.join(methods)}); name arms of "
                           f"this benchmark")
-    if untuned and not tunes:
-        raise ConfigError(f"--untuned {','.join(untuned)} without --trials or --budget-epochs: nothing is tuned, so "
-                          f"every arm runs its defaults already; drop --untuned")
+    if not tunes:  # nothing is tuned: every arm runs its defaults already
+        untuned = []
     return TuningRules(trials=args.trials, budget_epochs=args.budget_epochs, pruner=args.pruner,
                        objective=args.objective, tune_shared=tunes if flag is None else bool(flag),
                        oracle=args.oracle, untuned=tuple(dict.fromkeys(untuned)))

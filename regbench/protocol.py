@@ -120,7 +120,9 @@ class Benchmark:
     def spec(self) -> dict:
         return {
             "benchmark": self.name, "command": self.command, "seeds": self.seeds, "base": self.base.to_json(),
-            "protocol": asdict(self.protocol), "dataset": self.base.dataset, "model": self.base.model,
+            "protocol": {k: v for k, v in asdict(self.protocol).items()  # a later field at its default is left
+                         if not (k in LATER_RULES and v == LATER_RULES[k])},  # out: old and new specs read alike
+            "dataset": self.base.dataset, "model": self.base.model,
             "epochs": self.base.epochs, "shift": self.base.shift,
             "methods": {m: {"fixed": self.fixed[m], "ident": self.ident(m), "hparams": self.default_hparams(m),
                             "tune_study": self.tune_study_name(m) if self.tunes(m) else None,
