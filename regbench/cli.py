@@ -203,6 +203,11 @@ def _one_line_warnings() -> None:
     import warnings
 
     warnings.formatwarning = lambda message, category, *_args, **_kwargs: f"regbench: warning: {message}\n"
+    import logging
+
+    # MLflow logs a whole traceback for a database error it then raises (a full disk under mlflow.db); regbench
+    # reports that error itself, in one line (regbench/oserrors.py, tracking's one warning).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""MLflow mirror of every run, for people (DESIGN.md §4). Never read back to make a report.
+"""MLflow mirror of every run, for people (docs/architecture.md, "The store is the record"). Never read back to make a
+report.
 
 One experiment per benchmark, a parent run per method, a child run per trial/seed. The tracking URI is the
 standard one: ``MLFLOW_TRACKING_URI`` when set (resolved at the CLI edge), else a SQLite store in the output dir.
@@ -70,6 +71,79 @@ EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_deve
 # configured rate (a param); the schedule's per-epoch values are the metric ``scheduled_lr``.
 SERIES_NAMES = {"lr": "scheduled_lr", "seconds": "epoch_seconds"}
 PLAN_TAG, SUPERSEDED_TAG = "regbench.plan", "regbench.superseded"  # which plan of the benchmark a run mirrors
+# What a child run logs per epoch: the training curves and diagnostics that change. Test-set numbers (and the gap,
+# train minus test) are final-only, logged once: a per-epoch test curve invites picking an epoch on test data.
+# A layer's width is a constant of the model (a param); a method diagnostic with one value over every epoch (SES's
+# eigensolver backend, 0 = torch on a CPU) is a param too, so no chart is spent on a flat line.
+SERIES = {"train_acc", "val_acc", "val_nll", "train_loss", "reg_loss", "lr", "seconds", "objective"}
+SERIES_PREFIXES = ("erank/",)
+FINAL_ONLY_PREFIXES = ("test_", "shift")
+FINAL_ONLY = {"gap"}
+CONSTANT_PREFIXES = ("width/",)
+HEADLINE = "test_acc"  # logged first on every run, so MLflow's default picks (first metric) start from it
+DATA_CONTEXT = "train/val/test"  # the dataset input's context tag: the split file holds all three splits
+
+
+def metrics_of(history: list[dict], final: dict) -> tuple[list[tuple[str, float, int]], dict]:
+    """A child run's metrics as (name, value, step), headline first, then the other final-only values once (at the
+    last epoch), then the per-epoch series; and the constants, logged as params. ``history``: one dict per epoch;
+    ``final``: the run's final metrics."""
+    keys = list(dict.fromkeys(k for row in history for k, v in row.items() if k != "epoch" and _number(v)))
+    last = int(history[-1]["epoch"]) if history else 0
+    series, constants, once = [], {}, {}
+    for k in keys:
+        points = [(float(row[k]), int(row["epoch"])) for row in history if _number(row.get(k))]
+        if k.startswith(FINAL_ONLY_PREFIXES) or k in FINAL_ONLY:
+            once[k] = points[-1][0]
+        elif k.startswith(CONSTANT_PREFIXES) or (k not in SERIES and not k.startswith(SERIES_PREFIXES)
+                                                  and len({v for v, _ in points}) == 1):
+            constants[k] = _plain_number(points[-1][0])
+        else:
+            series += [(SERIES_NAMES.get(k, k), v, step) for v, step in points]
+    for k, v in final.items():  # the final values win over the last history row; no duplicate of a series
+        if k not in ("epoch", "lr", "seconds") and _number(v) and k not in constants and \
+                (k in once or k not in keys):
+            once[k] = float(v)
+    order = sorted(once, key=lambda k: k != HEADLINE)
+    values = [(k, once[k], last) for k in order]
+    if HEADLINE not in once:  # a tuning run never reads the test split: its headline is the validation curve
+        series.sort(key=lambda point: point[0] != "val_acc")
+    return values + series, constants
+
+
+def _plain_number(v: float):
+    return int(v) if float(v).is_integer() else v
+
+
+def shown_config(config: dict, env: dict) -> dict:
+    """The config as a child run's params: the device the run actually used (``device`` as requested, e.g. "auto",
+    is kept as ``device_requested`` when it differs) and the data folder without this machine's absolute path."""
+    shown = dict(config)
+    used = env.get("device")
+    if used and used != config.get("device"):
+        shown["device"], shown["device_requested"] = used, config.get("device")
+    if config.get("data_dir"):
+        shown["data_dir"] = shown_dir(str(config["data_dir"]))
+    return shown
+
+
+def shown_dir(path: str) -> str:
+    """A folder as a run shows it: ``$REGBENCH_DATA`` when it is that, else relative to the current folder or the
+    home folder when inside one, else its name alone (an absolute path names one machine's layout)."""
+    import os
+
+    folder = Path(path).expanduser()
+    if not folder.is_absolute():
+        return path
+    named = os.environ.get("REGBENCH_DATA")
+    if named and Path(named).expanduser().resolve() == folder.resolve():
+        return "$REGBENCH_DATA"
+    for base, shown in ((Path.cwd(), "{}"), (Path.home(), "~/{}")):
+        try:
+            return shown.format(folder.resolve().relative_to(base.resolve()).as_posix() or ".")
+        except ValueError:
+            continue
+    return folder.name
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -103,6 +177,7 @@ class Tracker:
         self._parents: dict[str, str] = {}
         self._ends: dict[str, int] = {}  # latest child end per method, so a parent spans its children
         self._created: set[str] = set()
+        self._datasets: dict[tuple[str, str], object] = {}
 
     def _create_experiment(self, name: str) -> str:
         """The benchmark's experiment. With a local SQLite store its artifacts go beside the database (OUT/mlartifacts),
@@ -180,6 +255,61 @@ class Tracker:
             self._parents.clear()
         return retired
 
+    def link_dataset(self, run_id: str, config: dict, run=None) -> None:
+        """The run's data as an MLflow dataset input, so the runs table's Dataset column names it: the dataset's name
+        with the first 12 hex digits of its split hash as the digest (the name of the split file, splits/NAME-HASH
+        .json, relative to the run folder). With that file beside a local store, the input is its index table
+        (split, index: MLflow shows its rows and schema); elsewhere the name, digest and source alone. ``run``: the
+        run as searched, to skip one that already has it."""
+        entity = self._dataset(config)
+        if entity is None or (run is not None and any(
+                (d.dataset.name, d.dataset.digest) == (entity.name, entity.digest)
+                for d in getattr(run.inputs, "dataset_inputs", None) or [])):
+            return
+        from mlflow.entities import DatasetInput, InputTag
+
+        self.client.log_inputs(run_id, [DatasetInput(entity, tags=[InputTag("mlflow.data.context", DATA_CONTEXT)])])
+
+    def _dataset(self, config: dict):
+        name, split = config.get("dataset"), str(config.get("split_hash") or "")
+        if not name:
+            return None
+        if (name, split) not in self._datasets:
+            import json
+            import warnings
+
+            from mlflow.data.meta_dataset import MetaDataset
+            from mlflow.data.sources import LocalArtifactDatasetSource
+
+            digest = split[:12] or "unknown"
+            relative = f"splits/{name}-{digest}.json"
+            local = _sqlite_path(self.uri)
+            source = LocalArtifactDatasetSource(relative)
+            with warnings.catch_warnings():  # MLflow's schema hints about integer columns: not ours to act on
+                warnings.simplefilter("ignore")
+                try:
+                    indices = json.loads((local.parent / relative).read_text())["indices"] if local else None
+                except (OSError, ValueError, KeyError, TypeError):
+                    indices = None
+                if isinstance(indices, dict):
+                    import mlflow.data
+                    import pandas as pd
+
+                    frame = pd.DataFrame([(s, int(i)) for s, rows in indices.items() for i in rows],
+                                         columns=["split", "index"])
+                    dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
+                else:
+                    dataset = MetaDataset(source, name=name, digest=digest)
+                self._datasets[(name, split)] = dataset._to_mlflow_entity()  # the schema is inferred here
+        return self._datasets[(name, split)]
+
+    def show(self, storage, benchmark: str) -> None:
+        """The experiment's at-a-glance state from the store (regbench/glance.py): identity tags and verdict on
+        every parent, the comparison figure, the saved view and the primary metric."""
+        from regbench import glance
+
+        glance.apply(self, storage, benchmark)
+
     def has_run(self, uid: str) -> bool:
         return self._find(f"tags.`regbench.uid` = '{uid}'") is not None
 
@@ -251,14 +381,11 @@ class Tracker:
             "regbench.study": study_name, "regbench.trial": str(trial_number), "regbench.seed": str(config["seed"]),
             **self._plan_tag(), **{f"env.{k}": str(v) for k, v in env.items()}})
         params = [Param(_key(f"hparams.{k}"), str(v)) for k, v in config.get("hparams", {}).items()]
-        params += [Param(_key(k), str(v)) for k, v in config.items() if k != "hparams"]
-        # Each metric once: the per-epoch series (the last point is the final value), then the final-only scalars.
-        series = [Metric(_key(SERIES_NAMES.get(k, k)), float(v), end_ms, int(row["epoch"])) for row in history
-                  for k, v in row.items() if k != "epoch" and _number(v)]
-        in_history = {k for row in history for k in row}
-        last = int(history[-1]["epoch"]) if history else 0
-        series += [Metric(_key(k), float(v), end_ms, last) for k, v in metrics.items()
-                   if k not in in_history and k not in ("epoch", "lr", "seconds") and _number(v)]
+        params += [Param(_key(k), str(v)) for k, v in shown_config(config, env).items() if k != "hparams"]
+        values, constants = metrics_of(history, metrics)
+        params += [Param(_key(k), str(v)) for k, v in constants.items()]
+        series = [Metric(_key(k), v, end_ms, step) for k, v, step in values]
+        self.link_dataset(run.info.run_id, config)
         for i in range(0, len(params), 100):  # MLflow caps a batch at 100 params and 1000 metrics
             self.client.log_batch(run.info.run_id, params=params[i:i + 100])
         faults.point("mirror")  # test hook (regbench/faults.py): a crash with the run half-mirrored
@@ -272,14 +399,23 @@ class Tracker:
         ``params``: the selected hparams and recipe. Metrics are logged at step 0: MLflow 3.17 draws a metric that
         has only step 0 as one bar per run (a bar chart across methods), and shows the latest value after a rerun
         with more seeds (``n_seeds`` says how many); params are write-once in MLflow, missing ones are added."""
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param, RunTag
 
         run_id = self.parent(method)
+        metrics = dict(metrics)
+        seeds = metrics.pop("n_seeds", None)  # a count, not a result: a tag (column), no chart spent on it
+        # The headline first: MLflow's default picks (the compare view's plots) start from the first metric.
+        order = sorted(metrics, key=lambda k: (not k.startswith(HEADLINE), k != HEADLINE))
         with _first_use_lock(self.uri):  # params are write-once: read which exist and add the rest in one step
-            existing = self.client.get_run(run_id).data.params
+            run = self.client.get_run(run_id)
+            existing, latest = run.data.params, run.data.metrics
             now = int(time.time() * 1000)
-            self.client.log_batch(run_id, metrics=[Metric(_key(k), float(v), now, 0) for k, v in metrics.items()
-                                                   if _number(v)][:1000],
+            values = [Metric(_key(k), float(metrics[k]), now, 0) for k in order if _number(metrics[k])]
+            if all(latest.get(m.key) == m.value for m in values):  # a rerun that trains nothing changes nothing
+                values = []
+            tags = [] if seeds is None or run.data.tags.get("n_seeds") == str(int(seeds)) else \
+                [RunTag("n_seeds", str(int(seeds)))]
+            self.client.log_batch(run_id, metrics=values[:1000], tags=tags,
                                   params=[Param(_key(k), str(v)) for k, v in params.items()
                                           if _key(k) not in existing][:100])
 
@@ -373,6 +509,7 @@ def mirror_benchmark(storage, tracker, bench) -> None:
 
     if bench.plan:  # a superseding plan: the runs of the plans it replaced leave every parent (retire_other_plans)
         tracker.use_plan(bench.plan)
+    summaries = []
     for method in bench.methods:
         # The current plan's runs only: its tuning study and its selected configuration's finals over its seeds.
         final = record.final_study_name(bench.name, method)
@@ -386,6 +523,10 @@ def mirror_benchmark(storage, tracker, bench) -> None:
                     tracker.mirror(name, t)
         selected = store.selection(storage, bench.name, method, {"ident": bench.ident(method)})
         curve = store.completed_values(storage, bench.tune_study_name(method)) if bench.tunes(method) else []
-        tracker.summarize(method, selected, curve, bench.protocol.direction)
+        summaries.append((method, selected, curve))
+    # The results before the tuning curves, so a parent's first metric is the headline (see log_results).
     for method, results in report.parent_results(storage, bench.name).items():
         tracker.log_results(method, **results)
+    for method, selected, curve in summaries:
+        tracker.summarize(method, selected, curve, bench.protocol.direction)
+    tracker.show(storage, bench.name)
