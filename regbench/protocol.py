@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import optuna
 
-from regbench import record, registry
+from regbench import dashboard, record, registry
 from regbench.config import RunConfig
 from regbench.errors import ConfigError, RegbenchError
 
@@ -213,11 +213,10 @@ def check_search_spaces(bench: Benchmark, check: Callable[[str, dict], None] | N
 SPEC_LABEL = ("regbench benchmark record, not a study: it holds no trials by design, only the benchmark's spec and "
               "each method's selected configuration. The runs are in the studies NAME:METHOD:tune:… (tuning) and "
               "NAME:METHOD:final (one trial per seed of the selected configuration).")
-FINAL_LABEL = ("regbench final runs: one trial per seed of the configuration selected on validation. Every param "
-               "here is that configuration, fixed (a range of one value); the seed is the user attribute 'seed', not "
-               "a param. Only the seed varies, so there is no importance to read (equal bars are the dashboard's "
-               "default when none can be computed) and no 'best' trial to pick: compare methods in the leaderboard "
-               "or the MLflow parent runs.")
+FINAL_LABEL = ("regbench final runs: one trial per seed of the configuration selected on validation. 'Best Trial' "
+               "here is the luckiest seed, not a better configuration. Every param is that configuration, fixed (a "
+               "range of one value); the seed is the user attribute 'seed', not a param, so the importance bars are "
+               "equal by construction. Compare methods in the leaderboard or the MLflow parent runs.")
 
 
 def save_spec(storage, bench: Benchmark) -> None:
@@ -225,9 +224,14 @@ def save_spec(storage, bench: Benchmark) -> None:
     store since the first uses, so old stores stay readable), labelled ``about`` so Optuna's dashboard does not show
     it as an empty study to be read."""
     study = optuna.create_study(study_name=record.spec_study_name(bench.name), storage=storage, load_if_exists=True)
-    if study.user_attrs.get(record.ABOUT) != SPEC_LABEL:  # first, so a dashboard lists it above the long spec
-        study.set_user_attr(record.ABOUT, SPEC_LABEL)
+    # first, so a dashboard lists them above the long spec
+    for key, value in ((record.ABOUT, SPEC_LABEL), (record.STUDY_BENCHMARK, bench.name),
+                       (record.STUDY_RECIPE, dashboard.recipe_summary(bench))):
+        if study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
     study.set_user_attr(record.SPEC, bench.spec())
+    dashboard.save_note(study, f"## Benchmark {bench.name}\n\n{SPEC_LABEL}\n\n**Recipe**: "
+                               f"{dashboard.recipe_summary(bench)}\n\n**Command**: `{bench.command}`")
 
 
 def final_params(cfg: RunConfig) -> dict[str, tuple]:
@@ -263,7 +267,7 @@ def record_final(trial, cfg: RunConfig) -> None:
             trial.suggest_categorical(name, [value])
     if trial.user_attrs.get(record.SEED) != cfg.seed:
         trial.set_user_attr(record.SEED, cfg.seed)
-    if trial.study.user_attrs.get(record.ABOUT) != FINAL_LABEL:
+    if record.ABOUT not in trial.study.user_attrs:  # a Runner labels its studies in full (regbench/dashboard.py)
         trial.study.set_user_attr(record.ABOUT, FINAL_LABEL)
 
 

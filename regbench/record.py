@@ -83,6 +83,14 @@ SUPERSEDED = "superseded:"    # a queued run of a plan that `regbench run --supe
 PLAN = "plan"                 # the spec: which plan of the benchmark's name this is (absent = 0, the first)
 SUPERSEDED_PLANS = "superseded"  # the spec: one entry per plan the current one replaced (what was cancelled, kept)
 
+# ---- issue 30: what each study is, as optuna-dashboard lists it (regbench/dashboard.py) -----------------------------
+IMPORTANCE = "importance"          # a study: how far the dashboard's importance panel can be trusted here, and why
+STUDY_BENCHMARK = "benchmark"      # a tuning or final study: the benchmark it belongs to
+STUDY_METHOD = "method"            # a tuning or final study: the method it runs
+STUDY_PHASE = "phase"              # a tuning or final study: "tune" | "final"
+STUDY_RECIPE = "recipe"            # a tuning or final study: one line of the shared recipe, tuning rules and seeds
+NOTE_WRITTEN = "regbench:note"     # a study's system attribute: a digest of the dashboard note regbench wrote last
+
 
 def fail_reason(trial) -> str:
     return str(trial.user_attrs.get(FAIL_REASON, ""))

@@ -22,7 +22,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from regbench import faults, optuna_private, record, registry
+from regbench import dashboard, faults, optuna_private, record, registry, stopping
 from regbench.config import RunConfig
 from regbench.errors import RegbenchError
 from regbench.protocol import TUNE_SEED, Benchmark, budget_left, final_params, record_final, suggest
@@ -165,18 +165,26 @@ class Runner:
         self._studies: dict[str, optuna.Study] = {}
 
     # studies are created lazily and cached; load_if_exists makes concurrent creation safe
-    def _study(self, name: str, direction: str = "maximize", tuning: bool = False) -> optuna.Study:
+    # a tuning or final study is labelled for optuna-dashboard (metric name, what it is, a note) when first opened
+    def _study(self, name: str, direction: str = "maximize", tuning: bool = False,
+               method: str | None = None) -> optuna.Study:
         if name not in self._studies:
             kwargs = {"sampler": _sampler(self.bench, self.seed), "pruner": _pruner(self.bench)} if tuning else {}
-            self._studies[name] = optuna.create_study(study_name=name, storage=self.storage, direction=direction,
-                                                      load_if_exists=True, **kwargs)
+            study = optuna.create_study(study_name=name, storage=self.storage, direction=direction,
+                                        load_if_exists=True, **kwargs)
+            if method is not None:
+                dashboard.label(study, self.bench, "tune" if tuning else "final", method)
+            self._studies[name] = study
         return self._studies[name]
 
     def tune_study(self, method: str) -> optuna.Study:
-        return self._study(self.bench.tune_study_name(method), self.bench.protocol.direction, tuning=True)
+        return self._study(self.bench.tune_study_name(method), self.bench.protocol.direction, tuning=True,
+                           method=method)
 
     def final_study(self, method: str) -> optuna.Study:
-        return self._study(record.final_study_name(self.bench.name, method))
+        # the tuning objective's direction, so the dashboard's "best" seed is the best by that objective
+        return self._study(record.final_study_name(self.bench.name, method), self.bench.protocol.direction,
+                           method=method)
 
     def run(self) -> None:
         """Work method by method (tuning, then its finals); when nothing is claimable but others are still running,
@@ -307,7 +315,7 @@ class Runner:
         # is then marked resumable) or, when it lands after the loop's last check, the end of this block (the trial
         # is recorded and mirrored first). Raised wherever it landed, it could leave the trial RUNNING in the store
         # (inside Optuna's ask or tell) or its MLflow mirror half-written.
-        with engine.stoppable():
+        with stopping.stoppable():
             try:
                 study.optimize(wrapped, n_trials=1, catch=(engine.Diverged, _Skip))
             except KeyboardInterrupt:
@@ -317,6 +325,8 @@ class Runner:
                     self.on_trial(Outcome(study, self.storage.get_trial(ran[0]), kind, method))
                 raise
             if ran:
+                if kind == "tune":  # the importance panel's caveat counts the completed trials
+                    dashboard.update_importance(study)
                 self.on_trial(Outcome(study, self.storage.get_trial(ran[0]), kind, method))
 
     def _tune_objective(self, study: optuna.Study, method: str):
