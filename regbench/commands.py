@@ -658,13 +658,13 @@ def report_command(args) -> int:
 
 def export_command(args) -> int:
     """OUT/results.csv (or .parquet): one row per final run, for pandas."""
-    from regbench import report
+    from regbench import tidy  # not report: export needs neither the statistics nor the figures
 
     out = Path(args.out)
     from regbench.statefiles import check_output_entries
 
     check_output_entries(out)
     storage, (name,) = _report_store(out, args.storage, args.name)
-    path = report.write_export(storage, name, out, args.format)
+    path = tidy.write_export(storage, name, out, args.format)
     print(f"Wrote {path}")
     return 0

@@ -82,6 +82,7 @@ class Benchmark:
     extra: dict = field(default_factory=dict)
     plan: int = 0                           # 0 = the first plan under this name; +1 each time a plan supersedes it
     _space_cache: dict = field(default_factory=dict, repr=False, compare=False)
+    _defaults_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def methods(self) -> list[str]:
@@ -111,6 +112,8 @@ class Benchmark:
         return record.tune_study_name(self.name, method, self.ident(method))
 
     def default_hparams(self, method: str) -> dict:
+        if method in self._defaults_cache:
+            return dict(self._defaults_cache[method])
         return registry.method_class(method).resolve(self.fixed[method])
 
     def final_configs(self, method: str, hparams: dict, shared: dict) -> list[RunConfig]:
@@ -139,7 +142,10 @@ class Benchmark:
                    protocol=TuningRules(**spec["protocol"]), command=spec.get("command", ""),
                    extra={k: spec[k] for k in ("split_hash", "storage", "tracking_uri", "heartbeat",
                                                record.SUPERSEDED_PLANS) if k in spec},
-                   plan=int(spec.get(record.PLAN, 0)))
+                   plan=int(spec.get(record.PLAN, 0)),
+                   # what the plan stored: reading a benchmark (status, report, export) imports no method's code
+                   _space_cache={m: list(i["space"]) for m, i in spec["methods"].items() if "space" in i},
+                   _defaults_cache={m: dict(i["hparams"]) for m, i in spec["methods"].items() if "hparams" in i})
 
 
 # ---- search spaces ------------------------------------------------------------------------------------------------
