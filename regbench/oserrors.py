@@ -116,7 +116,7 @@ def leftovers(folders, since: float, pid: int | None = None) -> list:
             if not path.is_file() or path.is_symlink():
                 continue
             ours_tmp = path.name.endswith(".tmp") and f".{pid}." in path.name
-            fresh_empty = st.st_size == 0 and st.st_mtime >= since and not path.name.startswith(".regbench.lock")
+            fresh_empty = st.st_size == 0 and st.st_mtime >= since and not path.name.endswith(".lock")  # held locks
             if ours_tmp or fresh_empty:
                 found.append(path)
     return found
