@@ -17,7 +17,7 @@ from regbench.store import trials_of
 SHARED_PREFIX = "shared."  # as protocol.SHARED_PREFIX: a tuning trial's shared lr / weight decay params
 
 
-def _tuning_spent(trials) -> dict:
+def tuning_spent(trials) -> dict:
     """Tuning trials that ended and hold a configuration (done, pruned, diverged or failed; an interrupted attempt
     is one trial with its resumed copy), and every epoch trained, interrupted attempts included."""
     ended = [t for t in trials if t.state not in (TrialState.WAITING, TrialState.RUNNING)
@@ -34,7 +34,7 @@ def arms(storage, spec: dict) -> dict[str, dict]:
     for method, info in spec["methods"].items():
         space = list(info.get("space", info.get("hparams", {})))
         tuned = bool(info.get("tune_study"))
-        spent = _tuning_spent(trials_of(storage, info.get("tune_study"))) if tuned else {"trials": 0, "pruned": 0,
+        spent = tuning_spent(trials_of(storage, info.get("tune_study"))) if tuned else {"trials": 0, "pruned": 0,
                                                                                            "epochs": 0}
         out[method] = {"tuned": tuned, "untuned_by_flag": method in untuned,
                        "own": [k for k in space if not k.startswith(SHARED_PREFIX)],

@@ -68,7 +68,7 @@ def test_opting_out_says_per_arm_what_it_got(tmp_path):
     shade = tuning_trials(storage, "digits-mlp", "shade")
     assert len(shade) == 2 and set(shade[0].params) == {"weight"}  # its own hparam only
     head = header(stdout)
-    assert "every arm" not in head and "the arms' tuning budgets differ" in head
+    assert "every arm ended" not in head and "the arms' tuning budgets differ" in head
     assert "- tuning NOT the same for every arm (the shared lr and weight decay were not tuned (`--no-tune-shared`); " \
            "baseline ran untuned (`--untuned`))" in head
     assert "  - baseline: its defaults, not tuned (`--untuned`)" in head
