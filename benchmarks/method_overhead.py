@@ -13,8 +13,9 @@ A method may carry hparam overrides in brackets, ``name[key=value;key=value]`` (
 Each row prints the overhead next to issue 18's GPU target for that method (paper config: resnet18 + CIFAR stem,
 B = 256, bf16 on an H200) and, on the CPU, the issue's CPU figure where it names one (exact SES ≤ 15 % on cnn1d).
 
-resnet18 (CIFAR stem) uses the real CIFAR-10 images of ../shared/data/cifar10_subset when that file exists (a
-benchmark-only dependency), else the embedded digits upsampled to 32×32 RGB.
+resnet18 (CIFAR stem) uses the real CIFAR-10 images of the cifar10_subset.npz named by $REGBENCH_CIFAR10_SUBSET
+(described in regbench/suites/cifar_subset.py; the repository ships no copy) when it is set to a file, else the
+embedded digits upsampled to 32×32 RGB.
 """
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ import torch.nn.functional as F
 
 from regbench import engine, models, registry
 from regbench.config import RunConfig
+from regbench.suites import cifar_subset
 
-CIFAR_SUBSET = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10_subset" / "cifar10_subset.npz"
+CIFAR_SUBSET = cifar_subset.SUBSET  # None unless $REGBENCH_CIFAR10_SUBSET names one
 COMPOSITES = ["ses+spectral_norm", "shade+dropout"]
 # Issue 18's targets: overhead on an H200 at the SES paper config (resnet18 + CIFAR stem, B = 256, bf16). On the
 # CPU only the old one stands: exact SES ≤ 15 % on cnn1d.
@@ -47,7 +49,7 @@ def data_for(setup: str, batch: int, steps: int, data_dir: Path):
     if setup == "cnn1d":
         splits = registry.dataset("mnist1d").load(data_dir)
         return splits.x_train[:n], splits.y_train[:n], splits.input_shape, "cnn1d", ("adamw", 3e-3), "mnist1d"
-    if CIFAR_SUBSET.is_file():
+    if CIFAR_SUBSET is not None and CIFAR_SUBSET.is_file():
         with np.load(CIFAR_SUBSET) as z:
             x = torch.tensor(z["x_train"][:n]).permute(0, 3, 1, 2).float() / 255.0
             y = torch.tensor(z["y_train"][:n])

@@ -5,8 +5,8 @@ spectral norm, SES+SN, with that suite's hyperparameters: λ 0.01, β 0.7 on the
 50 epochs × 50,000 training images per epoch (batch 256, drop_last: 195 steps, 9,750 per run), SGD 0.1 / momentum 0.9
 / wd 5e-4, multistep LR, crop+flip: the suite's ``FULL`` recipe, unchanged but for ``--epochs``.
 
-Data: the real CIFAR-10 images of the shared subset (``cifar10_subset.npz``: $REGBENCH_CIFAR10_SUBSET, else
-../shared/data/cifar10_subset/ next to the checkout), written into the official layout and read by regbench's CIFAR-10
+Data: the real CIFAR-10 images of the ``cifar10_subset.npz`` named by $REGBENCH_CIFAR10_SUBSET (described in
+regbench/suites/cifar_subset.py; the repository ships no copy), written into the official layout and read by regbench's CIFAR-10
 reader (normalization, uint8 pixels for the device-resident split, crop+flip), then each split tiled by repetition:
 train to ``--images-per-epoch``, validation and test to a tenth and a fifth of it (CIFAR-10's 5,000 / 10,000 next to
 50,000), so each epoch's evaluation (train, val and test accuracy, ECE, erank probes) costs what it costs on CIFAR-10.
@@ -47,7 +47,6 @@ from regbench.store import OutputLock, default_storage_url, load_spec, open_stor
 from regbench.suites import ses_cifar
 from regbench.suites.cifar_subset import ENV, layout_md5s, write_cifar10_layout
 
-DEFAULT_SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_subset" / "cifar10_subset.npz"
 FULL_IMAGES, FULL_SEEDS = 50_000, 3
 TARGET_MIN, ESTIMATE_MIN = 10, 85  # issue 19: target on one H200; its estimate from today's step costs
 ESTIMATE_NOTE = "9,750 steps per run at 10.0 / 54 / 24.5 / 68 ms for baseline / SES / SN / SES+SN"
@@ -126,7 +125,9 @@ def main(argv=None) -> int:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.parallel_seeds > args.seeds:
         p.error(f"--parallel-seeds {args.parallel_seeds} is more than --seeds {args.seeds}")
-    subset = Path(os.environ.get(ENV) or DEFAULT_SUBSET)
+    if not os.environ.get(ENV):
+        p.error(f"no CIFAR-10 subset named: set {ENV} to a cifar10_subset.npz")
+    subset = Path(os.environ[ENV])
     if not subset.is_file():
         p.error(f"no CIFAR-10 subset at {subset}; set {ENV} to a cifar10_subset.npz")
     if args.threads:

@@ -12,8 +12,9 @@ on a GPU).
     python benchmarks/seeds_per_gpu.py                       # sizes for this device (small ones on the CPU)
     python benchmarks/seeds_per_gpu.py --setups cnn --ks 1,8 --backends vmap --epochs 4
 
-The 32×32×3 setups use the real CIFAR-10 images of ../shared/data/cifar10_subset when that file exists (a
-benchmark-only dependency), else fixed random tensors of that shape (throughput does not depend on the pixels).
+The 32×32×3 setups use the real CIFAR-10 images of the cifar10_subset.npz named by $REGBENCH_CIFAR10_SUBSET
+(described in regbench/suites/cifar_subset.py; the repository ships no copy) when it is set to a file, else fixed
+random tensors of that shape (throughput does not depend on the pixels).
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ from regbench.datasets.base import Splits
 
 from regbench import engine, registry
 from regbench.config import RunConfig
+from regbench.suites import cifar_subset
 
-CIFAR_SUBSET = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10_subset" / "cifar10_subset.npz"
+CIFAR_SUBSET = cifar_subset.SUBSET  # None unless $REGBENCH_CIFAR10_SUBSET names one
 
 # (train images, batch, K values) per setup; the CPU sizes finish in a few minutes on two cores.
 SIZES = {
@@ -44,7 +46,7 @@ MODELS = {"cnn1d": "cnn1d", "cnn": "cnn", "resnet18": "resnet18"}
 
 def image_splits(n: int, source_n: int = 512) -> tuple[Splits, str]:
     """n training images of shape (3, 32, 32), normalized; tiny val/test (evaluation is not timed)."""
-    if CIFAR_SUBSET.is_file():
+    if CIFAR_SUBSET is not None and CIFAR_SUBSET.is_file():
         with np.load(CIFAR_SUBSET) as z:
             x = torch.tensor(z["x_train"]).permute(0, 3, 1, 2).float() / 255.0
             y = torch.tensor(z["y_train"]).long()

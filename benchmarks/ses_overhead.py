@@ -8,7 +8,7 @@ with its ratio to the baseline's, and the minimum block too (on a shared machine
 disturbed by other processes; ``--threads 1`` also helps, as a 2-thread OpenMP region stalls whenever one core is
 taken).
 
-Configurations (SES paper Sec. 8 / methods.md §1.3): resnet18 with the CIFAR stem and the paper's 9 hooks
+Configurations (SES paper Sec. 8 / docs/methods.md §1.3): resnet18 with the CIFAR stem and the paper's 9 hooks
 (``stages+pool``) on CPU with a small batch and on CUDA with batch 256 when a GPU is present; the small built-in
 nets on CPU (cnn1d on mnist1d, cnn on digits, mlp on mnist1d, batch 128). Variants: ``naive`` = the per-layer loop
 (one eigvalsh per layer, autograd through it; what SES did before), ``exact``, ``exact k=5`` (``every=5``),

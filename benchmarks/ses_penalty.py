@@ -2,7 +2,7 @@
 d = 64, 64, 128, 128, 256, 256, 512, 512, 512; B = 256), forward + backward, ms per call (median), and each path's
 worst |ΔH| per layer against float64 eigh of the d×d covariance (eq. 1-3).
 
-It also prints the measurement behind the CUDA design choice (gpu.md §3 option 2, rejected): the error of a
+It also prints the measurement behind the CUDA design choice (docs/gpu.md §3 option 2, rejected): the error of a
 degree-q Chebyshev interpolant of u·log u applied to the spectrum (what a matmul-only polynomial of the Gram gives in
 exact arithmetic, structural zeros corrected by the known rank) on adversarial spectra at d = 64..512.
 

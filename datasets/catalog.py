@@ -1,7 +1,7 @@
 """Every data set regbench knows, the files each needs, whether they are there, md5 checks and preparation: the
 logic behind `regbench data list|verify|prepare` (the CLI glue is regbench/data_commands.py).
 
-Facts (file names, sizes, md5s, URLs): shared/reference/datasets.md §5 (CIFAR, CIFAR-C, MNIST, MNIST-M) and §2
+Facts (file names, sizes, md5s, URLs): docs/datasets.md §5 (CIFAR, CIFAR-C, MNIST, MNIST-M) and §2
 (mnist5k); the tables live in the readers (cifar.SPECS, cifar_c.MD5 / ARCHIVES, mnist_m.MNIST_FILES …) and are read
 at call time, so there is one source of truth and tests can point them at tiny files of the same format.
 
@@ -91,7 +91,7 @@ def _official(name: str) -> tuple[dict[str, str], list[Download]]:
     if name in ("cifar10", "cifar100"):
         s = cifar.SPECS[name]
         files = {f"{s['folder']}/{f}": md5 for f, md5 in s["md5s"].items()}
-        size = 170_498_071 if name == "cifar10" else None  # datasets.md §5 records CIFAR-100's only as ~169 MB
+        size = 170_498_071 if name == "cifar10" else None  # docs/datasets.md §5 records CIFAR-100's only as ~169 MB
         return files, [Download(s["archive"], s["archive_md5"], size, s["url"], s["folder"])]
     if name in ("cifar10_c", "cifar100_c"):
         ds = name[:-2]

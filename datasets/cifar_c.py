@@ -49,7 +49,7 @@ URLS = {
     "cifar10": "https://zenodo.org/records/2535967/files/CIFAR-10-C.tar (md5 56bf5dcef84df0e2308c6dcbcbbd8499)",
     "cifar100": "https://zenodo.org/records/3555552/files/CIFAR-100-C.tar (md5 11f0ed0f1191edbf9fa23466ae6021d3)",
 }
-# The Zenodo tar of each set: file name, md5, size in bytes, download URL (datasets.md §5, CIFAR-10-C table).
+# The Zenodo tar of each set: file name, md5, size in bytes, download URL (docs/datasets.md §5, CIFAR-10-C table).
 ARCHIVES = {
     "cifar10": ("CIFAR-10-C.tar", "56bf5dcef84df0e2308c6dcbcbbd8499", 2_918_471_680,
                 "https://zenodo.org/records/2535967/files/CIFAR-10-C.tar?download=1"),

@@ -74,7 +74,7 @@ DETERMINISTIC = frozenset(
      "gaussian_blur", "saturate"}
 )
 
-# The CIFAR parameter table, severity 1..5 (datasets.md §4.2).
+# The CIFAR parameter table, severity 1..5 (docs/datasets.md §4.2).
 PARAMS = {
     "gaussian_noise": [0.04, 0.06, 0.08, 0.09, 0.10],
     "shot_noise": [500, 250, 100, 75, 50],

@@ -48,7 +48,7 @@ from regbench.errors import DataError
 from .base import Dataset, Splits, atomic_write_bytes, make_splits, stratified_split
 
 # --------------------------------------------------------------------------------------------
-# Facts (see shared/reference/datasets.md §1, §2, §5)
+# Facts (see docs/datasets.md §1, §2, §5)
 
 MNIST_FILES = {  # torchvision MNIST raw files and their md5s
     "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",

@@ -7,7 +7,7 @@ stays uint8 (a read-only memmap of the .npy file) until evaluation, which normal
 page cache's business, and one normalized block is 123 MB.
 
 Sets (SHIFT_SETS maps each to the training dataset it belongs to):
-* `cifar10_c`, `cifar100_c`: the official Zenodo files (datasets.md §5) in DATA_DIR/CIFAR-10-C/ (CIFAR-100-C/),
+* `cifar10_c`, `cifar100_c`: the official Zenodo files (docs/datasets.md §5) in DATA_DIR/CIFAR-10-C/ (CIFAR-100-C/),
   extracted from the tar if only that is there, every file md5-checked, memory-mapped. Their 10,000 images per
   block are the official test set in order, and so is our CIFAR test split (cifar.py: test = the test batch in file
   order), so the labels must match block for block; a mismatch (e.g. CIFAR-100-C files for CIFAR-10) is refused.

@@ -1,4 +1,4 @@
-"""The Method plugin contract (DESIGN.md §3).
+"""The Method plugin contract (docs/architecture.md, "The Method contract").
 
 A method is one small class, found through the ``regbench.methods`` entry-point group. Its defaults and its
 Optuna search space sit side by side (DomainBed's hparams next to the algorithm, Optuna's define-by-run space).

@@ -6,9 +6,9 @@ With p = softmax(logits) and H(p) = −Σ_k p_k log p_k (natural log), the paper
     L = CE − β·H(p(y|x))                        (plain penalty)
     L = CE + β·max(0, Γ − H(p(y|x)))            (hinge: only entropies below the floor Γ are penalised)
 
-averaged over the batch (../shared/reference/methods.md §4.4). Up to a constant the penalty is β·KL(p‖u); label
+averaged over the batch (docs/methods.md §4.4). Up to a constant the penalty is β·KL(p‖u); label
 smoothing is the other direction, KL(u‖p). The paper text was not available here; the formulas and the hinge's sign
-follow methods.md §4.4 (with "+": a floor on the entropy; a "−" in front of the hinge, as some summaries print it,
+follow docs/methods.md §4.4 (with "+": a floor on the entropy; a "−" in front of the hinge, as some summaries print it,
 would reward confidence in a minimised loss).
 
 Our adaptation [C]:
@@ -18,8 +18,8 @@ Our adaptation [C]:
   ``ctx.num_classes``, so one search space serves every dataset. ``threshold_frac = 0`` (default) is the plain
   penalty; ``threshold_frac > 0`` the hinge. Since H ≤ log K, ``threshold_frac = 1`` has exactly the plain penalty's
   gradient (the loss differs by the constant β·log K, which makes it β·KL(p‖u) ≥ 0).
-* Search: β log-uniform in [0.01, 2] (methods.md §4.4 [C]); ``threshold_frac`` ∈ {0, 0.25, 0.5, 0.75}, a categorical
-  that keeps the plain penalty a candidate (a continuous draw would never hit 0, and 1 would duplicate it).
+* Search: β log-uniform in [0.01, 2] (docs/methods.md §4.4 [C]); ``threshold_frac`` ∈ {0, 0.25, 0.5, 0.75}, a
+  categorical that keeps the plain penalty a candidate (a continuous draw would never hit 0, and 1 would duplicate it).
   The paper's grids could not be read [?].
 """
 from __future__ import annotations

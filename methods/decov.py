@@ -7,7 +7,7 @@ For a layer's activations h ∈ R^{N×d} over a batch of N (after the nonlineari
     L_DeCov = ½ (‖C‖_F² − ‖diag(C)‖₂²) = ½ Σ_{i≠j} C_ij²    (only cross-covariances are penalised)
     L       = L_task + weight · Σ_layers L_DeCov
 
-(../shared/reference/methods.md §4.5.) The paper text was not available here; the equations follow methods.md.
+(docs/methods.md §4.5.) The paper text was not available here; the equations follow docs/methods.md.
 
 Our adaptation [C]:
 
@@ -18,7 +18,7 @@ Our adaptation [C]:
   without the cancellation when the variances dominate. Float32 (float64 kept), autocast off.
 * Pitfall: the penalty scales as activation⁴, so the net can lower it by shrinking its features rather than
   decorrelating them. ``diagnostics()`` logs the penalty and the RMS of the features per layer, to see which happened.
-* Default weight 0.1, search log-uniform [1e-4, 10]: methods.md §4.5 proposed [1e-4, 1] [C], widened because on
+* Default weight 0.1, search log-uniform [1e-4, 10]: docs/methods.md §4.5 proposed [1e-4, 1] [C], widened because on
   mnist1d/cnn1d (30-epoch recipe, 2 seeds, penalty on ``act_fc``) test accuracy still rose at the top of that range:
   baseline 0.885/0.896, weight 1e-2 0.966/0.962, 0.1 0.970/0.969, 1 0.971/0.981, 3 0.979/0.980, 10 0.985/0.984.
   The unweighted penalty is O(1) at initialisation (random input, B = 128: mlp 0.17, cnn 1.0, resnet18 1.2, cnn1d

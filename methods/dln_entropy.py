@@ -1,23 +1,23 @@
 """DLN entropic prior as a regularizer (Chen, Kotwal, Menon 2025, "Entropic
 regularization in the Deep Linear Network", arXiv 2512.06137, with the entropy formula of Menon & Yu, arXiv
-2509.09088). Formulas and checks: ../shared/reference/dln.md.
+2509.09088). Formulas and checks: docs/dln.md.
 
 For a depth-N deep linear network with end-to-end map X (singular values σ), the Boltzmann entropy of the balanced
-factorizations of X is (dln.md §2.1; [P1] Thm 4)
+factorizations of X is (docs/dln.md §2.1; [P1] Thm 4)
 
     S_N(X) = (N−1) log c_d + ½ log( van(σ²) / van(σ^{2/N}) ),      van(a) = ∏_{i<j} |a_i − a_j|,
 
-and the paper's free energy is F_β = E − β⁻¹ S_N (dln.md §3.1: minimized, so S_N is maximized). In code we drop the
-constant and use the collision-safe sum form (dln.md §2.2): with λ_i = σ_i^{2/N},
+and the paper's free energy is F_β = E − β⁻¹ S_N (docs/dln.md §3.1: minimized, so S_N is maximized). In code we drop the
+constant and use the collision-safe sum form (docs/dln.md §2.2): with λ_i = σ_i^{2/N},
 
     S̃_N(σ) = ½ Σ_{i<j} log P_N(λ_i, λ_j),   P_N(a, b) = Σ_{k=0}^{N−1} a^k b^{N−1−k} = (a^N − b^N)/(a − b) > 0,
 
 evaluated as a logsumexp over k of (2/N)(k log σ_i + (N−1−k) log σ_j). It is smooth across σ_i = σ_j (no
 singular-value repulsion, so no collision ε), and its gradient ∂S/∂σ_i = Σ_{j≠i}[σ_i/(σ_i²−σ_j²) −
-(1/N)σ_i^{2/N−1}/(σ_i^{2/N}−σ_j^{2/N})] (dln.md §2.3) is > 0: the prior pushes every singular value up, and being
+(1/N)σ_i^{2/N−1}/(σ_i^{2/N}−σ_j^{2/N})] (docs/dln.md §2.3) is > 0: the prior pushes every singular value up, and being
 concave and symmetric it favours equal singular values at a fixed scale.
 
-The regularizer (dln.md §5(b), a design choice, not the papers' setting) adds
+The regularizer (docs/dln.md §5(b), a design choice, not the papers' setting) adds
 
     R = −strength · β⁻¹ · Σ_layers S̃_N(σ(M_l)) / n_l
 
@@ -34,13 +34,13 @@ to the task loss, where M_l and n_l are:
   singular values S̃_N/n_l = Σ_i [(1−1/N) log σ_i + ½ log N], a per-singular-value log barrier whose push on each σ_i,
   (1−1/N)/σ_i, does not depend on the width (like weight decay's μσ_i). With weight decay (μ/2)‖W‖² the equilibrium is
   then σ_*² = (strength/β)(1−1/N)/μ for every layer width. ``"pairs"`` divides by k(k−1)/2 (mean over pairs: the
-  push per σ_i falls like 1/k), ``"none"`` keeps the raw S̃_N of dln.md (equilibrium σ_*² = (strength/β)κ'/μ with
+  push per σ_i falls like 1/k), ``"none"`` keeps the raw S̃_N of docs/dln.md (equilibrium σ_*² = (strength/β)κ'/μ with
   κ' = (k−1)(N−1)/(2N), §5(b)).
 
 β and strength only enter as strength/β; β is kept to match the paper's F_β, and the search space tunes strength
 alone. depth N must be ≥ 2 (N = 1 gives S ≡ 0: no overparametrization, §2.2).
 
-Numerics (dln.md §5(b)): singular values in float64 outside autocast; σ floored at 1e-12·max σ (and at the smallest
+Numerics (docs/dln.md §5(b)): singular values in float64 outside autocast; σ floored at 1e-12·max σ (and at the smallest
 normal float64) before the log, so exactly singular matrices give finite gradients; the penalty is returned in the
 task loss's dtype. The gradient through σ is U diag(∂S/∂σ) Vᵀ, which is what ``torch.linalg.svdvals``' backward
 returns and is well defined at repeated singular values. We get it from σ_i = u_iᵀ M v_i with the singular vectors
@@ -86,7 +86,8 @@ MAX_DEPTH = 64  # memory is O(k² N) per layer: 131k pairs × N float64s for a 5
 
 
 def dln_entropy(s: Tensor, N: int) -> Tensor:
-    """S̃_N = S_N − (N−1) log c_d = ½ Σ_{i<j} log P_N(σ_i^{2/N}, σ_j^{2/N}) (dln.md §2.2), the sum form as a logsumexp.
+    """S̃_N = S_N − (N−1) log c_d = ½ Σ_{i<j} log P_N(σ_i^{2/N}, σ_j^{2/N}) (docs/dln.md §2.2), the sum form as a
+    logsumexp.
 
     ``s``: (..., k) singular values (≥ 0), batched over the leading dims; returns (...). σ is floored at
     1e-12·max σ (floor not differentiated), so zero singular values give finite values and gradients.

@@ -8,8 +8,8 @@ dropout, so eval mode is the identity):
 The paper's p is the *retention* probability (our q) and it rescales the weights by p at test time instead of the
 activations by 1/p in training; both give the same network in expectation.
 
-Placement (../shared/reference/methods.md §4.1; SHADE (Blot et al., ICIP 2018) Table 1 "dropout" and "SHADE+D" do not say where,
-methods.md §2.5 [?/C]):
+Placement (docs/methods.md §4.1; SHADE (Blot et al., ICIP 2018) Table 1 "dropout" and "SHADE+D" do not say where,
+docs/methods.md §2.5 [?/C]):
 
 * ``placement="classifier"`` (default): dropout on the classifier's input, through a forward pre-hook on
   ``models.classifier_layer`` (rule ``classifier``). It works on the built-in nets and on timm models alike, is
@@ -54,7 +54,7 @@ class Dropout(Method):
 
     @classmethod
     def search_space(cls, trial):
-        # methods.md §4.1 [C]: rate in [0, 0.5]. Placement is not searched: "timm" fails on the built-in nets, and
+        # docs/methods.md §4.1 [C]: rate in [0, 0.5]. Placement is not searched: "timm" fails on the built-in nets, and
         # drop_path_rate exists only with it; set --set dropout.placement=timm to search rate with timm's dropout.
         return {"rate": trial.suggest_float("rate", 0.0, 0.5)}
 

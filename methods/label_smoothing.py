@@ -6,12 +6,12 @@ uniform part includes the true class. The smoothed cross-entropy is then
 
     H(q', p) = (1 − ε)·H(q, p) + ε·H(u, p) = CE + ε·( mean_k(−log p_k) − CE )
 
-(../shared/reference/methods.md §4.3; the same target as ``F.cross_entropy(..., label_smoothing=ε)``).
+(docs/methods.md §4.3; the same target as ``F.cross_entropy(..., label_smoothing=ε)``).
 
 Our adaptation: the engine always adds the plain task loss ``CE = F.cross_entropy(logits.float(), y)``, so this method
 returns only the *difference* ``ε·mean_batch(mean_k(−log p_k) − CE_n)``; task + this term equals torch's smoothed
-cross-entropy (value and gradient), whatever other methods are composed with it. Search ε ∈ [0, 0.3] (methods.md
-§4.3 [C]; timm's default is 0.1, our default too).
+cross-entropy (value and gradient), whatever other methods are composed with it. Search ε ∈ [0, 0.3]
+(docs/methods.md §4.3 [C]; timm's default is 0.1, our default too).
 """
 from __future__ import annotations
 

@@ -10,12 +10,12 @@ For each hooked layer l with batch activations H ∈ R^{B×d_l}:
 * eq. 5  R_SES = Σ_l α_l (H_l − β·log d_l)²   (α_l = 1 as in Listing 1; target erank d_l^β)
 * eq. 6  L = L_task + λ·R_SES
 
-Implementation (../shared/reference/methods.md §1.3-1.7; the batched spectral math is in regbench.spectral):
+Implementation (docs/methods.md §1.3-1.7; the batched spectral math is in regbench.spectral):
 
 * ``eigen_path="exact"`` (default): the value of eq. 3 (to 1e-6 in float32), computed fast: each layer's min-side
   Gram (B×B when B < d, §1.4), Grams of equal size in ONE batched eigensolve (P5), autocast off, float32 (float64
   for float64 input), relative zero threshold, NaN-safe p·log p, closed-form gradient dH/dG = V diag(dH/dλ) Vᵀ
-  (= −(log ρ + H·I)/tr C, gpu.md §3). The eigensolver is chosen per device (``regbench.spectral.eigh_backend``):
+  (= −(log ρ + H·I)/tr C, docs/gpu.md §3). The eigensolver is chosen per device (``regbench.spectral.eigh_backend``):
   torch's on the CPU, CuPy's batched cuSOLVER on CUDA when ``regbench[cuda]`` is installed (no host sync in the
   step); the choice is recorded with each epoch as the diagnostic ``ses_eigh_cupy`` (1 = CuPy, 0 = torch).
 * ``eigen_path="lowrank"``: the paper's randomized top-k (Sec. 5.2): ``rank`` (32, the paper's k) top eigenvalues
@@ -38,7 +38,7 @@ Implementation (../shared/reference/methods.md §1.3-1.7; the batched spectral m
   at B = 512, a per-step cost that doubles with the batch (69 → 140 ms/step). With Listing 1's d×d covariance, GAP
   costs nine eigensolves of sizes 64…512 per step whatever the batch (the B×d products are negligible), so its
   per-epoch overhead would halve at B = 512; "positions" (rows = B·H·W, products ∝ B·H·W·C²) doubles per step as
-  observed. The text (eq. 1: H ∈ R^{B×d}, 1/(B−1)) and the reported start value (SES loss "~0.5"; methods.md §1.3)
+  observed. The text (eq. 1: H ∈ R^{B×d}, 1/(B−1)) and the reported start value (SES loss "~0.5"; docs/methods.md §1.3)
   imply "gap". We default to the text and record the choice with each run. (On CPU, ResNet-18 penalty alone, 9
   hooks, fwd+bwd: gap 2.6/4.5/14 ms, positions 43/108/206 ms at B = 16/32/64; gap grows here only because the Gram
   is B×B while B < d.)

@@ -12,7 +12,7 @@ and Algorithm 1 keeps per-unit moving averages, updated after each batch with mo
     line 4:  p_z ← λ p_z + (1−λ)(1/K) Σ_k p(z | y_k)
     line 5:  μ_z ← λ μ_z + (1−λ)(1/K) Σ_k [p(z | y_k) / p_z] y_k     (p_z: the value just updated in line 4)
 
-Choices (../shared/reference/methods.md §2.3-2.4): μ_z are constants in the loss (the paper: they "have no influence
+Choices (docs/methods.md §2.3-2.4): μ_z are constants in the loss (the paper: they "have no influence
 on the entropy"); p(z|y) keeps its gradient unless ``detach_posterior``; mean over samples, then ``reduction="sum"``
 over units (the paper's Σ_i) or ``"mean"`` over each layer's units, and a sum over layers; a convolutional unit is a
 channel whose spatial positions are extra samples (the paper's "half as many parameters as batch normalization");
@@ -263,7 +263,7 @@ class SHADE(Method):
 
     @classmethod
     def search_space(cls, trial):
-        # The paper cross-validates β without giving a grid. methods.md §2.5: log-uniform [1e-6, 1e-2] for the
+        # The paper cross-validates β without giving a grid. docs/methods.md §2.5: log-uniform [1e-6, 1e-2] for the
         # default sum over units (Ω is ~10²-10³ on cnn1d/resnet18 at initialisation); momentum stays at 0.8.
         return {"weight": trial.suggest_float("weight", 1e-6, 1e-2, log=True)}
 

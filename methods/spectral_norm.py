@@ -9,7 +9,7 @@ registered, then ``n_power_iterations`` more on each training-mode forward; eval
 use torch's own ``torch.nn.utils.parametrizations.spectral_norm``, with one change of schedule (issue 18): the power
 iterations of all layers run once per training forward in a model pre-hook, batched per weight shape, and the
 parametrizations then run in eval mode, so reading a weight never iterates again (same u, v and W_SN as torch's
-training-mode forward after the same updates, tested; ../shared/reference/methods.md §3.1): the raw
+training-mode forward after the same updates, tested; docs/methods.md §3.1): the raw
 weight becomes ``<layer>.parametrizations.weight.original`` and u, v become buffers, so the state_dict keys change
 while the method is attached. ``detach`` removes the parametrization with ``leave_parametrized=True`` after putting
 the parametrization in eval mode (removal in training mode would run one more power iteration and change the
@@ -17,10 +17,10 @@ weights): the layer keeps W_SN as its plain ``weight`` (same Parameter object), 
 before and after detach and the keys are the original ones again.
 
 The SES paper's Exp. 8 (Sec. 8.8, "Spectral Norm" and "SES+SN" on CIFAR-100) does not say which layers or how many
-power iterations (methods.md §7, question 3); our defaults [C] wrap every Conv and Linear (rule ``weights``) with one
-iteration per step, and ``layers="hidden-weights"`` leaves the classifier free.
+power iterations (docs/methods.md §7, question 3); our defaults [C] wrap every Conv and Linear (rule ``weights``) with
+one iteration per step, and ``layers="hidden-weights"`` leaves the classifier free.
 
-Caveats (methods.md §3.1), worth recording next to any SN result:
+Caveats (docs/methods.md §3.1), worth recording next to any SN result:
 
 * **BN invariance.** In a BN network a convolution followed by BatchNorm is invariant to the scale of its weight, so
   dividing by σ changes nothing in the forward pass there; SN then acts through the effective learning rate
@@ -62,7 +62,7 @@ class SpectralNorm(Method):
 
     @classmethod
     def search_space(cls, trial):
-        # methods.md §3.1 [C]: iterations in {1, 2, 5}; with or without the classifier (both rules exist on every
+        # docs/methods.md §3.1 [C]: iterations in {1, 2, 5}; with or without the classifier (both rules exist on every
         # model family, so any trial is valid on MLP, CNN, CNN1d and ResNet alike).
         return {
             "n_power_iterations": trial.suggest_categorical("n_power_iterations", [1, 2, 5]),

@@ -10,7 +10,7 @@ For a batch of features Z ∈ R^{n×d} (n samples, d features z_j):
     L         = L_task + var_weight·v(Z) + cov_weight·c(Z)
 
 The definitions follow the official loss (facebookresearch/vicreg ``main_vicreg.py``: ``x.var(dim=0)``, ε = 1e-4,
-off-diagonal squares summed and divided by the number of features), as ../shared/reference/methods.md §4.6 records.
+off-diagonal squares summed and divided by the number of features), as docs/methods.md §4.6 records.
 
 Our adaptation [C] (not a published recipe): one view only, so the invariance term (which needs two augmented views)
 is dropped and each term is taken once rather than averaged/summed over two branches; no expander/projector, the
@@ -18,8 +18,8 @@ terms act directly on the captured features, by default ``layers="pool"`` (the p
 the pooled 512-d features). Conv maps are global-average-pooled to [B, C]; several layers add up. Float32 (float64
 kept), autocast off. The self-supervised coefficients (25 / 25 / 1) balance an invariance MSE, not a cross-entropy,
 so they do not carry over. Defaults var_weight = 0.1, cov_weight = 1; search var_weight log-uniform in [1e-3, 1]
-(methods.md §4.6) and cov_weight in [1e-3, 10] (widened from [1e-3, 1]). Measured on mnist1d/cnn1d (30-epoch recipe,
-2 seeds, test accuracy; no regularizer 0.885/0.896): var 0.1 with cov 1e-3 0.912/0.921, 1e-2 0.928/0.928,
+(docs/methods.md §4.6) and cov_weight in [1e-3, 10] (widened from [1e-3, 1]). Measured on mnist1d/cnn1d (30-epoch
+recipe, 2 seeds, test accuracy; no regularizer 0.885/0.896): var 0.1 with cov 1e-3 0.912/0.921, 1e-2 0.928/0.928,
 0.1 0.946/0.945, 1 0.958/0.959, 3 0.967/0.971, 10 0.963/0.981; cov 0.1 with var 1e-3 0.940/0.951,
 1e-2 0.953/0.954, 1 0.905/0.899.
 With post-ReLU features the variance hinge (γ = 1) pushes each feature's batch std up towards 1, which in principle

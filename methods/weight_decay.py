@@ -1,5 +1,5 @@
 """Weight decay: coupled L2 with SGD, decoupled with AdamW (Loshchilov & Hutter, ICLR 2019, "Decoupled Weight
-Decay Regularization", Alg. 1 (SGD) and Alg. 2 (Adam/AdamW); ../shared/reference/methods.md §4.2).
+Decay Regularization", Alg. 1 (SGD) and Alg. 2 (Adam/AdamW); docs/methods.md §4.2).
 
 The method only hands the optimizer a strength λ and parameter groups; the engine's optimizer applies it:
 
@@ -14,11 +14,11 @@ the paper's λ divided by the base learning rate.
 parameter with ndim ≤ 1 (norm weights and biases, BN's too) or a name ending in ``.bias``, plus the names in
 ``model.no_weight_decay()``, in a group with weight decay 0, via ``timm.optim.param_groups_weight_decay``.
 ``exclude_norm_bias=False`` decays every parameter, which is the SES paper's recipe (Sec. 8: plain SGD, 5e-4 on
-everything; methods.md §4.2 suggested that as the default, the issue asked for timm's).
+everything; docs/methods.md §4.2 suggested that as the default, the issue asked for timm's).
 
 λ default 5e-4 is the SES/CIFAR SGD recipe. With AdamW it is weak (AdamW's own default is 1e-2): the method cannot
 see which optimizer the run uses, so one log range covers both, [1e-5, 1e-1]: [1e-5, 1e-3] is the SGD range and
-[1e-3, 1e-1] the AdamW range of methods.md §4.2.
+[1e-3, 1e-1] the AdamW range of docs/methods.md §4.2.
 
 Registering this method replaces the run's ``--weight-decay`` (config.weight_decay) for the parameters it groups.
 """

@@ -1,4 +1,5 @@
-"""RunConfig: everything that decides one training run, resolved once at the CLI edge (DESIGN.md §2).
+"""RunConfig: everything that decides one training run, resolved once at the CLI edge
+(docs/architecture.md, "Data flows one way").
 
 Its key (sha256 of the canonical JSON of the fields that change the result) identifies the run in the store: the
 same key is never trained twice. Where the data lives and which device runs it are recorded but not keyed, so a
@@ -18,7 +19,7 @@ NOT_KEYED = ("data_dir", "device", "eval_test", "compile")  # compile: the same 
 KEYED_WHEN_SET = ("shift", "train_per_class", "split_hash", "augment", "train_acc_sample")
 
 # Per-dataset training recipes for the embedded sets (CLI options override them). mnist1d: AdamW + one-cycle, the
-# setting in which ../shared/reference/datasets.md §8 saw regularizers separate beyond seed noise.
+# setting in which docs/datasets.md §8 saw regularizers separate beyond seed noise.
 RECIPES: dict[str, dict[str, Any]] = {
     "mnist1d": dict(epochs=30, batch_size=128, optimizer="adamw", lr=3e-3, schedule="onecycle"),
     "digits": dict(epochs=15, batch_size=64, optimizer="adamw", lr=3e-3, schedule="onecycle"),

@@ -1,8 +1,8 @@
 """The training set held once on the device; batches are gathered, normalized and augmented there (issue 9, item 1).
 
-airbench's lesson (DESIGN.md §5): a small image set fits in GPU memory many times over, so the fastest loader is no
-loader. ``DeviceData`` copies the train split to the device once, as raw uint8 pixels when the dataset has them
-(``Splits.x_train_u8``: CIFAR, MNIST-M; a quarter of float32's bytes), as float32 otherwise (mnist1d, digits). A
+airbench's lesson (docs/architecture.md, "Style"): a small image set fits in GPU memory many times over, so the fastest
+loader is no loader. ``DeviceData`` copies the train split to the device once, as raw uint8 pixels when the dataset has
+them (``Splits.x_train_u8``: CIFAR, MNIST-M; a quarter of float32's bytes), as float32 otherwise (mnist1d, digits). A
 batch is one gather by index, one normalization (a table lookup, below) and the split's own ``train_augment`` (the
 crop+flip of datasets/cifar.py, batched tensor ops drawing from the engine's augmentation generator) — no DataLoader,
 no workers, no host round trip. The same code runs on CPU tensors, which is how the tests check it.

@@ -1,4 +1,4 @@
-"""ONE training/evaluation loop for every method (DESIGN.md §1-3).
+"""ONE training/evaluation loop for every method (docs/architecture.md, "The house" to "The Method contract").
 
 The engine knows the Method interface and nothing else about methods: it builds the model, lets each method
 attach, captures the activations the methods asked for once per step (one hook per layer, shared), adds their
@@ -31,7 +31,7 @@ from regbench.evaluation import evaluate_epoch, evaluate_shift
 from regbench.metrics import test_prediction_spread
 from regbench.stopping import stop_requested, stoppable, take_stop
 
-ERANK_BATCH = 512  # fixed held-out batch for the effective-rank diagnostic (methods.md §5.1)
+ERANK_BATCH = 512  # fixed held-out batch for the effective-rank diagnostic (docs/methods.md §5.1)
 
 
 class Diverged(RuntimeError):
@@ -81,7 +81,7 @@ class ActivationCapture:
             key = name if where == "output" else f"{name}<input"
             if key not in self._handles:
                 if where == "input" and getattr(module, "inplace", False):
-                    # An inplace activation would overwrite the captured pre-activation (methods.md §2.4).
+                    # An inplace activation would overwrite the captured pre-activation (docs/methods.md §2.4).
                     module.inplace = False
                     self._inplace_restore.append(module)
                 self._handles[key] = (module.register_forward_hook(self._out_hook(key)) if where == "output"

@@ -1,4 +1,5 @@
-"""Leaderboard figures (seaborn, PNG): pure functions of DataFrames — no store, no torch (DESIGN.md §2).
+"""Leaderboard figures (seaborn, PNG): pure functions of DataFrames — no store, no torch
+(docs/architecture.md, "Data flows one way").
 
 Every function takes a tidy frame, writes one PNG and returns its path. Figures are drawn on a bare matplotlib
 ``Figure`` (no pyplot state), so they are safe in any thread and never open a window. Accuracies arrive as

@@ -2,10 +2,10 @@
 
 The spectral functions (SES paper, seed 000, eq. 1-4) serve twice: as the SES regularizer (methods/ses.py) and as
 the effective-rank diagnostic the engine records for every method. They live in ``regbench.spectral`` (with the
-batched many-layer version SES uses) and are re-exported here. Choices, from ../shared/reference/methods.md
-§1.4-1.5: the smaller Gram matrix is eigendecomposed (same nonzero spectrum as the covariance); eigenvalues in
-float32/float64 with autocast off; eigenvalues below 1e-6·λ_max are structural zeros; only eigenvalues are used
-(``eigvalsh``), whose gradient stays finite at repeated eigenvalues.
+batched many-layer version SES uses) and are re-exported here. Choices, from docs/methods.md §1.4-1.5: the smaller
+Gram matrix is eigendecomposed (same nonzero spectrum as the covariance); eigenvalues in float32/float64 with autocast
+off; eigenvalues below 1e-6·λ_max are structural zeros; only eigenvalues are used (``eigvalsh``), whose gradient stays
+finite at repeated eigenvalues.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def generalization_gap(train_acc: float, eval_acc: float) -> float:
     return train_acc - eval_acc
 
 
-ECE_BINS = 15  # the convention of Guo et al. 2017, torchmetrics and TorchUncertainty (methods.md §5.3)
+ECE_BINS = 15  # the convention of Guo et al. 2017, torchmetrics and TorchUncertainty (docs/methods.md §5.3)
 
 
 def expected_calibration_error(logits: Tensor, targets: Tensor, bins: int = ECE_BINS) -> float:
@@ -61,7 +61,7 @@ def expected_calibration_error(logits: Tensor, targets: Tensor, bins: int = ECE_
 
     Confidence is the top softmax probability; bin b holds confidences in ((b−1)/M, b/M], so a saturated confidence
     of exactly 1.0 falls in the last bin (torchmetrics gives it a bin of its own; with 15 bins the two agree unless
-    some confidences are exactly 1.0, methods.md §5.3).
+    some confidences are exactly 1.0, docs/methods.md §5.3).
     """
     probs = torch.softmax(logits.double(), dim=1)
     conf, pred = probs.max(dim=1)

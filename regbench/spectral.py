@@ -4,7 +4,7 @@ Single matrix (the engine's effective-rank diagnostic, ``regbench.metrics`` re-e
 ``covariance_eigenvalues``, ``spectrum_entropy``, ``spectral_entropy``, ``as_matrix``.
 
 Many layers per step (SES): ``entropies(mats, path=...)`` returns every layer's entropy in one tensor, computed with
-as few kernel launches and eigensolver calls as the shapes allow (../shared/reference/methods.md §1.4-1.5, §1.7):
+as few kernel launches and eigensolver calls as the shapes allow (docs/methods.md §1.4-1.5, §1.7):
 
 * matrices of equal shape are stacked, centred and multiplied in one batched matmul to their *min-side* Gram
   (XᵀX when d ≤ n, XXᵀ when n < d: same nonzero spectrum, cost O(min(n, d)³) for the eigensolver);
@@ -24,7 +24,7 @@ Approximate paths (Sec. 5.2), both working on the same min-side Grams C (m×m, t
 * ``lowrank``: randomized range finder (Halko et al.; ``niter`` power iterations, ``rank`` + ``oversample``
   columns, detached) then Rayleigh-Ritz: the top ``rank`` eigenvalues of QᵀCQ, differentiable through a small
   batched eigvalsh. The tail mass S − Σ top-k is spread uniformly over the remaining r − k directions
-  (r = the rank cap min(n−1, d), methods.md §1.7). **Bias:** upward. Ritz values underestimate the top eigenvalues
+  (r = the rank cap min(n−1, d), docs/methods.md §1.7). **Bias:** upward. Ritz values underestimate the top eigenvalues
   (more mass goes to the tail) and the uniform tail is the maximum-entropy completion, so H_lowrank ≥ H in practice.
   Layers with m ≤ rank + oversample are computed exactly.
 * ``hutchinson``: eq. 14 normalised, H = −(ℓ/S)·tr f(C/ℓ) − log(ℓ/S) with f(u) = u log u on [0, 1], ℓ ≥ λ_max
@@ -70,7 +70,7 @@ def covariance_eigenvalues(h: Tensor) -> Tensor:
         x = h if h.dtype == torch.float64 else h.float()
         x = x - x.mean(dim=0, keepdim=True)
         n, d = x.shape
-        gram = x @ x.T if n < d else x.T @ x  # same nonzero spectrum (methods.md §1.4)
+        gram = x @ x.T if n < d else x.T @ x  # same nonzero spectrum (docs/methods.md §1.4)
         lam = torch.linalg.eigvalsh(gram)
     lam = lam.clamp(min=0)
     # The batched path's per-dtype threshold: 1e-6 dropped real eigenvalues of trained ResNet layer1 features
@@ -98,7 +98,7 @@ def as_matrix(a: Tensor, conv_reduce: str = "gap") -> Tensor:
     """[B, d] view of a captured activation: flatten trailing 1s, reduce conv maps to d = channels.
 
     ``gap``: global average over positions, one row per sample (eq. 1 as written). ``positions``: every spatial
-    position is a sample, rows = B·H·W (methods.md §1.3, options A and B)."""
+    position is a sample, rows = B·H·W (docs/methods.md §1.3, options A and B)."""
     if a.dim() > 2 and all(s == 1 for s in a.shape[2:]):
         return a.flatten(1)
     if a.dim() == 2:
@@ -239,7 +239,7 @@ def _cupy():
 def eigh_backend(device) -> str:
     """The eigensolver the exact path uses on ``device``: "cupy" on CUDA when CuPy is available, else "torch".
 
-    Why (gpu.md §3; measured for issue 18 by benchmarks/ses_penalty.py): ``torch.linalg.eigh`` on CUDA loops
+    Why (docs/gpu.md §3; measured for issue 18 by benchmarks/ses_penalty.py): ``torch.linalg.eigh`` on CUDA loops
     one matrix at a time for 32 < n ≤ 512 in float32 (40-45 ms for 9×256² on an H200) and synchronizes with the
     host; CuPy's ``linalg.eigh`` on 3-D input calls cuSOLVER's batched Jacobi solver with no size gate and checks
     its info flag only when asked to (no host sync). A matmul-only Chebyshev polynomial of u·log u was rejected: on

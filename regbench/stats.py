@@ -1,4 +1,5 @@
-"""Statistics over seeds: pure functions of a tidy DataFrame (DESIGN.md §2: no torch, no store, no training).
+"""Statistics over seeds: pure functions of a tidy DataFrame (docs/architecture.md, "Data flows one way": no torch, no
+store, no training).
 
 The frame has one row per final run with columns ``method``, ``seed`` and metrics (accuracies as fractions), plus
 ``dataset`` and ``model`` for the cross-dataset summary — the frame ``report.runs_frame`` and ``regbench export``

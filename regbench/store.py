@@ -1,6 +1,7 @@
 """The store is Optuna's storage: opening it, reading what a benchmark holds, and guarding a local output dir.
 
-Reports and stats read the store through this module only, so they never import training code (DESIGN.md §2).
+Reports and stats read the store through this module only, so they never import training code
+(docs/architecture.md, "Data flows one way").
 """
 from __future__ import annotations
 

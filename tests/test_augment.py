@@ -17,8 +17,9 @@ from regbench.methods.base import Method
 from regbench import engine, registry
 from regbench.config import RunConfig
 from regbench.errors import ConfigError
+from regbench.suites import cifar_subset
 
-SUBSET = pathlib.Path("/work/shared/data/cifar10_subset/cifar10_subset.npz")
+SUBSET = cifar_subset.SUBSET  # $REGBENCH_CIFAR10_SUBSET, which tests/conftest.py always sets
 
 
 def write_cifar10_subset(root, per_batch: int = 100, n_test: int = 100) -> dict[str, str]:

@@ -23,8 +23,9 @@ from regbench.datasets.cifar import CIFAR10, CIFAR100, augment, load_arrays, rea
 from regbench.datasets.cifar_c import CORRUPTIONS, load_cifar_c, write_cifar_c_layout
 
 from regbench.errors import ConfigError, DataError
+from regbench.suites import cifar_subset
 
-SUBSET = pathlib.Path("/work/shared/data/cifar10_subset/cifar10_subset.npz")
+SUBSET = cifar_subset.SUBSET  # $REGBENCH_CIFAR10_SUBSET, which tests/conftest.py always sets
 _RECON = np.ndarray.__reduce__(np.zeros(1))[0]
 
 

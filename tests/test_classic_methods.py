@@ -1,5 +1,5 @@
 """spectral_norm, dropout and weight_decay against closed forms and hand-computed optimizer steps, on tiny real
-models attached through the engine's real context (methods.md §3.1, §4.1, §4.2)."""
+models attached through the engine's real context (docs/methods.md §3.1, §4.1, §4.2)."""
 import copy
 import math
 

@@ -1,5 +1,5 @@
-"""DESIGN.md §2, enforced: reports never import training code; the engine never imports a specific method;
-methods never import Optuna, MLflow, the store or the reports."""
+"""docs/architecture.md, "Data flows one way", enforced: reports never import training code; the engine never imports a
+specific method; methods never import Optuna, MLflow, the store or the reports."""
 import subprocess
 import sys
 

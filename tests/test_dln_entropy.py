@@ -1,4 +1,4 @@
-"""DLN entropic prior (seed 001; ../shared/reference/dln.md): the entropy against the ratio formula of §2.1, its
+"""DLN entropic prior (seed 001; docs/dln.md): the entropy against the ratio formula of §2.1, its
 gradient against §2.3, the equal-singular-value gradient and the weight-decay equilibrium of §5(b), numerical safety,
 and the method's loss on real models against sums computed by hand with numpy."""
 import itertools
@@ -18,13 +18,13 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def ratio_form(sigma, N):
-    """½ log(van(σ²)/van(σ^{2/N})) (dln.md §2.1, constant dropped), literally, pair by pair; needs distinct σ."""
+    """½ log(van(σ²)/van(σ^{2/N})) (docs/dln.md §2.1, constant dropped), literally, pair by pair; needs distinct σ."""
     return 0.5 * sum(math.log(abs(a * a - b * b)) - math.log(abs(a ** (2 / N) - b ** (2 / N)))
                      for a, b in itertools.combinations(sigma, 2))
 
 
 def closed_form_grad(sigma, N):
-    """dln.md §2.3: ∂S/∂σ_i = Σ_{j≠i} [σ_i/(σ_i²−σ_j²) − (1/N) σ_i^{2/N−1}/(σ_i^{2/N}−σ_j^{2/N})]."""
+    """docs/dln.md §2.3: ∂S/∂σ_i = Σ_{j≠i} [σ_i/(σ_i²−σ_j²) − (1/N) σ_i^{2/N−1}/(σ_i^{2/N}−σ_j^{2/N})]."""
     return [sum(si / (si * si - sj * sj) - si ** (2 / N - 1) / N / (si ** (2 / N) - sj ** (2 / N))
                 for j, sj in enumerate(sigma) if j != i) for i, si in enumerate(sigma)]
 
@@ -61,7 +61,7 @@ def test_gradient_in_sigma_matches_closed_form(d, N):
         s = torch.tensor(sigma, requires_grad=True)
         dln_entropy(s, N).backward()
         assert np.allclose(s.grad.numpy(), closed_form_grad(sigma, N), rtol=1e-9, atol=1e-12)
-        assert (s.grad > 0).all()  # dln.md §2.3: entropy pushes every singular value up
+        assert (s.grad > 0).all()  # docs/dln.md §2.3: entropy pushes every singular value up
 
 
 def test_smooth_across_collisions_without_epsilon():
@@ -75,7 +75,7 @@ def test_smooth_across_collisions_without_epsilon():
 
 
 def test_homogeneity():
-    # dln.md §2.3: S_N(tσ) = S_N(σ) + K log t, K = d(d−1)(N−1)/(2N).
+    # docs/dln.md §2.3: S_N(tσ) = S_N(σ) + K log t, K = d(d−1)(N−1)/(2N).
     d, N, t = 6, 4, 3.7
     s = torch.tensor(random_sigma(np.random.default_rng(3), d))
     K = d * (d - 1) * (N - 1) / (2 * N)
@@ -145,7 +145,7 @@ def test_vector_route_is_sync_free_gram_on_cuda_and_full_accuracy_svd_elsewhere(
 
 @pytest.mark.parametrize("d,N,s", [(3, 10, 0.7), (2, 2, 1.3), (5, 4, 0.25), (4, 5, 2.0)])
 def test_gradient_at_scaled_orthogonal_matrix(d, N, s):
-    # dln.md §5(b): at X = s·Q all singular values are equal, yet ∇_X S = ((d−1)(N−1)/(2Ns))·Q exactly.
+    # docs/dln.md §5(b): at X = s·Q all singular values are equal, yet ∇_X S = ((d−1)(N−1)/(2Ns))·Q exactly.
     torch.manual_seed(d + N)
     q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64))
     x = (s * q).requires_grad_(True)
@@ -184,7 +184,7 @@ def test_float32_weights_are_computed_in_float64():
     ("pairs", math.sqrt(0.3 * (5 - 1) / (5 * 4) / 0.5)),            # κ'/(d(d−1)/2): σ_*² = λ(N−1)/(N d μ)
 ])
 def test_weight_decay_equilibrium(normalize, expected):
-    # dln.md §5(b): (μ/2)‖X‖² − λ S̃_5(X) on a 4×4 X is minimized on the orbit X = σ_* Q.
+    # docs/dln.md §5(b): (μ/2)‖X‖² − λ S̃_5(X) on a 4×4 X is minimized on the orbit X = σ_* Q.
     mu, lam, N = 0.5, 0.3, 5
     torch.manual_seed(0)
     x = (0.5 * torch.randn(4, 4, dtype=torch.float64)).requires_grad_(True)
@@ -216,7 +216,7 @@ def attach(hparams, model_name="mlp", input_shape=(1, 40), **model_kwargs):
 
 
 def numpy_entropy(w: np.ndarray, N: int) -> float:
-    """Hand computation: numpy SVD of the reshaped weight, then the ratio form of dln.md §2.1."""
+    """Hand computation: numpy SVD of the reshaped weight, then the ratio form of docs/dln.md §2.1."""
     sigma = np.linalg.svd(w.reshape(w.shape[0], -1).astype(np.float64), compute_uv=False)
     return ratio_form(sigma, N)
 
@@ -255,7 +255,7 @@ def test_loss_on_mlp_equals_hand_computed_sum(normalize):
 
 
 def test_gradient_on_mlp_weight_is_closed_form():
-    # ∇_W (−c S̃/n) = −(c/n) U diag(∂S/∂σ) Vᵀ with ∂S/∂σ from dln.md §2.3 (numpy SVD, independent of the code).
+    # ∇_W (−c S̃/n) = −(c/n) U diag(∂S/∂σ) Vᵀ with ∂S/∂σ from docs/dln.md §2.3 (numpy SVD, independent of the code).
     N, c = 3, 0.1
     method, model, _ = attach({"strength": c, "depth": N, "layers": "name:fc2"}, widths=(12, 9))
     w = model.fc2.weight.detach().double().numpy()

@@ -60,7 +60,8 @@ def test_diverging_run_raises_diverged(mnist1d):
 
 
 def test_input_capture_sees_pre_activations_of_inplace_relus():
-    """timm's ReLUs are inplace; SHADE's pre-activation capture must still see negative values (methods.md §2.4)."""
+    """timm's ReLUs are inplace; SHADE's pre-activation capture must still see negative values
+    (docs/methods.md §2.4)."""
     # zero_init_last=False: timm zero-initialises each block's last BN, which makes act2's input ≥ 0 at init.
     model = models.create_model("resnet18", 10, (3, 32, 32), zero_init_last=False)
     cap = engine.ActivationCapture(model)

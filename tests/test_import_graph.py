@@ -1,6 +1,7 @@
-"""Dependencies point one way (DESIGN.md §2): no module of regbench imports, even lazily inside a function, a module
-that imports it back. A static check of every import statement under regbench/, methods/ and datasets/ (mapped into
-regbench.methods / regbench.datasets): a lazy import still closes a circle, it only hides it until run time."""
+"""Dependencies point one way (docs/architecture.md, "Data flows one way"): no module of regbench imports, even lazily
+inside a function, a module that imports it back. A static check of every import statement under regbench/, methods/ and
+datasets/ (mapped into regbench.methods / regbench.datasets): a lazy import still closes a circle, it only hides it
+until run time."""
 import ast
 from pathlib import Path
 

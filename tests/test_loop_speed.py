@@ -1,5 +1,5 @@
-"""The loop's speed rules that a CPU can check (issue 19, DESIGN.md §7): no host synchronization inside an epoch (the
-loss sums are read once per epoch), and cuDNN's autotuner on for CUDA training only, restored afterwards."""
+"""The loop's speed rules that a CPU can check (docs/architecture.md, "On a GPU"): no host synchronization inside an
+epoch (the loss sums are read once per epoch), and cuDNN's autotuner on for CUDA training only, restored afterwards."""
 import sys
 from pathlib import Path
 

@@ -1,4 +1,5 @@
-"""Issue 18: no host synchronization inside a training step of any method (DESIGN.md §7), guarded on the CPU.
+"""Issue 18: no host synchronization inside a training step of any method (docs/architecture.md, "On a GPU"), guarded on
+the CPU.
 
 A ``TorchFunctionMode`` records every call that would read a CUDA tensor back to the host — ``.item()``, ``bool()``,
 ``float()``, ``int()``, ``.tolist()``, ``.cpu()``, ``.numpy()``, ``.nonzero()`` — made from code under methods/ or

@@ -5,15 +5,14 @@ The reference is independent of regbench.spectral: numpy/torch float64 eigvalsh 
 its gradient by autograd. On CUDA (when the device switch says cuda) the same checks run on the GPU backend."""
 from __future__ import annotations
 
-import pathlib
-
 import numpy as np
 import pytest
 import torch
 
 from regbench.spectral import eigh_backend, entropies, exact_precision
+from regbench.suites import cifar_subset
 
-SUBSET = pathlib.Path("/work/shared/data/cifar10_subset/cifar10_subset.npz")
+SUBSET = cifar_subset.SUBSET  # $REGBENCH_CIFAR10_SUBSET, which tests/conftest.py always sets
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

@@ -2,7 +2,7 @@
 
 The references below loop over units and samples with Python floats (float64), straight from the paper's formulas:
 eq. 4-5 for the penalty and Algorithm 1 lines 4-5 for the moving averages, a convolutional unit being a channel
-whose positions are extra samples (methods.md §2.4).
+whose positions are extra samples (docs/methods.md §2.4).
 """
 import math
 

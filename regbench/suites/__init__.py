@@ -1,4 +1,5 @@
-"""Paper suites: `regbench suite NAME` runs one experiment of a seed paper end to end (issue 8, DESIGN.md §1).
+"""Paper suites: `regbench suite NAME` runs one experiment of a seed paper end to end
+(docs/architecture.md, "The house").
 
 Each suite is one module with ``NAME``, ``DESCRIPTION`` and ``run(out_dir, seeds=None, smoke=False) -> dict``: it
 trains through the harness pieces (engine, methods, metrics, stats), writes ``OUT/NAME.md`` with our numbers next to

@@ -1,7 +1,7 @@
-"""`dln-equilibrium`: the DLN entropy seed (001, Chen, Kotwal, Menon; formulas of ../shared/reference/dln.md §3, §5(a)).
+"""`dln-equilibrium`: the DLN entropy seed (001, Chen, Kotwal, Menon; formulas of docs/dln.md §3, §5(a)).
 
 With the Schatten-p energy E(σ) = (1/p) Σ σ_i^p and F_β = E − β⁻¹ S_N, the Riemannian gradient flow of the DLN
-metric moves the singular values of the end-to-end map by (dln.md §3.2)
+metric moves the singular values of the end-to-end map by (docs/dln.md §3.2)
 
     dσ_i/dt = −N σ_i^{2−2/N} (σ_i^{p−1} − β⁻¹ ∂S_N/∂σ_i),
 
@@ -43,7 +43,7 @@ NAME = "dln-equilibrium"
 DESCRIPTION = "DLN entropy: σ-flow of F_β converges to the unique σ_*, relaxation rates, phase portrait, real DLN"
 MIN_SEEDS = 1
 TOL = 1e-6  # the issue's "equilibrium reached to 1e-6"
-CASES = [(10, 2, 5, 3), (4, 2, 1, 2), (5, 3, 2, 4), (2, 1.5, 0.5, 3)]  # (N, p, β, d): dln.md §3.5 table
+CASES = [(10, 2, 5, 3), (4, 2, 1, 2), (5, 3, 2, 4), (2, 1.5, 0.5, 3)]  # (N, p, β, d): docs/dln.md §3.5 table
 FIGURE1 = (10, 2, 5, 2)  # the paper's Figure 1: (N, p, β) = (10, 2, 5); a phase plane needs d = 2
 
 
@@ -52,7 +52,7 @@ def sigma_star(N, p, beta, d) -> float:
 
 
 def rates(N, p, beta, d) -> tuple[float, float]:
-    """(λ_unif, λ_rel), dln.md §3.5."""
+    """(λ_unif, λ_rel), docs/dln.md §3.5."""
     s = sigma_star(N, p, beta, d)
     return p * N * s ** (p - 2 / N), s ** (p - 2 / N) * (p * N - d * (N + 1) / (3 * (d - 1)))
 
@@ -71,7 +71,7 @@ def integrate(sigma0, N, p, beta, T: float):
 
 
 def fitted_rate(sol, T, distance) -> float:
-    """−slope of log distance(σ(t)) over the window where it lies in [1e-9, 1e-4] (dln.md §5(a) 3)."""
+    """−slope of log distance(σ(t)) over the window where it lies in [1e-9, 1e-4] (docs/dln.md §5(a) 3)."""
     t = np.linspace(0, T, 4001)
     dist = np.array([distance(sol.sol(ti)) for ti in t])
     keep = (dist > 1e-9) & (dist < 1e-4)
@@ -86,7 +86,7 @@ def jacobian_rates(N, p, beta, d) -> np.ndarray:
 
 
 def exact_diagonal_time(s, s0, N, p, beta, d) -> np.ndarray:
-    """t recovered from s(t) on the diagonal by the implicit exact solution (dln.md §3.4): with w = s^{2/N},
+    """t recovered from s(t) on the diagonal by the implicit exact solution (docs/dln.md §3.4): with w = s^{2/N},
     z = w/w_*, m = pN/2: 2 w_*^{m−1} t = G(z(t)) − G(z(0))."""
     m, w_star = p * N / 2, sigma_star(N, p, beta, d) ** (2 / N)
 
@@ -205,7 +205,7 @@ def _markdown(res, n_starts, steps, command, seconds) -> str:
     dln_ok = res["max_dln_error"] < TOL
     lines = [f"# Suite `{NAME}` — entropic regularization in the deep linear network (seed 001)", "",
              provenance(command, seconds), "",
-             ("Formulas: ../shared/reference/dln.md §3 (derived there and checked; the paper's own printed formulas "
+             ("Formulas: docs/dln.md §3 (derived there and checked; the paper's own printed formulas "
              "were not visible, only its statements: unique equilibrium on an O_d orbit, explicit relaxation rates, "
              "exact solution on the diagonal). Flow integrated with scipy DOP853 (rtol 1e-12, atol 1e-14), ∂S_N/∂σ "
              "by autograd through the regularizer's own `dln_entropy` (float64). The suite is deterministic: the "
@@ -220,7 +220,7 @@ def _markdown(res, n_starts, steps, command, seconds) -> str:
                  REPRODUCED if rate_ok else NOT_REPRODUCED,
                  f"fitted late-time rates match λ_rel and λ_unif to a relative {res['max_rate_error']:.1e}; the "
                  "Jacobian of the field at σ_* has eigenvalues −λ_rel (×(d−1)) and −λ_unif to 1e-5."),
-             "* **Exact solution on the diagonal** (Thm 1.7, hypergeometric form of dln.md §3.4): " + verdict(
+             "* **Exact solution on the diagonal** (Thm 1.7, hypergeometric form of docs/dln.md §3.4): " + verdict(
                  REPRODUCED if exact_ok else NOT_REPRODUCED,
                  f"t recovered from the integrated s(t) to {max(r['exact'] for r in rows):.1e} (t ≤ 1)."),
              "* **A trained deep linear network reaches σ_*** (regularizer `dln_entropy`, target=product): " + verdict(
@@ -234,7 +234,7 @@ def _markdown(res, n_starts, steps, command, seconds) -> str:
                    [[f"({r['N']}, {r['p']}, {r['beta']}, {r['d']})", f"{r['star']:.10f}", f"{r['err']:.1e}",
                      f"{r['rel']:.6f}", f"{r['fit_rel']:.6f}", f"{r['unif']:.6f}", f"{r['fit_unif']:.6f}",
                      ", ".join(f"{v:.6f}" for v in r["jac"]), f"{r['exact']:.1e}"] for r in rows]), "",
-             "dln.md §3.5 lists σ_* = 0.4242640687, λ_rel = 3.098227, λ_unif = 4.273417 for (10, 2, 5, 3).", "",
+             "docs/dln.md §3.5 lists σ_* = 0.4242640687, λ_rel = 3.098227, λ_unif = 4.273417 for (10, 2, 5, 3).", "",
              "## Real deep linear networks trained with `dln_entropy`", "",
              table(["(N, p, β, d)", "start", "σ_*", "σ(X) after training", "max \\|σ − σ_*\\|",
                     "max gap to σ-ODE (t = k·lr)"],
