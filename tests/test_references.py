@@ -9,7 +9,9 @@ build or cache folders. A problem is
 * ``NAME.md §N`` when docs/NAME.md does not exist, and ``docs/NAME.md`` when that file does not exist;
 * ``docs/NAME.md §N`` (or ``NAME.md §N``, ranges ``§N-M`` and lists ``§N, §M`` included) when docs/NAME.md has no
   heading that starts with the section number N (``§3`` is ``## 3. ...``, not ``### 3.1``; ``§5(b)`` is ``5(b) ...``);
-* ``docs/NAME.md, "Title"`` when docs/NAME.md has no heading containing that title.
+* ``docs/NAME.md, "Title"`` when docs/NAME.md has no heading containing that title;
+* a file path under one of the checkout's top-level folders (``regbench/study.py``, ``benchmarks/x.py``) that is not
+  there.
 
 The checker's own test writes each kind of bad reference into a probe checkout in tmp_path and sees it reported.
 """
@@ -38,6 +40,8 @@ CITE = re.compile(r"(?<![\w.-])((?:[\w.-]+/)*)([\w-]+)\.md((?:,?\s?" + SECTION +
 DOC = re.compile(r"(?<![\w.-])docs/([\w./-]+?\.md)\b")
 TITLED = re.compile(r"(?<![\w.-])docs/([\w./-]+?\.md),?\s+\"([^\"\n]{2,80})\"")
 HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.M)
+# "regbench/study.py", "tests/fixtures/README.md": a path with a file extension (placeholders and globs cut it short).
+REPO_PATH = re.compile(r"(?<![\w./-])((?:[\w.-]+/)+[\w-]+\.[A-Za-z]{1,5})(?![\w/*{<$])")
 
 
 def scanned_files(root: Path):
@@ -124,6 +128,11 @@ def problems_in(text: str, where: Path, root: Path) -> list[str]:
         for m in DOC.finditer(line):
             if not (docs / m.group(1)).is_file():
                 say(lineno, m.group(0), "no such file in docs/")
+        for m in REPO_PATH.finditer(line):
+            ref = m.group(1)
+            top = ref.split("/", 1)[0]
+            if top not in ("docs", "..", ".") and (root / top).is_dir() and not (root / ref).exists():
+                say(lineno, ref, "no such file in the checkout")
         for m in TITLED.finditer(line):
             doc, title = docs / m.group(1), m.group(2)
             if doc.is_file() and not any(title.lower() in h.lower() for h in doc_headings(doc)):
@@ -183,12 +192,14 @@ BAD = {
     "bare doc, missing section": "methods.md §1.5.",
     "titled heading that does not exist": 'docs/methods.md, "The house"',
     "cited doc outside docs/": "reference/methods.md §1.3",
+    "repository file that does not exist": "the protocol (`pkg/study.py`)",
 }
 GOOD = ("docs/methods.md §1.3 and §1.4 and docs/methods.md §1.3-1.4, §5(b), §1; methods.md §5(b).\n"
         'docs/methods.md, "The store is the record"\n'
         "a/../b and cifar-10-batches-py/../../escaped.txt; "
         f'"benchmark": "{DOTS}/{DOTS}/etc" and "{DOTS}/x"\n'
-        f"https://cornell.box.com/{SHARE}/static/abc and leaderboard.md and SES paper §8.4\n")
+        f"https://cornell.box.com/{SHARE}/static/abc and leaderboard.md and SES paper §8.4\n"
+        "pkg/mod.py, pkg/{name}.py, pkg/test_*.py, runs/sweep/leaderboard.md\n")
 
 
 def probe_checkout(tmp_path: Path, text: str) -> Path:
