@@ -39,7 +39,7 @@ SECTION = r"§\s?[0-9][0-9.]*(?:\([a-z]\))?(?:\s?[-–]\s?[0-9][0-9.]*(?:\([a-z]
 CITE = re.compile(r"(?<![\w.-])((?:[\w.-]+/)*)([\w-]+)\.md((?:,?\s?" + SECTION + r")+)")
 DOC = re.compile(r"(?<![\w.-])docs/([\w./-]+?\.md)\b")
 TITLED = re.compile(r"(?<![\w.-])docs/([\w./-]+?\.md),?\s+\"([^\"\n]{2,80})\"")
-HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.M)
+HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
 # "regbench/study.py", "tests/fixtures/README.md": a path with a file extension (placeholders and globs cut it short).
 REPO_PATH = re.compile(r"(?<![\w./-])((?:[\w.-]+/)+[\w-]+\.[A-Za-z]{1,5})(?![\w/*{<$])")
 
