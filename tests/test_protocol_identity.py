@@ -138,3 +138,23 @@ def test_a_store_written_before_the_check_keeps_its_protocol(tmp_path):
     again = optuna.load_study(study_name="tiny-400", storage=storage).user_attrs["spec"]
     assert "plan" not in again
     assert {m: i["ident"] for m, i in again["methods"].items()} == {m: i["ident"] for m, i in spec["methods"].items()}
+
+
+def test_a_worker_holding_a_superseded_plan_stops_before_claiming(tmp_path):
+    """A worker that loaded plan 0 claims nothing once the store holds plan 1: it stops with one line saying why."""
+    import pytest
+
+    from regbench import protocol, runner
+    from regbench.config import RunConfig
+    from regbench.errors import RegbenchError
+    from regbench.store import open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    base = RunConfig(method="baseline", dataset="digits", model="mlp", epochs=1)
+    old = protocol.Benchmark(name="W", base=base, fixed={"baseline": {}}, seeds=[0])
+    protocol.save_spec(storage, old)
+    new = protocol.Benchmark(name="W", base=base.replace(epochs=2), fixed={"baseline": {}}, seeds=[0], plan=1)
+    protocol.save_spec(storage, new)
+    with pytest.raises(RegbenchError, match="superseded by plan 1 .* start the worker again to join plan 1"):
+        runner.Runner(storage, old, splits=None, wait=False).run()
+    assert optuna.get_all_study_names(storage) == ["W"]  # nothing claimed, no final study created
