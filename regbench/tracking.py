@@ -245,9 +245,14 @@ class Tracker:
             for run in page:
                 theirs = run.data.tags.get(PLAN_TAG, "0")
                 if theirs != str(plan):
-                    self.client.set_tag(run.info.run_id, SUPERSEDED_TAG, f"plan {theirs} superseded by plan {plan}")
-                    self.client.delete_run(run.info.run_id)
-                    retired += 1
+                    try:
+                        self.client.set_tag(run.info.run_id, SUPERSEDED_TAG, f"plan {theirs} superseded by plan "
+                                                                             f"{plan}")
+                        self.client.delete_run(run.info.run_id)
+                        retired += 1
+                    except Exception:  # noqa: BLE001 - retired meanwhile by another worker of the new plan
+                        if self.client.get_run(run.info.run_id).info.lifecycle_stage != "deleted":
+                            raise
             token = page.token
             if not token:
                 break
