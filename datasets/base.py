@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -38,17 +36,11 @@ def split_hash(indices: dict[str, list[int]]) -> str:
 
 def atomic_write_bytes(path: pathlib.Path, data: bytes) -> None:
     """Write via a temp file in the same folder + os.replace, so readers never see half a file."""
+    from regbench import atomic
+
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name opened with "xb" (not mkstemp, whose files are 0600) keeps the umask's mode.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic.write_bytes(path, data)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: tensors have no truth value, compare `split_hash`

@@ -25,9 +25,7 @@ the md5 of every written file, so the reader can verify generated sets too.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import uuid
 from typing import NamedTuple
 
 import numpy as np
@@ -211,16 +209,11 @@ def load_cifar_c(root, corruptions=None, severities=None, *, dataset: str = "cif
 
 def _atomic_save_npy(path: pathlib.Path, array: np.ndarray) -> str:
     """np.save to a temp file beside `path`, then rename; returns the file's md5."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            np.save(f, array, allow_pickle=False)
-        digest = md5_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return digest
+    from regbench import atomic
+
+    with atomic.atomic_file(path) as f:
+        np.save(f, array, allow_pickle=False)
+    return md5_file(path)
 
 
 def write_cifar_c_layout(root, arrays_by_corruption: dict[str, np.ndarray], labels, sidecar: dict | None = None,

@@ -12,7 +12,6 @@ checkpoint intact, never a half-written one.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import re
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from regbench.atomic import atomic_file
 from regbench.errors import DataError
 
 FORMAT = 1  # bump when the layout changes; a file of another format is ignored (the run starts over)
@@ -66,15 +66,8 @@ def save(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` atomically: temp file in the same folder (same filesystem), fsync, then rename over."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as f:
+        torch.save({"format": FORMAT, **state}, f)
 
 
 def load(path: Path, config_key: str, device: torch.device, epochs: int | None = None) -> dict[str, Any] | None:

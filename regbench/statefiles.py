@@ -170,16 +170,9 @@ def read_pointer(out: Path) -> tuple[str, str]:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a small file whole or not at all (temp name in the same folder, fsync, rename); no temp file is left."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from regbench import atomic
+
+    atomic.write_text(path, text)
 
 
 def store_file(url: str) -> tuple[str, Path] | None:

@@ -191,11 +191,27 @@ def power_alpha_text(table: pd.DataFrame | None, alpha: float = 0.05) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # One method against the reference.
 
+def t_interval(values, alpha: float = 0.05) -> tuple[float, float, float]:
+    """(mean, low, high): the (1 − alpha) Student-t interval of the mean over seeds, the one every table and suite
+    uses (NaN bounds for one value or any non-finite value; the point itself when all values are equal)."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2 or not np.all(np.isfinite(v)):  # one value, or an inf/NaN: no interval (the mean says which)
+        return (float(v.mean()) if len(v) else float("nan")), float("nan"), float("nan")
+    if np.ptp(v) == 0:  # no spread: the interval is the point (t would divide by zero)
+        return float(v[0]), float(v[0]), float(v[0])
+    with np.errstate(over="ignore", invalid="ignore"):  # values near the float limit overflow: no interval either
+        low, high = ws.DescrStatsW(v).tconfint_mean(alpha=alpha)
+        mean = float(v.mean())
+    if not (np.isfinite(low) and np.isfinite(high) and np.isfinite(mean)):
+        return mean, float("nan"), float("nan")
+    return mean, float(low), float(high)
+
+
 def _ci(values: np.ndarray, alpha: float, min_seeds: int = 2) -> tuple[float | None, float | None]:
     if len(values) < max(2, min_seeds):
         return None, None
-    low, high = ws.DescrStatsW(values).tconfint_mean(alpha=alpha)
-    return float(low), float(high)
+    _, low, high = t_interval(values, alpha)
+    return (float(low), float(high)) if np.isfinite(low) else (None, None)
 
 
 def _wilcoxon(diff: np.ndarray) -> float | None:

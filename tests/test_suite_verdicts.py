@@ -13,7 +13,8 @@ from hypothesis.extra.numpy import arrays
 
 from regbench.cli import main
 from regbench.suites import ses_beta_sweep, shade_lowdata
-from regbench.suites.common import NOT_COMPARABLE, NOT_REPRODUCED, REPRODUCED, t_interval
+from regbench.stats import t_interval
+from regbench.suites.common import NOT_COMPARABLE, NOT_REPRODUCED, REPRODUCED
 from regbench.suites.ses_rings import condition_numbers, kappa_summary, p3_judgement, p4_judgement
 
 WORDS = {REPRODUCED, NOT_REPRODUCED, NOT_COMPARABLE}

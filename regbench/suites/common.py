@@ -4,33 +4,18 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import subprocess
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from statsmodels.stats.weightstats import DescrStatsW
+
+from regbench.provenance import git_commit
+from regbench.stats import t_interval
 
 REPRODUCED, NOT_REPRODUCED, NOT_COMPARABLE = "reproduced", "not reproduced", "not comparable"
 WORKERS = 2  # suites that fan out: two single-threaded training processes (the reference box has 2 cores)
-
-
-def t_interval(values, alpha: float = 0.05) -> tuple[float, float, float]:
-    """(mean, low, high): the (1 − alpha) Student-t interval of the mean over seeds (NaN bounds for one value or any
-    non-finite value; the point itself when all values are equal)."""
-    v = np.asarray(values, dtype=float)
-    if len(v) < 2 or not np.all(np.isfinite(v)):  # one value, or an inf/NaN: no interval (the mean says which)
-        return (float(v.mean()) if len(v) else float("nan")), float("nan"), float("nan")
-    if np.ptp(v) == 0:  # no spread: the interval is the point (t would divide by zero)
-        return float(v[0]), float(v[0]), float(v[0])
-    with np.errstate(over="ignore", invalid="ignore"):  # values near the float limit overflow: no interval either
-        low, high = DescrStatsW(v).tconfint_mean(alpha=alpha)
-        mean = float(v.mean())
-    if not (np.isfinite(low) and np.isfinite(high) and np.isfinite(mean)):
-        return mean, float("nan"), float("nan")
-    return mean, float(low), float(high)
 
 
 def fmt_ci(values, digits: int = 2, scale: float = 1.0) -> str:
@@ -53,11 +38,7 @@ def verdict(word: str, why: str) -> str:
 
 def provenance(command: str, seconds: float) -> str:
     """One line: the command, when, where, which commit, how long (benchopt-style provenance)."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], check=False, capture_output=True,
-                                text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip() or "n/a"
-    except (OSError, subprocess.SubprocessError):
-        commit = "n/a"
+    commit = (git_commit() or "n/a")[:10]
     import torch
 
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")

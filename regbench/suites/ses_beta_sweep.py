@@ -34,6 +34,8 @@ from statsmodels.stats.multitest import multipletests
 from regbench import engine, registry
 from regbench.config import RECIPES, RunConfig
 
+from regbench.stats import t_interval
+
 from .common import (
     NOT_COMPARABLE,
     NOT_REPRODUCED,
@@ -43,7 +45,6 @@ from .common import (
     provenance,
     resolve_data_dir,
     run_parallel,
-    t_interval,
     table,
     verdict,
     write_report,

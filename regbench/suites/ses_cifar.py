@@ -30,6 +30,8 @@ import numpy as np
 
 from regbench.errors import ConfigError, DataError
 
+from regbench.stats import t_interval
+
 from .common import (
     NOT_COMPARABLE,
     NOT_REPRODUCED,
@@ -37,7 +39,6 @@ from .common import (
     fmt_ci,
     provenance,
     resolve_data_dir,
-    t_interval,
     table,
     torch_threads,
     verdict,

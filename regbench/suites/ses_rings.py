@@ -28,6 +28,8 @@ from regbench import engine, registry
 from regbench.config import RunConfig
 from regbench.datasets.base import build_splits, stratified_split
 
+from regbench.stats import t_interval
+
 from .common import (
     NOT_COMPARABLE,
     NOT_REPRODUCED,
@@ -35,7 +37,6 @@ from .common import (
     fmt_ci,
     keep_model,
     provenance,
-    t_interval,
     table,
     torch_threads,
     verdict,

@@ -33,6 +33,8 @@ from regbench import engine, registry
 from regbench.config import RunConfig
 from regbench.protocol import TUNE_SEED
 
+from regbench.stats import t_interval
+
 from .common import (
     NOT_REPRODUCED,
     REPRODUCED,
@@ -41,7 +43,6 @@ from .common import (
     provenance,
     resolve_data_dir,
     run_parallel,
-    t_interval,
     table,
     verdict,
     write_report,
