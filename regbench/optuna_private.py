@@ -46,6 +46,20 @@ def rdb_trials_with_heartbeat(storage: optuna.storages.RDBStorage, study_id: int
                 .join(models.TrialModel).filter(models.TrialModel.study_id == study_id)}
 
 
+def rdb_heartbeat_ages(storage: optuna.storages.RDBStorage, trial_ids: list[int]) -> dict[int, float]:
+    """Seconds since each trial's stored heartbeat, on the database's own clock (as Optuna's stale-trial query
+    measures it); trials without a heartbeat row are absent."""
+    import sqlalchemy
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(storage.scoped_session) as session:
+        now = session.execute(sqlalchemy.func.now()).scalar().replace(tzinfo=None)
+        rows = session.query(models.TrialHeartbeatModel.trial_id, models.TrialHeartbeatModel.heartbeat).filter(
+            models.TrialHeartbeatModel.trial_id.in_(trial_ids)).all()
+    return {tid: (now - beat.replace(tzinfo=None)).total_seconds() for tid, beat in rows}
+
+
 def rdb_stale_trial_ids(storage: optuna.storages.RDBStorage, study_id: int) -> list[int]:
     """Optuna's own answer: RUNNING trials whose heartbeat is older than the grace period."""
     return optuna.storages.RDBStorage._get_stale_trial_ids(storage, study_id)

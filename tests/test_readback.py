@@ -390,3 +390,53 @@ def test_the_recorder_refuses_complete_without_every_epoch():
     assert sf.history_problem([{"epoch": 1}, {"epoch": 2}, {"epoch": 3}], 3) is None
     assert sf.history_problem([{"epoch": 1}], 3)
     assert sf.history_problem([{"epoch": 1}, {"epoch": 3}, {"epoch": 4}], 3)
+
+
+# ---- status: a dead worker's trial, and finished work that was once interrupted --------------------------------------
+
+def test_status_counts_no_interrupted_run_once_its_copy_finished(killed, tmp_path, capsys, data_dir):
+    """A run killed mid-training and resumed to the end: status said "1 interrupted (resumable)" with 0 remaining."""
+    out0, _ckpt, _clean = killed
+    out = tmp_path / "out"
+    shutil.copytree(out0, out)
+    code, err, _ = call(["run", *RUN, "--out", out, "--data-dir", data_dir], capsys)
+    assert code == 0, err
+    code, err, stdout = call(["status", out], capsys)
+    assert code == 0, err
+    assert "finals 1 done" in stdout and "0 remaining" in stdout, stdout
+    assert "interrupted" not in stdout, stdout
+
+
+def test_status_tells_a_dead_worker_from_a_live_one(tmp_path, capsys, data_dir):
+    """A trial whose worker is training shows as running; once that worker is killed (SIGKILL: no cleanup, the trial
+    stays RUNNING in the store), status says its worker is dead as soon as its heartbeat is older than the grace
+    period, instead of "running" until some later command notices."""
+    import time
+
+    from helpers import trial_states
+
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-m", "regbench.cli", "run", "--methods", "baseline", "--dataset",
+                             "digits", "--model", "mlp", "--epochs", "500", "--seeds", "1", "--quiet", "--out",
+                             str(out), "--data-dir", str(data_dir)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while "RUNNING" not in trial_states(out / "regbench.db", "digits-mlp:baseline:final"):
+            assert proc.poll() is None and time.time() < deadline, "the run never started its trial"
+            time.sleep(0.5)
+        time.sleep(1)  # its first heartbeat is written as the trial starts
+        code, err, stdout = call(["status", out], capsys)
+        assert code == 0, err
+        assert "1 running" in stdout and "dead worker" not in stdout, stdout
+    finally:
+        proc.kill()
+        proc.wait()
+    storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'regbench.db'}")
+    study = optuna.load_study(study_name="digits-mlp", storage=storage)
+    study.set_user_attr("spec", {**study.user_attrs["spec"], "heartbeat": {"interval": 1, "grace": 2}})
+    time.sleep(3)
+    code, err, stdout = call(["status", out], capsys)
+    assert code == 0, err
+    assert "0 running, 1 on a dead worker (no heartbeat for" in stdout, stdout
