@@ -36,6 +36,12 @@ def _save(fig, path) -> Path:
 
 def seed_points(runs: pd.DataFrame, summary: pd.DataFrame, path, metric_label: str = "test accuracy (%)",
                 chance: float | None = None) -> Path:
+    """``seed_points_figure`` saved as a PNG at ``path``."""
+    return _save(seed_points_figure(runs, summary, metric_label, chance), path)
+
+
+def seed_points_figure(runs: pd.DataFrame, summary: pd.DataFrame, metric_label: str = "test accuracy (%)",
+                       chance: float | None = None):
     """Per-seed points of every method with its mean and 95 % t-interval.
 
     ``runs``: columns method, seed, value (fraction), optionally degenerate (bool: a collapsed run, drawn as a red
@@ -77,6 +83,8 @@ def seed_points(runs: pd.DataFrame, summary: pd.DataFrame, path, metric_label: s
         ax.axhline(chance * 100, color="0.3", ls="--", lw=1.0, zorder=1, label=f"chance ({chance * 100:.2f} %)")
     if bad.any() or (chance is not None and ax.get_legend_handles_labels()[0]):
         ax.legend(loc="best", fontsize=8)
+    ax.set_xticks(range(len(order)), order)  # the categories even when every run collapsed (no dots drawn)
+    ax.set_xlim(-0.5, len(order) - 0.5)
     ax.set_xlabel("")
     ax.set_ylabel(metric_label)
     title = "seeds (dots), mean (bar), 95 % CI (whisker)"
@@ -85,7 +93,7 @@ def seed_points(runs: pd.DataFrame, summary: pd.DataFrame, path, metric_label: s
                                                       f" ({', '.join(no_interval)})")
     ax.set_title(title, fontsize=10)
     ax.tick_params(axis="x", rotation=30 if len(order) > 4 else 0)
-    return _save(fig, path)
+    return fig
 
 
 def percent_limits(values: pd.Series, summary: pd.DataFrame) -> tuple[float, float] | None:
@@ -192,6 +200,11 @@ def corruption_heatmap(blocks: pd.DataFrame, path) -> Path:
 
 
 def reliability(bins: pd.DataFrame, path, ece: dict | None = None) -> Path:
+    """``reliability_figure`` saved as a PNG at ``path``."""
+    return _save(reliability_figure(bins, ece), path)
+
+
+def reliability_figure(bins: pd.DataFrame, ece: dict | None = None):
     """Reliability diagram (Guo et al. 2017, Fig. 1): accuracy per confidence bin against the diagonal of perfect
     calibration, one panel per method, seeds pooled; the gap to the diagonal per bin is what ECE averages.
 
@@ -229,7 +242,7 @@ def reliability(bins: pd.DataFrame, path, ece: dict | None = None) -> Path:
     axes.flat[0].legend(loc="upper left", fontsize=8)
     for ax in list(axes.flat)[len(methods):]:
         ax.set_visible(False)
-    return _save(fig, path)
+    return fig
 
 
 def learning_curve(runs: pd.DataFrame, path) -> Path:
@@ -260,6 +273,11 @@ def learning_curve(runs: pd.DataFrame, path) -> Path:
 
 def paired_differences(pairs: pd.DataFrame, rows: pd.DataFrame, margin_pp: float, path,
                        reference: str = "baseline") -> Path:
+    """``paired_differences_figure`` saved as a PNG at ``path``."""
+    return _save(paired_differences_figure(pairs, rows, margin_pp, reference), path)
+
+
+def paired_differences_figure(pairs: pd.DataFrame, rows: pd.DataFrame, margin_pp: float, reference: str = "baseline"):
     """The comparison every test of the table makes, drawn: per method (one row each) the per-seed differences to
     the reference in pp (dots; grey × where either run of the pair collapsed), their mean (diamond) and its 95 %
     t-interval (bar), a line at 0 and the equivalence margin ±``margin_pp`` shaded.
@@ -291,4 +309,4 @@ def paired_differences(pairs: pd.DataFrame, rows: pd.DataFrame, margin_pp: float
     ax.set_xlabel(f"Δ test accuracy vs {reference} (pp), paired by seed")
     ax.set_title(f"difference to {reference} per seed (dots), mean (◆) and 95 % CI (bar)", fontsize=10)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: never over a row's points
-    return _save(fig, path)
+    return fig

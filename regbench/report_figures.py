@@ -13,10 +13,10 @@ from regbench import cells
 
 # Every figure the leaderboard can embed, in its order (the README lists them): file name -> what it shows.
 FIGURES = {
-    "paired_differences.png": "paired differences to the reference",
-    "test_acc_seeds.png": "per-seed test accuracy",
-    "erank.png": "effective rank over epochs",
-    "reliability.png": "reliability diagram",
+    "paired_differences.png": "paired differences to baseline",
+    "test_acc_seeds.png": "per-seed points",
+    "erank.png": "erank vs the SES target",
+    "reliability.png": "reliability",
     "corruptions.png": "corruption heatmap",
     "learning_curve.png": "learning curve",
 }
@@ -41,10 +41,7 @@ def section(df: pd.DataFrame, table, curve: pd.DataFrame, folder: Path, written:
     collapsed = set(df.method[df.degenerate.astype(bool)]) if "degenerate" in df else set()
     chance = degenerate.chance_level(df)
     if table is not None and len(table) > 1:
-        rows = table.reset_index()
-        rows = rows.assign(label=[f"{r.method}  {cells.delta_text(r)}" + ("  (collapsed)" if r.verdict ==
-                                  degenerate.COLLAPSED else "") for r in rows.itertuples()])
-        embed(figures.paired_differences(_pairs(df, reference), rows[rows.method != reference], margin_pp,
+        embed(figures.paired_differences(_pairs(df, reference), paired_rows(table, reference), margin_pp,
                                          folder / "paired_differences.png", reference=reference),
               f"Δ test accuracy against {reference} (pp) per seed (dots, paired by seed), the mean (diamond) and "
               f"its 95 % t-interval (bar), one row per method; the label repeats the table's Δ [95 % CI]; shaded: "
@@ -100,6 +97,17 @@ def section(df: pd.DataFrame, table, curve: pd.DataFrame, folder: Path, written:
     if skipped:
         lines += ["Not drawn:", *(f"- `{name}` ({FIGURES[name]}): {why}" for name, why in skipped.items()), ""]
     return lines
+
+
+def paired_rows(table: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """The methods' rows of the statistics table (indexed by method) with the paired figure's row labels: the
+    method and the table's own Δ [95 % CI] text, so the figure prints the table's numbers."""
+    from regbench import degenerate
+
+    rows = table.reset_index()
+    rows = rows[rows.method != reference]
+    return rows.assign(label=[f"{r.method}  {cells.delta_text(r)}" + ("  (collapsed)" if r.verdict ==
+                              degenerate.COLLAPSED else "") for r in rows.itertuples()])
 
 
 def _pairs(df: pd.DataFrame, reference: str) -> pd.DataFrame:

@@ -92,19 +92,22 @@ def cells(entries: list[Entry]) -> tuple[pd.DataFrame, dict[str, dict]]:
 
 
 def check(entries: list[Entry]) -> None:
-    """Refuse a summary with nothing to rank: benchmarks whose cells share no two methods. One line, before
-    anything is written."""
+    """Refuse a summary over benchmarks with nothing in common: a cell that shares fewer than two methods with every
+    other cell can be ranked against none of them (the ranking would drop it with a note). One line naming them,
+    before anything is written."""
     runs, info = cells(entries)
     if len(info) < 2:
         return
-    where = runs.groupby("method")["cell"].nunique() if not runs.empty else pd.Series(dtype=int)
-    shared = sorted(where[where >= 2].index)
-    if len(shared) < 2:
-        methods = "; ".join(f"{e.name}: {', '.join(dict.fromkeys(e.frame.method)) if not e.frame.empty else 'no runs'}"
-                            for e in entries)
-        raise ConfigError(f"the {len(entries)} benchmarks have nothing to rank in common: no two methods ran in "
-                          f"more than one cell ({methods}); summarize benchmarks that ran the same methods (or run "
-                          f"the missing ones with `regbench run --methods ...` under each benchmark's --name)")
+    methods = {c: set(runs.method[runs.cell == c]) for c in info}
+    alone = [c for c in info if max(len(methods[c] & methods[o]) for o in info if o != c) < 2]
+    if alone:
+        names = "; ".join(f"{', '.join(info[c]['benchmarks'])} ({info[c]['dataset']}/{info[c]['model']}: "
+                          f"{', '.join(sorted(methods[c])) or 'no runs'})" for c in alone)
+        others = sorted(set().union(*methods.values()))
+        raise ConfigError(f"the summary's benchmarks have nothing in common to rank: {names} share(s) fewer than "
+                          f"two methods with every other benchmark; summarize benchmarks that ran the same methods, "
+                          f"or run the missing ones under each benchmark's --name (`regbench run --methods "
+                          f"{','.join(m for m in others if m != 'baseline')} ...`)")
 
 
 def summary(entries: list[Entry], folder: Path, metric: str = "test_acc") -> tuple[str, list[Path], dict]:
