@@ -242,7 +242,7 @@ def make_splits(name, x, y, base_indices, num_classes, input_shape, split_seed, 
     """Apply the optional low-data subset to train (val/test untouched), `build_splits`, attach the augmentation.
 
     `base_indices` already hold val and test out, so every train size is tuned and tested on the same
-    val/test sets (issue 5, low-data splits).
+    val/test sets (low-data splits).
     """
     check_augment(augment, input_shape, name)
     if train_size is not None and train_per_class is not None:

@@ -47,7 +47,7 @@ def off_diagonal(c: Tensor) -> Tensor:
 
 
 def off_diagonal_sq_sum(c: Tensor) -> Tensor:
-    """Σ_{i≠j} c_ij² = ‖c‖²_F − ‖diag c‖² (one pass over c, no d×d mask; issue 18 item 5)."""
+    """Σ_{i≠j} c_ij² = ‖c‖²_F − ‖diag c‖² (one pass over c, no d×d mask)."""
     return c.square().sum() - c.diagonal().square().sum()
 
 

@@ -40,33 +40,18 @@ to the task loss, where M_l and n_l are:
 β and strength only enter as strength/β; β is kept to match the paper's F_β, and the search space tunes strength
 alone. depth N must be ≥ 2 (N = 1 gives S ≡ 0: no overparametrization, §2.2).
 
-Numerics (docs/dln.md §5(b)): singular values in float64 outside autocast; σ floored at 1e-12·max σ (and at the smallest
-normal float64) before the log, so exactly singular matrices give finite gradients; the penalty is returned in the
-task loss's dtype. The gradient through σ is U diag(∂S/∂σ) Vᵀ, which is what ``torch.linalg.svdvals``' backward
-returns and is well defined at repeated singular values. We get it from σ_i = u_iᵀ M v_i with the singular vectors
-held constant (same value, same gradient; ``singular_values``), because that lets a wide matrix (conv kernels,
-512 × 4608 in resnet18) skip the n-long singular vectors: only R of a QR and its SVD are computed. A QR's own backward
-would divide by R's diagonal and fail on rank-deficient weights; this route does not. Squaring into a Gram matrix
-would be faster still but loses singular values below ~1e-8·σ_max (measured 2 % error at 1e-8), so it is not used.
+Numerics (docs/dln.md §5(b)): singular values in float64 outside autocast, floored at 1e-12·max σ before the log
+(exactly singular matrices keep finite gradients). The gradient U diag(∂S/∂σ) Vᵀ comes from σ_i = u_iᵀ M v_i with the
+singular vectors held constant, so a wide matrix needs only R of a QR and its SVD; squaring into a Gram matrix is not
+used (it loses singular values below ~1e-8·σ_max).
 
-Cost (issue 18): weights of equal shape share ONE batched call for their singular vectors (``left_vectors``: QR +
-SVD on the CPU; on CUDA the eigenvectors of the float64 Gram by ``regbench.spectral.batched_eigh``, CuPy's batched
-solver, no host sync). ``every=k`` computes the penalty on steps ≡ 0 mod k only (as SES's ``every``: strength/k on
-average). ``svd_every=k`` computes the penalty every step but the singular vectors only on every k-th penalty; in
-between σ_i = ‖Wᵀu_i‖ with the stored u (matmuls only). Measured by ``python benchmarks/method_overhead.py --setups
-cnn1d --methods dln_entropy --dln-accuracy`` (cnn1d on mnist1d, AdamW 3e-3, first steps of training): the total
-penalty is off by 0.55 % with vectors 1 step old, 1.3 % at 2, 3.3 % at 5, 6.1 % at 10, 8.8 % at 20.
-
-Default ``every=5, svd_every=1``. What it costs in accuracy: nothing on the steps it is computed (fresh vectors:
-the penalty and its gradient are exact to float64 rounding), and the penalty is absent on the four steps between,
-so the time-averaged strength is strength/5 (the tuned range, log-uniform 1e-5…1e-1, absorbs the constant). Why
-not ``svd_every``: stale vectors bias every step by 0.5-9 %, and the penalty's other arithmetic (float64 matmuls,
-the k² pair terms and their backward) stays in every step: on cnn1d (CPU, one process, loaded machine) every=5 cost
-+23 % per step, svd_every=5 +100 %, svd_every=10 +72 %, the old default (every=1) +475 % (2 threads); in a second
-run with one thread, every=5 +1.2 % and every=1 +101 % (``method_overhead.py --methods
-"dln_entropy,dln_entropy[every=1]" --threads 1``). The GPU target (≤ 25 %
-at the paper config, +2303 % measured with every=1 and the synchronizing SVD) is not measured for this default.
-Callers that step a flow by hand (the dln_equilibrium suite passes step 0 every time) get the penalty every call.
+Cost: weights of equal shape share one batched call for their singular vectors (CPU: QR + SVD; CUDA: the float64
+Gram's eigenvectors through ``regbench.spectral.batched_eigh``, no host sync). ``every=k`` (default 5) computes the
+penalty on every k-th step only (exact on those steps; strength/k on average, absorbed by the tuned range);
+``svd_every=k`` refreshes the singular vectors on every k-th penalty only (stale vectors bias the penalty).
+``python benchmarks/method_overhead.py --methods dln_entropy --dln-accuracy`` prints what each choice costs in time and
+accuracy on the machine it runs on. Callers that step a flow by hand (the dln_equilibrium suite passes step 0 every
+time) get the penalty every call.
 """
 from __future__ import annotations
 

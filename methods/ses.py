@@ -34,14 +34,9 @@ Implementation (docs/methods.md §1.3-1.7; the batched spectral math is in regbe
 * Convolutional maps (B×C×H×W) use d_l = C. ``conv_reduce="gap"`` (default) averages positions (computed as the sum:
   eq. 3 is scale-invariant and the sum's backward is a view, not a full-size division): one row per image,
   as eq. 1 is written and as the reported start value (SES loss "~0.5") suggests. ``"positions"`` treats every
-  position as a sample. The paper's *timings* imply "positions": Table 7 adds +13.6 s/epoch at B = 256 and +13.7 s
-  at B = 512, a per-step cost that doubles with the batch (69 → 140 ms/step). With Listing 1's d×d covariance, GAP
-  costs nine eigensolves of sizes 64…512 per step whatever the batch (the B×d products are negligible), so its
-  per-epoch overhead would halve at B = 512; "positions" (rows = B·H·W, products ∝ B·H·W·C²) doubles per step as
-  observed. The text (eq. 1: H ∈ R^{B×d}, 1/(B−1)) and the reported start value (SES loss "~0.5"; docs/methods.md §1.3)
-  imply "gap". We default to the text and record the choice with each run. (On CPU, ResNet-18 penalty alone, 9
-  hooks, fwd+bwd: gap 2.6/4.5/14 ms, positions 43/108/206 ms at B = 16/32/64; gap grows here only because the Gram
-  is B×B while B < d.)
+  position as a sample. The paper's Table 7 timings (a per-step cost that doubles with the batch) fit "positions";
+  its text (eq. 1: H ∈ R^{B×d}, 1/(B−1)) and its reported start value (SES loss "~0.5"; docs/methods.md §1.3) fit
+  "gap". We default to the text and record the choice with each run; ``benchmarks/ses_penalty.py`` measures both.
 * A layer constant over the batch (all ReLUs dead) has no spectrum; it is skipped (P7). After centring a batch of n
   rows has rank ≤ min(n−1, d), so H ≤ log(min(n−1, d)) (P6): a target β·log d above that cap could never be met and
   its penalty would only push every layer to full rank. The target is clipped to the cap, said once per process

@@ -1,4 +1,4 @@
-"""SHADE's penalty as two Triton kernels: the CUDA path of ``regbench.methods.shade`` (issue 18).
+"""SHADE's penalty as two Triton kernels: the CUDA path of ``regbench.methods.shade``.
 
 Same math as ``shade.ShadePenalty`` (the reference, and the CPU path): with e = exp(−ReLU(y)) = p(Z=0|y) (Sec. 2.3),
 x = y − μ1, d = μ1 − μ0, h = 1 − d/2, one sample's term of eq. 4-5 is x² + 2d·e·x + d²·e, so Ω needs per unit only

@@ -6,7 +6,7 @@ Each chosen weight W is replaced, on every forward pass, by
 
 where W_mat is W reshaped to C_out × (C_in·k…) and u, v come from power iteration on W_mat (15 iterations when it is
 registered, then ``n_power_iterations`` more on each training-mode forward; eval mode reuses the stored u, v). We
-use torch's own ``torch.nn.utils.parametrizations.spectral_norm``, with one change of schedule (issue 18): the power
+use torch's own ``torch.nn.utils.parametrizations.spectral_norm``, with one change of schedule: the power
 iterations of all layers run once per training forward in a model pre-hook, batched per weight shape, and the
 parametrizations then run in eval mode, so reading a weight never iterates again (same u, v and W_SN as torch's
 training-mode forward after the same updates, tested; docs/methods.md §3.1): the raw
@@ -88,7 +88,7 @@ class SpectralNorm(Method):
             self._order[module] = list(module._parameters)  # removal re-registers weight last; we restore order
             spectral_norm(module, "weight", n_power_iterations=self.hparams["n_power_iterations"])
             self.layers.append((name, module))
-        # Issue 18: the power iteration of every layer runs once per training forward, before it, batched over
+        # The power iteration of every layer runs once per training forward, before it, batched over
         # layers of equal matrix shape; the parametrizations then run in eval mode (σ = uᵀWv and W/σ only).
         groups: dict[tuple, list] = {}
         for _, module in self.layers:

@@ -48,7 +48,7 @@ def covariance_term(z: Tensor) -> Tensor:
 
 
 def both_terms(z: Tensor, gamma: float = 1.0, eps: float = EPS) -> tuple[Tensor, Tensor]:
-    """(v(Z), c(Z)) from one centring and one covariance: Var(z_j) is C's diagonal (issue 18 item 5)."""
+    """(v(Z), c(Z)) from one centring and one covariance: Var(z_j) is C's diagonal."""
     n, d = z.shape
     centred = z - z.mean(dim=0, keepdim=True)
     cov = centred.T @ centred / (n - 1)

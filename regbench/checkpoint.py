@@ -1,11 +1,11 @@
-"""Mid-run checkpoints (issue 10, item 1): a killed run continues from its last saved epoch and ends bit-for-bit
+"""Mid-run checkpoints: a killed run continues from its last saved epoch and ends bit-for-bit
 where an uninterrupted run ends (on CPU).
 
 One file per run, ``<checkpoint dir>/<config key>.pt``, holding everything the next epoch depends on: model,
 optimizer and scheduler state, the batch-order and augmentation generators, the python/numpy/torch (and CUDA) global
 RNG states, the method's state (``Method.state_dict``: SHADE's moving averages, …), the epoch and step counters and
 the history of the finished epochs. Only tensors, numbers, strings, lists and dicts are stored, so the file loads
-with ``torch.load(…, weights_only=True)`` (issue 10, item 4: no pickled objects are ever executed).
+with ``torch.load(…, weights_only=True)`` (no pickled objects are ever executed).
 
 Writes are atomic (a temp file in the same folder, fsync, ``os.replace``): a kill during the save leaves the previous
 checkpoint intact, never a half-written one.

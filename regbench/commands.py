@@ -262,7 +262,7 @@ def _checkpoint_options(args, directory: Path) -> dict:
 
 def _check_checkpoints(directory: Path) -> None:
     """An unreadable checkpoint (truncated, or holding a pickled object) fails the command before the store is opened,
-    so the output dir is left as it was (issue 10, item 6), rather than failing its run midway through the benchmark.
+    so the output dir is left as it was, rather than failing its run midway through the benchmark.
     Whether a readable one fits its run (key, format, device) is decided when that run starts (checkpoint.load)."""
     import warnings
 
@@ -293,8 +293,11 @@ def work(storage, bench, splits, tracking_uri: str | None, quiet: bool = False, 
     (runner.worker_sampler_seed)."""
     from regbench import record, runner, status, tracking
 
+    from regbench.progress import Progress
+
     progress = not quiet and sys.stderr.isatty()
-    say = (lambda *_: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    line = None if quiet else Progress(storage, bench)  # runs done/planned, the epoch, the time left
+    say = (lambda *_: None) if line is None else line.write
     def warn(msg: str) -> None:  # warnings show even with --quiet
         print(msg, file=sys.stderr, flush=True)
 
@@ -328,14 +331,18 @@ def work(storage, bench, splits, tracking_uri: str | None, quiet: bool = False, 
             tracker.mirror(outcome.study.study_name, t)
 
     worker_loop = runner.Runner(storage, bench, splits, progress=progress, on_trial=on_trial, wait=wait,
-                                 parallel_seeds=parallel_seeds, worker=worker, **(checkpoints or {}))
+                                 parallel_seeds=parallel_seeds, worker=worker, watch=line, **(checkpoints or {}))
     for method in bench.methods if not bench.protocol.tunes else []:
         keys = {c.key() for c in worker_loop.select(method)}
         done = sum(t.state.name == "COMPLETE" and record.config_key(t) in keys
                    for t in worker_loop.final_study(method).get_trials(deepcopy=False))
         if done:
             say(f"{method}: {done} of {len(bench.seeds)} seeds already in the store, skipped")
-    worker_loop.run()
+    try:
+        worker_loop.run()
+    finally:
+        if line is not None:
+            line.close()
     if tracker is not None and tracker.active:
         tracking.mirror_benchmark(storage, tracker, bench)
         tracker.close()
@@ -486,6 +493,7 @@ def status_command(args) -> int:
           + (f", {bench.protocol.budget_epochs} tuning epochs" if bench.protocol.budget_epochs else ""))
     for row in status.progress(storage, bench):
         print(row)
+    print(status.time_left(storage, bench))
     return 0
 
 

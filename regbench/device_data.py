@@ -1,4 +1,4 @@
-"""The training set held once on the device; batches are gathered, normalized and augmented there (issue 9, item 1).
+"""The training set held once on the device; batches are gathered, normalized and augmented there.
 
 airbench's lesson (docs/architecture.md, "Style"): a small image set fits in GPU memory many times over, so the fastest
 loader is no loader. ``DeviceData`` copies the train split to the device once, as raw uint8 pixels when the dataset has
@@ -85,7 +85,7 @@ class DeviceData:
 
     def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None):
         """Rows ``idx`` (a LongTensor on the device): normalized, then the split's train_augment with ``generator``
-        — the order and the draws of the plain float path (engine.train before issue 9), so batches are equal."""
+        — the order and the draws of the plain float path (batches gathered on the host), so batches are equal."""
         if self.resident:
             xb = self.x[idx]
         else:

@@ -142,7 +142,7 @@ def build_optimizer(config: RunConfig, model: nn.Module, options: dict) -> torch
 
 @dataclass
 class FastStep:
-    """How ``train_step`` runs on a device (issue 9, item 2). On CUDA: autocast in bf16 (fp16 with a GradScaler
+    """How ``train_step`` runs on a device. On CUDA: autocast in bf16 (fp16 with a GradScaler
     where the GPU has no native bf16, before Ampere) and channels-last 4-D inputs and weights (cuDNN's fastest conv
     layout under autocast). On the CPU none of it, so CPU runs stay bit-for-bit what they were."""
 
@@ -179,7 +179,7 @@ def check_compile(device: str) -> None:
 
 @contextlib.contextmanager
 def cudnn_autotune(device: torch.device):
-    """cuDNN's autotuner on while a group trains on CUDA (issue 19): every training batch has one shape (drop_last,
+    """cuDNN's autotuner on while a group trains on CUDA: every training batch has one shape (drop_last,
     one model), so the fastest convolution algorithms are measured once and reused for every step. The flag is
     process-wide, so it is restored afterwards; on the CPU nothing is touched."""
     if device.type != "cuda":
@@ -266,7 +266,7 @@ def train_group(configs, splits, method_factory: Callable[[RunConfig], Method], 
                 checkpoints=None, checkpoint_every: int = 1, checkpoint_seconds: float = 60.0,
                 keep_checkpoint: bool = False) -> list[RunResult | Diverged]:
     """Train K ≥ 1 runs of one configuration (``configs`` differ only in their seed) together, in ONE loop; one
-    result per config, in order (``--parallel-seeds K``, issue 9 item 3; issue 19: a single run is K = 1).
+    result per config, in order (``--parallel-seeds K``; a single run is K = 1).
 
     Each run is built exactly as it would be alone (``_Run``) and keeps its own batch order, augmentation draws,
     global RNG streams (swapped in around its steps when K > 1), method instance (``method_factory(config)``) and

@@ -73,7 +73,7 @@ class SpatialMean(nn.Module):
     ``F.adaptive_avg_pool2d(x, 1)`` is a composite op that computes exactly this mean (same reduction, same bits, same
     autograd graph, on every device but XPU) and then, for channels-last inputs, restrides the [B, C, 1, 1] result in
     place with ``as_strided_``. torch.func.vmap has no batching rule for ``as_strided_`` and falls back to a per-sample
-    loop, which made ``--parallel-seeds`` on resnet18 (channels-last on CUDA) 0.35x one run (issue 19). The mean has a
+    loop, which made ``--parallel-seeds`` on resnet18 (channels-last on CUDA) 0.35x one run. The mean has a
     batching rule; the restride only changes the strides of a [B, C, 1, 1] tensor, which the flatten after it drops.
     timm's ``FastAdaptiveAvgPool`` is the same op; not used because this module loads without timm (importing timm
     costs every CLI start seconds) and serves the small ``cnn`` too."""

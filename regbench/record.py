@@ -78,12 +78,12 @@ ERROR = "error:"              # an exception in training
 STALE = "no heartbeat"        # in the reason of a trial whose process died (found stale by another process)
 DIED = "its process died"     # in the reason of every trial failed because its process died
 
-# ---- issue 27: a benchmark's name binds its protocol ------------------------------------------------------------------
+# ---- protocol identity: a benchmark's name binds its protocol ------------------------------------------------------------------
 SUPERSEDED = "superseded:"    # a queued run of a plan that `regbench run --supersede` replaced: never trained
 PLAN = "plan"                 # the spec: which plan of the benchmark's name this is (absent = 0, the first)
 SUPERSEDED_PLANS = "superseded"  # the spec: one entry per plan the current one replaced (what was cancelled, kept)
 
-# ---- issue 30: what each study is, as optuna-dashboard lists it (regbench/dashboard.py) -----------------------------
+# ---- dashboard: what each study is, as optuna-dashboard lists it (regbench/dashboard.py) -----------------------------
 IMPORTANCE = "importance"          # a study: how far the dashboard's importance panel can be trusted here, and why
 STUDY_BENCHMARK = "benchmark"      # a tuning or final study: the benchmark it belongs to
 STUDY_METHOD = "method"            # a tuning or final study: the method it runs

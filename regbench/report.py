@@ -66,7 +66,7 @@ def _relative_mce(df: pd.DataFrame, method: str) -> str:
 
 def _train_acc_line(spec: dict) -> list[str]:
     """The header line that says train accuracy (and so the gap) was measured on a sample (``--train-acc-sample``):
-    a choice that changes a column's numbers is named where the column is read (issue 19)."""
+    a choice that changes a column's numbers is named where the column is read."""
     base = spec.get("base") or {}
     base = json.loads(base) if isinstance(base, str) else base
     n = base.get("train_acc_sample")

@@ -239,8 +239,8 @@ def _cupy():
 def eigh_backend(device) -> str:
     """The eigensolver the exact path uses on ``device``: "cupy" on CUDA when CuPy is available, else "torch".
 
-    Why (docs/gpu.md §3; measured for issue 18 by benchmarks/ses_penalty.py): ``torch.linalg.eigh`` on CUDA loops
-    one matrix at a time for 32 < n ≤ 512 in float32 (40-45 ms for 9×256² on an H200) and synchronizes with the
+    Why (docs/gpu.md §3; measured by benchmarks/ses_penalty.py): ``torch.linalg.eigh`` on CUDA loops
+    one matrix at a time for 32 < n ≤ 512 in float32 (docs/gpu.md §3 has the timing) and synchronizes with the
     host; CuPy's ``linalg.eigh`` on 3-D input calls cuSOLVER's batched Jacobi solver with no size gate and checks
     its info flag only when asked to (no host sync). A matmul-only Chebyshev polynomial of u·log u was rejected: on
     a spectrum with one dominant eigenvalue its |ΔH| is 5e-2 at degree 64 and still 2-4e-4 at degree 512 (the

@@ -1,5 +1,5 @@
-"""K seeds' weights stacked into one functional model: the vmap backend of ``engine.train_group`` (issue 9, item 3;
-issue 19: one loop, so this module holds only what is particular to stacking — the loop is engine.py's).
+"""K seeds' weights stacked into one functional model: the vmap backend of ``engine.train_group``
+(one loop, so this module holds only what is particular to stacking — the loop is engine.py's).
 
 One functional model over the K stacked parameter sets (``torch.func.stack_module_state`` + ``functional_call`` +
 ``vmap``), BatchNorm running statistics stacked too, per-seed batches stacked to (K, B, …), and ONE optimizer over

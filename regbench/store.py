@@ -122,7 +122,7 @@ class _StaleReasons:
     """Finds stale trials for Optuna's ``fail_stale_trials`` and writes each one's reason first.
 
     Optuna fails a stale trial and only then calls the stale-trial callback, which may no longer write to it (the
-    storage refuses any change to a finished trial: UpdateFinishedTrialError, issue 17). So the reason is written
+    storage refuses any change to a finished trial: UpdateFinishedTrialError). So the reason is written
     here, while the trial is still RUNNING, just before Optuna fails it. Two processes that find the same stale trial
     both write the same reason; the storage lets exactly one of them fail it (the other gets
     UpdateFinishedTrialError, which Optuna ignores), and only that one runs the callback, so the retry is queued

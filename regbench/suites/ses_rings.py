@@ -83,7 +83,7 @@ def jacobian_condition(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
 def condition_numbers(singular_values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """σ_max/σ_min per row of singular values (descending), ∞ where the matrix is singular: σ_min at or below
     numpy's rank tolerance σ_max · max(shape) · eps (``np.linalg.matrix_rank``), or J = 0 (a fully dead region).
-    Such a point is counted by the report, never divided by (issue 17: one gave a mean κ of ∞, then 1/0)."""
+    Such a point is counted by the report, never divided by (one gave a mean κ of ∞, then 1/0)."""
     s = np.asarray(singular_values, dtype=np.float64)
     top, low = s[:, 0], s[:, -1]
     singular = ~(low > top * max(shape) * np.finfo(np.float64).eps)  # also catches NaN and a zero Jacobian
