@@ -22,6 +22,9 @@ from regbench.cli import STOPPING, main
 from regbench.record import spent
 
 FAST = ["--dataset", "digits", "--model", "mlp", "--epochs", "2", "--quiet"]
+# Baseline at its defaults and lr / weight decay at the recipe's (fair tuning, the default, tunes them for every arm:
+# tests/test_fair_tuning.py), so the runs of a test about something else stay as few as it needs.
+UNTUNED_BASELINE = ["--no-tune-shared", "--untuned", "baseline"]
 
 
 def run_main(*args):
@@ -85,7 +88,8 @@ def check_sweep(storage: str, bench: str, methods: list[str], n_trials: int, see
 
 def test_tuning_selects_on_validation_and_reruns_the_best_over_shared_seeds(tmp_path):
     out = tmp_path / "out"
-    code, stdout, _ = run_main("run", "--methods", "ses", "--trials", "3", "--seeds", "2", "--out", str(out), *FAST)
+    code, stdout, _ = run_main("run", "--methods", "ses", "--trials", "3", "--seeds", "2", "--out", str(out), *FAST,
+                               *UNTUNED_BASELINE)
     assert code == 0
     storage = storage_of(out)
     assert not [n for n in study_names(storage) if n.startswith("digits-mlp:baseline:tune")]  # nothing to tune
@@ -111,7 +115,7 @@ def test_tuning_selects_on_validation_and_reruns_the_best_over_shared_seeds(tmp_
     assert "objective `val_acc` on the validation split" in stdout
 
     again = regbench_cli("run", "--methods", "ses", "--trials", "3", "--seeds", "2", "--out", str(out), *FAST,
-                         cwd=tmp_path)
+                         *UNTUNED_BASELINE, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert len(trials(storage, tune_study(storage, "digits-mlp", "ses"))) == 3  # resumed: nothing new
     assert len(trials(storage, "digits-mlp:ses:final")) == 2
@@ -125,7 +129,7 @@ def test_tuning_selects_on_validation_and_reruns_the_best_over_shared_seeds(tmp_
 def test_epoch_budget_and_set_values_are_respected(tmp_path):
     out = tmp_path / "out"
     code, _, _ = run_main("run", "--methods", "ses", "--budget-epochs", "5", "--seeds", "1", "--set",
-                               "ses.beta=0.5", "--pruner", "none", "--out", str(out), *FAST)
+                               "ses.beta=0.5", "--pruner", "none", "--out", str(out), *FAST, *UNTUNED_BASELINE)
     assert code == 0
     tune = trials(storage_of(out), tune_study(storage_of(out), "digits-mlp", "ses"))
     assert len(tune) == 3 and spent(tune)["epochs"] == 6  # 2 + 2 < 5, so a third trial started, then none
@@ -207,7 +211,7 @@ def unstable_plugin(tmp_path, monkeypatch):
 def test_diverging_trials_fail_with_their_reason_and_the_sweep_completes(tmp_path, unstable_plugin):
     out = tmp_path / "out"
     code, stdout, err = run_main("run", "--methods", "toy_unstable", "--trials", "6", "--seeds", "2",
-                                 "--pruner", "none", "--out", str(out), *FAST)
+                                 "--pruner", "none", "--out", str(out), *FAST, *UNTUNED_BASELINE)
     assert code == 0, err
     storage = storage_of(out)
     tune = trials(storage, tune_study(storage, "digits-mlp", "toy_unstable"))
@@ -245,7 +249,8 @@ def test_diverging_trials_fail_with_their_reason_and_the_sweep_completes(tmp_pat
 
 
 SWEEP = ["run", "--methods", "ses,shade", "--trials", "3", "--seeds", "2", "--dataset", "digits", "--model", "mlp",
-         "--epochs", "2", "--quiet", "--pruner", "none"]  # 3 + 2 (ses) + 3 + 2 (shade) + 2 (baseline) = 12 runs
+         "--epochs", "2", "--quiet", "--pruner", "none",
+         *UNTUNED_BASELINE]  # 3 + 2 (ses) + 3 + 2 (shade) + 2 (baseline) = 12 runs
 
 
 def started_runs(out: Path) -> int:

@@ -69,8 +69,13 @@ def test_more_seeds_later_trains_only_the_new_ones(tmp_path, data_dir):
     trials = optuna.load_study(study_name="mnist1d-cnn1d:shade:final", storage=storage).get_trials()
     assert len(trials) == 2 and trials[0].datetime_complete == first[0].datetime_complete
     assert "| shade | 2 |" in (out / "leaderboard.md").read_text()
-    assert main([*common, "--seeds", "1"]) == 0  # back to one seed: the leaderboard follows the command
+    # Back to one seed changes the protocol the name binds: refused, unless the new plan supersedes the old one (its
+    # seed-0 runs have exactly the new plan's configuration and count for it; seed 1's are left out).
+    assert main([*common, "--seeds", "1"]) == 2
+    assert "| shade | 2 |" in (out / "leaderboard.md").read_text()
+    assert main([*common, "--seeds", "1", "--supersede"]) == 0
     assert "| shade | 1 |" in (out / "leaderboard.md").read_text()
+    assert len(optuna.load_study(study_name="mnist1d-cnn1d:shade:final", storage=storage).get_trials()) == 2
 
 
 def test_a_diverging_run_is_recorded_failed_and_the_sweep_goes_on(tmp_path, data_dir, capsys):

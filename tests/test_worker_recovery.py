@@ -22,7 +22,8 @@ from test_protocol import check_sweep, tune_study
 
 GRACE = 3  # seconds without a heartbeat before a running trial counts as dead (default 30)
 PLAN = ["--methods", "shade", "--trials", "2", "--seeds", "1", "--dataset", "digits", "--model", "mlp",
-        "--epochs", "6", "--batch-size", "16", "--train-size", "300", "--quiet", "--pruner", "none", "--plan-only"]
+        "--epochs", "6", "--batch-size", "16", "--train-size", "300", "--quiet", "--pruner", "none", "--plan-only",
+        "--no-tune-shared", "--untuned", "baseline"]
 # A shade tuning trial running with its params drawn: the moment to kill its worker (polled with plain SQL, one
 # connection, every 20 ms: a tuning trial here lasts about a second)
 RUNNING_TUNING = text("SELECT t.number FROM trials t JOIN studies s ON s.study_id = t.study_id WHERE s.study_name "

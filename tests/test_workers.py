@@ -15,7 +15,8 @@ from optuna.trial import TrialState
 from test_protocol import check_sweep, trials, tune_study
 
 PLAN = ["--methods", "ses,shade", "--trials", "6", "--seeds", "2", "--dataset", "digits", "--model", "mlp",
-        "--epochs", "1", "--train-size", "300", "--quiet", "--pruner", "none"]
+        "--epochs", "1", "--train-size", "300", "--quiet", "--pruner", "none", "--no-tune-shared", "--untuned",
+        "baseline"]
 
 
 def test_four_workers_on_postgresql_do_every_run_once_and_distinct_tuning(tmp_path, postgres_url):
@@ -70,7 +71,8 @@ def test_launch_starts_workers_through_submitit_and_writes_the_leaderboard(tmp_p
     out = tmp_path / "out"
     store = f"sqlite:///{out / 'regbench.db'}"
     plan = ["--methods", "shade", "--trials", "2", "--seeds", "2", "--dataset", "digits", "--model", "mlp",
-            "--epochs", "1", "--quiet", "--pruner", "none", "--name", "launched", "--out", str(out), "--plan-only"]
+            "--epochs", "1", "--quiet", "--pruner", "none", "--name", "launched", "--out", str(out), "--plan-only",
+            "--no-tune-shared", "--untuned", "baseline"]
     planned = regbench_cli("run", *plan, cwd=tmp_path)
     assert planned.returncode == 0, planned.stderr
     launched = regbench_cli("launch", "--name", "launched", "--workers", "2", "--out", str(out), cwd=tmp_path)
@@ -105,7 +107,7 @@ def test_two_workers_share_a_journal_file_storage(tmp_path):
     journal = f"journal:{tmp_path / 'bench.log'}"
     plan = ["--methods", "shade", "--trials", "2", "--seeds", "2", "--dataset", "digits", "--model", "mlp",
             "--epochs", "1", "--quiet", "--pruner", "none", "--name", "jr", "--out", str(tmp_path / "out"),
-            "--storage", journal, "--plan-only"]
+            "--storage", journal, "--plan-only", "--no-tune-shared", "--untuned", "baseline"]
     assert regbench_cli("run", *plan, cwd=tmp_path).returncode == 0
     script = Path(sys.executable).parent / "regbench"
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -136,7 +138,7 @@ def test_worker_per_gpu_starts_n_workers_that_share_the_work(tmp_path):
     journal = f"journal:{tmp_path / 'bench.log'}"
     plan = ["--methods", "shade", "--trials", "2", "--seeds", "2", "--dataset", "digits", "--model", "mlp",
             "--epochs", "1", "--quiet", "--pruner", "none", "--name", "pg", "--out", str(tmp_path / "out"),
-            "--storage", journal, "--plan-only"]
+            "--storage", journal, "--plan-only", "--no-tune-shared", "--untuned", "baseline"]
     assert regbench_cli("run", *plan, cwd=tmp_path).returncode == 0
     done = regbench_cli("worker", "--storage", journal, "--name", "pg", "--quiet", "--per-gpu", "2",
                         cwd=tmp_path)
