@@ -62,7 +62,8 @@ def progress(storage, bench: Benchmark) -> list[str]:
     for method in bench.methods:
         parts = []
         if bench.protocol.tunes and not bench.tunes(method):
-            parts.append("nothing to tune")
+            parts.append("untuned on purpose (--untuned): runs its defaults" if method in bench.protocol.untuned
+                         else "nothing to tune")
         if bench.tunes(method):
             trials, exhausted = _tuning_trials(storage, bench, method)
             ages = liveness.dead(storage, bench, trials)

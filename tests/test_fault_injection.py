@@ -152,7 +152,8 @@ def test_a_retry_lost_with_the_process_that_failed_the_stale_trial_is_queued_by_
 # ---- killed runs, resumed by reruns --------------------------------------------------------------------------------
 
 SMALL = ["run", "--methods", "ses", "--trials", "2", "--seeds", "2", "--dataset", "digits", "--model", "mlp",
-         "--epochs", "1", "--pruner", "none", "--quiet", "--no-tune-shared", "--untuned", "baseline"]  # 2 tuning + 2 ses finals + 2 baseline finals
+         "--epochs", "1", "--pruner", "none", "--quiet", "--no-tune-shared", "--untuned",
+         "baseline"]  # 2 tuning + 2 ses finals + 2 baseline finals
 
 
 def regbench(args, cwd: Path, fault: str | None = None, background: bool = False):
