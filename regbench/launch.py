@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import time
 from pathlib import Path
 
 from regbench.arguments import CACHE_DIR, OUTPUT_DIR, STORE_URL, TRACKING_URI
@@ -88,6 +89,14 @@ class Worker:
         if os.environ.get("SLURM_CPUS_PER_TASK") and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = os.environ["SLURM_CPUS_PER_TASK"]  # torch's threads: the CPUs the job has
         local = os.environ.get("SUBMITIT_EXECUTOR") != "slurm"
+        if not local:
+            import socket
+
+            task = os.environ.get("SLURM_ARRAY_TASK_ID")
+            job = f"{os.environ.get('SLURM_ARRAY_JOB_ID')}_{task}" if task else os.environ.get("SLURM_JOB_ID", "?")
+            print(f"regbench: worker job {job} on {socket.gethostname()}: "
+                  f"{os.environ.get('SLURM_CPUS_PER_TASK', '?')} CPUs, GPUs "
+                  f"{os.environ.get('CUDA_VISIBLE_DEVICES') or 'none'}", flush=True)
         # A local worker has a session of its own: Ctrl-C at the terminal, or launch cancelling its jobs, reaches it
         # once, through this process (a second signal would stop it at once, not at a safe point).
         self._child = subprocess.Popen([sys.executable, "-m", "regbench.cli", "worker", *self.argv], env=env,
@@ -102,7 +111,8 @@ class Worker:
 
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, forward)
-        code = self._child.wait()
+        while (code := self._child.poll()) is None:  # not Popen.wait(): ``checkpoint`` may interrupt it (below)
+            time.sleep(0.5)
         if code != 0:
             raise RuntimeError(f"regbench worker exited with status {code}")
         return code
@@ -116,11 +126,27 @@ class Worker:
             print(f"regbench: job time limit near or preempted (USR2): stopping the worker so that its trial is saved "
                   f"and queued to resume; the job is requeued", flush=True)
             child.send_signal(signal.SIGTERM)
-            try:
-                child.wait(timeout=75)  # Slurm's warning comes 90 s before the limit
-            except Exception:  # noqa: BLE001 - still running: stop it now, its trial is retried when found stale
-                child.kill()
+            if not _exited(child, timeout=75):  # Slurm's warning comes 90 s before the limit
+                child.kill()  # still running: stop it now (its trial is retried once found stale)
         return DelayedSubmission(Worker(self.argv))
+
+
+def _exited(child, timeout: float) -> bool:
+    """Wait for ``child`` to end, from a signal handler: Popen.wait would wait for the lock that the interrupted
+    ``poll`` may hold (in this same thread), so the child is reaped here directly."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if child.returncode is not None:
+            return True
+        try:
+            pid, status = os.waitpid(child.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped already
+            return True
+        if pid:
+            child.returncode = os.waitstatus_to_exitcode(status)
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _ignore_usr2() -> None:

@@ -207,11 +207,16 @@ class _SlurmJobs:
     def __init__(self, ids: list[str], folder: Path):
         self.ids, self.folder = ids, folder
         self.states: dict[str, slurm.JobState] = {}
+        self._ended_before: set[str] = set()
 
     def poll(self) -> bool:
-        """Refresh; True while any job is queued or running."""
+        """Refresh; True while any job is queued or running. A job is taken as ended once two polls in a row say so:
+        a job requeueing itself passes through states that read as ended for a moment."""
         self.states = slurm.job_states(self.ids)
-        return any(s.active for s in self.states.values())
+        ended = {i for i, s in self.states.items() if not s.active}
+        settled = ended & self._ended_before
+        self._ended_before = ended
+        return len(settled) < len(self.ids)
 
     def summary(self) -> str:
         running = sum(s.state in ("RUNNING", "COMPLETING") for s in self.states.values())

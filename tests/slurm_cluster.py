@@ -172,7 +172,7 @@ class Cluster:
     def jobs(self) -> list[str]:
         """Every job the controller still lists (queued, running, or ended less than MinJobAge ago): one line each,
         ``ID STATE``."""
-        return self.run("squeue", "-h", "-r", "-o", "%i %T").stdout.split("\n")[:-1]
+        return self.run("squeue", "-h", "-r", "-t", "all", "-o", "%i %T").stdout.split("\n")[:-1]
 
     def cancel_all(self) -> None:
         self.run("scancel", "--full", f"--partition={','.join(self.partitions)}")
