@@ -59,7 +59,10 @@ def worker_sampler_seed(base: int, worker: str | None) -> int:
 
 def _sampler(bench: Benchmark, seed: int) -> optuna.samplers.BaseSampler:
     # constant_liar: trials that other workers are running count as poor results, so TPE looks elsewhere meanwhile
-    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    # (one worker alone draws what an in-memory study with the same seed draws)
+    startup = bench.protocol.startup_trials
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True,
+                                      **({} if startup is None else {"n_startup_trials": startup}))
 
 
 def _pruner(bench: Benchmark) -> optuna.pruners.BasePruner:
@@ -150,8 +153,10 @@ class Runner:
     def __init__(self, storage, bench: Benchmark, splits, progress: bool = False,
                  on_trial: Callable[[Outcome], None] | None = None, wait: bool = True,
                  checkpoint_dir: Path | None = None, checkpoint_seconds: float = 60.0, keep_checkpoints: bool = False,
-                 parallel_seeds: int = 1, worker: str | None = None):
+                 parallel_seeds: int = 1, worker: str | None = None, watch=None):
         self.storage, self.bench, self.splits = storage, bench, splits
+        # a regbench.progress.Progress (or None): told when a run starts, ends an epoch and ends
+        self.watch = watch
         # None: `regbench run` (the benchmark's sampler seed); else this worker's identity (its own derived seed)
         self.worker = worker
         self.seed = worker_sampler_seed(bench.protocol.sampler_seed, worker)
@@ -324,6 +329,8 @@ class Runner:
                 if ran and self.storage.get_trial(ran[0]).state != TrialState.RUNNING:
                     self.on_trial(Outcome(study, self.storage.get_trial(ran[0]), kind, method))
                 raise
+            if self.watch is not None:
+                self.watch.run_ended()
             if ran:
                 if kind == "tune":  # the importance panel's caveat counts the completed trials
                     dashboard.update_importance(study)
@@ -427,12 +434,20 @@ class Runner:
                 configs = [cfg] + [c for _, c in siblings]
                 paths = (None if self.checkpoint_dir is None
                          else [checkpoint.path_for(self.checkpoint_dir, c.key()) for c in configs])
+                if self.watch is not None:
+                    self.watch.run_started(f"{cfg.method} seeds {','.join(str(c.seed) for c in configs)}",
+                                           width=len(configs))
+
+                def on_epoch(k, epoch, row):
+                    epochs_done[k] = epoch
+                    if k == 0 and self.watch is not None:
+                        self.watch.epoch_ended(epoch)
                 results = engine.train_group(configs, self.splits,
                                              lambda c: registry.build_method(c.method, c.hparams),
                                              progress=self.progress, checkpoints=paths,
                                              checkpoint_seconds=self.checkpoint_seconds,
                                              keep_checkpoint=self.keep_checkpoints,
-                                             on_epoch=lambda k, epoch, row: epochs_done.__setitem__(k, epoch))
+                                             on_epoch=on_epoch)
         except KeyboardInterrupt:  # the leader is marked resumable by _run_one
             for t, epochs in zip([leader, *others], epochs_done):  # what mark_resumable reports as trained
                 record.write_budget(t, epochs, time.time() - started)
@@ -475,8 +490,16 @@ class Runner:
         method = registry.build_method(cfg.method, cfg.hparams)
         started = time.time()
         ckpt = None if self.checkpoint_dir is None else checkpoint.path_for(self.checkpoint_dir, cfg.key())
+        if self.watch is not None:
+            self.watch.run_started(f"{cfg.method} tuning trial {trial.number}" if prune else
+                                   f"{cfg.method} seed {cfg.seed}")
+
+        def on_epoch(epoch, row):
+            if self.watch is not None:
+                self.watch.epoch_ended(epoch)
+            report(epoch, row)
         try:
-            result = engine.train(cfg, self.splits, method, on_epoch=report, progress=self.progress,
+            result = engine.train(cfg, self.splits, method, on_epoch=on_epoch, progress=self.progress,
                                   checkpoint=ckpt, checkpoint_seconds=self.checkpoint_seconds,
                                   keep_checkpoint=self.keep_checkpoints)
         except optuna.TrialPruned:
