@@ -6,7 +6,6 @@ Reports and stats read the store through this module only, so they never import 
 from __future__ import annotations
 
 import os
-import random
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from filelock import FileLock, Timeout
 from optuna.trial import TrialState
 
 from regbench import optuna_private, record
+from regbench.first_use import retry_first_use
 from regbench.errors import StorageError
 
 STORE_FILE = "regbench.db"
@@ -225,26 +225,17 @@ def _rdb_storage(url: str, engine_kwargs: dict):
 
     params = inspect.signature(optuna.storages.RDBStorage).parameters
     name = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
-    for attempt in range(SCHEMA_RACE_RETRIES + 1):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                storage = RDBStore(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
-                                   grace_period=GRACE_PERIOD, **{name: _retry_stale})
-            if url.startswith("sqlite"):
-                _serialize_sqlite_transactions(storage.engine)
-            return storage
-        except Exception as exc:
-            if attempt == SCHEMA_RACE_RETRIES or not _lost_schema_race(exc):
-                raise
-            # Another process is creating the same fresh store (workers started together on one PostgreSQL, or a
-            # reader polling a run's SQLite file): its tables and version row are there a moment later, and a retry
-            # then only checks them.
-            time.sleep(random.uniform(0.1, 0.5) * (attempt + 1))
-    raise AssertionError("unreachable")
 
+    def open_once():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            storage = RDBStore(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
+                               grace_period=GRACE_PERIOD, **{name: _retry_stale})
+        if url.startswith("sqlite"):
+            _serialize_sqlite_transactions(storage.engine)
+        return storage
 
-SCHEMA_RACE_RETRIES = 5
+    return retry_first_use(open_once, _lost_schema_race)
 
 
 def _serialize_sqlite_transactions(engine) -> None:

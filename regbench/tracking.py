@@ -8,12 +8,12 @@ A child run is tagged with the trial's config key, so mirroring the same trial t
 from __future__ import annotations
 
 import logging
-import random
 import re
 import time
 from pathlib import Path
 
 from regbench import faults
+from regbench.first_use import retry_first_use
 
 _BAD_KEY = re.compile(r"[^0-9A-Za-z_\-. /:]")
 
@@ -37,7 +37,6 @@ def _key(name: str) -> str:
     return _BAD_KEY.sub("_", name)
 
 
-SCHEMA_RACE_RETRIES = 8
 _RACE_SIGNS = ("online migration expected", "out-of-date database schema", "already exists", "unique constraint",
                "duplicate key", "database is locked", "alembic_version")
 
@@ -161,18 +160,14 @@ class Tracker:
             logging.getLogger(name).setLevel(logging.WARNING)
 
         with _first_use_lock(uri):
-            for attempt in range(SCHEMA_RACE_RETRIES + 1):
-                try:
-                    self.uri, self.client = uri, MlflowClient(uri)
-                    found = self.client.get_experiment_by_name(experiment)
-                    self.experiment_id = found.experiment_id if found else self._create_experiment(experiment)
-                    break
-                except Exception as exc:
-                    if attempt == SCHEMA_RACE_RETRIES or not _lost_first_use_race(exc):
-                        raise
-                    # Another process (a worker started at the same moment) is creating this store's schema, or this
-                    # experiment: both are there a moment later, and a retry then only reads them.
-                    time.sleep(random.uniform(0.2, 0.6) * (attempt + 1))
+            def open_once():
+                self.uri, self.client = uri, MlflowClient(uri)
+                found = self.client.get_experiment_by_name(experiment)
+                return found.experiment_id if found else self._create_experiment(experiment)
+
+            # Another process (a worker started at the same moment) may be creating this store's schema, or this
+            # experiment: both are there a moment later, and a retry then only reads them.
+            self.experiment_id = retry_first_use(open_once, _lost_first_use_race)
         self._mark_training()
         self._parents: dict[str, str] = {}
         self._ends: dict[str, int] = {}  # latest child end per method, so a parent spans its children
