@@ -1,7 +1,6 @@
 """What each CLI command does: resolve options into RunConfigs at the edge, then call study/engine/report."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -348,17 +347,17 @@ def work(storage, bench, splits, tracking_uri: str | None, quiet: bool = False, 
         tracker.close()
 
 
+def _warn(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def _write_report(storage, name: str, out: Path, tracking_uri: str | None) -> Path:
     from regbench import report, tracking
 
     paths = report.write_report(storage, name, out)
     faults.point("report")  # test hook (regbench/faults.py): a crash between the leaderboard and its MLflow copy
     if tracking_uri:  # the leaderboard and its figures go to every method's parent run
-        tracker = tracking.SafeTracker(tracking_uri, name, lambda msg: print(msg, file=sys.stderr, flush=True))
-        for artifact in paths:
-            tracker.log_artifact(None, artifact, all_parents=True, subdir="figures" if artifact.suffix == ".png"
-                                 else None)
-        tracker.close()
+        tracking.attach_report(tracking_uri, name, paths, _warn)
     return paths[0]
 
 
@@ -508,8 +507,6 @@ def open_store(out, storage_url: str | None):
     """(storage, benchmark name or None) the same way for status, report, export and sync-mlflow: ``--storage URL``,
     else OUT's own store (OUT/regbench.db), else the shared store a `regbench run --storage URL --out OUT` planned
     (OUT/store.json, which also names the benchmark)."""
-    import json
-
     from regbench.store import STORE_FILE, default_storage_url, open_storage
 
     if storage_url:
@@ -647,12 +644,8 @@ def report_command(args) -> int:
             print(f"regbench: note: the leaderboard is not attached to MLflow (no --tracking-uri, MLFLOW_TRACKING_URI "
                   f"is unset and {name!r} recorded none usable here); pass --tracking-uri URI to attach it",
                   file=sys.stderr)
-        else:  # a broken or unreachable MLflow costs the attachment only (one warning), never the report
-            tracker = _tracking.SafeTracker(uri, name, lambda msg: print(msg, file=sys.stderr, flush=True))
-            for artifact in paths:
-                tracker.log_artifact(None, artifact, all_parents=True,
-                                     subdir="figures" if artifact.suffix == ".png" else None)
-            tracker.close()
+        else:
+            _tracking.attach_report(uri, name, paths, _warn)
         if not args.summary:
             print(paths[0].read_text())
         print(f"Leaderboard: {paths[0].resolve()} ({sum(p.suffix == '.png' for p in paths)} figures in "

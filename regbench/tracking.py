@@ -530,3 +530,12 @@ def mirror_benchmark(storage, tracker, bench) -> None:
     for method, selected, curve in summaries:
         tracker.summarize(method, selected, curve, bench.protocol.direction)
     tracker.show(storage, bench.name)
+
+
+def attach_report(uri: str, benchmark: str, paths, warn) -> None:
+    """The leaderboard and its figures, as artifacts of every method's parent run (figures under ``figures/``). A
+    broken or unreachable MLflow costs the attachment only (one warning through ``warn``), never the report."""
+    tracker = SafeTracker(uri, benchmark, warn)
+    for artifact in paths:
+        tracker.log_artifact(None, artifact, all_parents=True, subdir="figures" if artifact.suffix == ".png" else None)
+    tracker.close()
