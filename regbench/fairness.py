@@ -84,7 +84,8 @@ def tuning_lines(storage, spec: dict) -> list[str]:
                         else "its defaults, not tuned (no hparams of its own and the shared ones not tuned)")
             else:
                 over = ", ".join(arm["own"] + arm["shared"]) or "nothing"
-                what = f"{budget} over {over}" + ("" if arm["shared"] else " (lr and weight decay fixed at the recipe's)")
+                fixed = "" if arm["shared"] else " (lr and weight decay fixed at the recipe's)"
+                what = f"{budget} over {over}{fixed}"
             lines.append(f"  - {method}: {what}")
     spent = [a for a in per_arm.values() if a["tuned"]]
     counts = {a["trials"] for a in spent}
