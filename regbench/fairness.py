@@ -23,7 +23,8 @@ def tuning_spent(trials) -> dict:
     ended = [t for t in trials if t.state not in (TrialState.WAITING, TrialState.RUNNING)
              and not record.skipped(t) and not record.interrupted(t)]
     return {"trials": len(ended), "pruned": sum(t.state == TrialState.PRUNED for t in ended),
-            "epochs": record.spent(trials)["epochs"]}
+            "epochs": record.spent(trials)["epochs"],
+            "open": sum(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in trials)}
 
 
 def arms(storage, spec: dict) -> dict[str, dict]:
@@ -35,7 +36,7 @@ def arms(storage, spec: dict) -> dict[str, dict]:
         space = list(info.get("space", info.get("hparams", {})))
         tuned = bool(info.get("tune_study"))
         spent = tuning_spent(trials_of(storage, info.get("tune_study"))) if tuned else {"trials": 0, "pruned": 0,
-                                                                                           "epochs": 0}
+                                                                                           "epochs": 0, "open": 0}
         out[method] = {"tuned": tuned, "untuned_by_flag": method in untuned,
                        "own": [k for k in space if not k.startswith(SHARED_PREFIX)],
                        "shared": [k.removeprefix(SHARED_PREFIX) for k in space if k.startswith(SHARED_PREFIX)],
@@ -97,5 +98,6 @@ def tuning_lines(storage, spec: dict) -> list[str]:
                   else " (epochs differ: pruning stops poor trials early)")
     else:
         equal = "the arms' tuning budgets differ"
-    lines.append(f"- tuning spent, counted from the store: {equal}; {said}")
+    so_far = " so far (tuning trials are still queued or running)" if any(a["open"] for a in spent) else ""
+    lines.append(f"- tuning spent, counted from the store{so_far}: {equal}; {said}")
     return lines
