@@ -2,8 +2,11 @@
 
 SQLite serializes every write and the journal file has no heartbeat, so several workers on one machine are best served
 by PostgreSQL. This starts one the way ``.ci/run`` does: ``initdb`` into a folder of its own (default
-``~/.cache/regbench/postgres``; as root ``/tmp/regbench-postgres``), listening on 127.0.0.1 only, on a private port, trust authentication (any local user
-may connect: for a machine you control, not a shared login node), and creates database ``regbench``. ``start``
+``~/.cache/regbench/postgres``; as root ``/tmp/regbench-postgres-USER``, USER being who ran sudo, else root), listening
+on 127.0.0.1 only, on a free port picked at the first start and kept in the folder, trust authentication (any local
+user may connect: for a machine you control, not a shared login node), and creates database ``regbench``. The folder
+records who created it: another user's folder is refused, so one user never reuses, nor stops, another's server.
+``start``
 prints the storage URL alone on stdout, so ``URL=$(regbench postgres start)`` works; ``stop`` stops it (``--remove``
 also deletes the folder). Needs the server binaries (Debian/Ubuntu: ``apt-get install postgresql``). As root, the
 cluster runs as the ``postgres`` user, as PostgreSQL requires.
@@ -23,9 +26,9 @@ from pathlib import Path
 from regbench.arguments import OUTPUT_DIR
 from regbench.errors import ConfigError, RegbenchError
 
-DEFAULT_PORT = 55433  # not 5432 (a system server) nor 55432 (.ci/run's)
 DATABASE = "regbench"
 PORT_FILE = "port"
+OWNER_FILE = "owner"  # who created the folder's cluster (a user name): nobody else may use or stop it
 
 
 class PostgresError(RegbenchError):
@@ -39,15 +42,17 @@ def add_parser(sub) -> None:
     pg.add_argument("action", choices=["start", "url", "stop"],
                     help="start (create on first use) and print the URL; print the URL; stop")
     pg.add_argument("--dir", default=None, kind=OUTPUT_DIR,
-                    help="the cluster's folder (default ~/.cache/regbench/postgres)")
-    pg.add_argument("--port", type=int, default=None, help=f"port on 127.0.0.1 (default {DEFAULT_PORT}, or the one "
-                                                           "the folder's cluster was started on)")
+                    help="the cluster's folder (default ~/.cache/regbench/postgres; as root "
+                         "/tmp/regbench-postgres-USER)")
+    pg.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: the one the folder's "
+                                                           "cluster was started on, else a free one)")
     pg.add_argument("--remove", action="store_true", help="with stop: also delete the cluster's folder")
 
 
 def postgres_command(args) -> int:
     folder = Path(args.dir or default_folder()).expanduser().resolve()
     cluster = LocalPostgres(folder, args.port)
+    cluster.check_owner()
     if args.action == "start":
         cluster.start()
         print(cluster.url())
@@ -66,13 +71,32 @@ def postgres_command(args) -> int:
     return 0
 
 
+def user() -> str:
+    """Who this is: the user who ran sudo (as root), else the login name of the effective user."""
+    import pwd
+
+    name = pwd.getpwuid(os.geteuid()).pw_name
+    if os.geteuid() == 0 and os.environ.get("SUDO_USER", "root") not in ("", "root"):
+        return os.environ["SUDO_USER"]
+    return name
+
+
 def default_folder() -> Path:
-    """~/.cache/regbench/postgres; for root /tmp/regbench-postgres (the postgres user cannot enter root's home)."""
+    """~/.cache/regbench/postgres; as root /tmp/regbench-postgres-USER (the postgres user cannot enter root's home,
+    and a folder per user keeps two users' servers apart)."""
     if os.geteuid() == 0:
         import tempfile
 
-        return Path(tempfile.gettempdir()) / "regbench-postgres"
+        return Path(tempfile.gettempdir()) / f"regbench-postgres-{user()}"
     return Path.home() / ".cache" / "regbench" / "postgres"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def server_binaries() -> Path:
@@ -97,11 +121,22 @@ class LocalPostgres:
     def __init__(self, folder: Path, port: int | None = None):
         self.folder, self.data, self.log = folder, folder / "data", folder / "postgres.log"
         saved = folder / PORT_FILE
+        self.explicit_port = port is not None  # --port: used as given, never swapped for a free one
         if port is None and os.path.lexists(saved):
             from regbench.statefiles import read_port  # schema-checked: a port number 1..65535, one line if not
 
             port = read_port(saved)
-        self.port = port or DEFAULT_PORT
+        self.port = port or free_port()
+
+    def check_owner(self) -> None:
+        """A folder whose cluster another user created is theirs: refused, never reused nor stopped."""
+        owner_file = self.folder / OWNER_FILE
+        if not owner_file.is_file():
+            return
+        owner = owner_file.read_text().strip()
+        if owner and owner != user():
+            raise ConfigError(f"{self.folder} holds the PostgreSQL of user {owner!r}, not yours ({user()!r}); leave it "
+                              f"alone and pass --dir of your own")
 
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{DATABASE}"
@@ -152,21 +187,38 @@ class LocalPostgres:
         if os.geteuid() == 0:
             self._check_reachable_by_postgres()
         self.folder.mkdir(parents=True, exist_ok=True)
+        from regbench.statefiles import atomic_write_text
+
+        if not (self.folder / OWNER_FILE).is_file():
+            atomic_write_text(self.folder / OWNER_FILE, user() + "\n")
         if os.geteuid() == 0:
             shutil.chown(self.folder, "postgres")
+        if not self._port_free(self.port):  # the saved port is taken now (another server): a free one instead
+            if self.explicit_port:
+                raise ConfigError(f"--port {self.port} is in use on 127.0.0.1; pass another --port or leave it out")
+            self.port = free_port()
         if not (self.data / "PG_VERSION").is_file():
             self._run([str(binaries / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"], "initdb")
         options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1"
         self._run([str(binaries / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-o", options, "start"],
                   f"starting PostgreSQL on port {self.port}")
-        from regbench.statefiles import atomic_write_text
-
         atomic_write_text(self.folder / PORT_FILE, str(self.port))
         created = subprocess.run(self._as_owner([str(binaries / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
                                                  "-U", "postgres", DATABASE]), capture_output=True, text=True,
                                  check=False)
         if created.returncode != 0 and "already exists" not in created.stderr:
             raise PostgresError(f"createdb {DATABASE} failed: {created.stderr.strip()[:200]}")
+
+    @staticmethod
+    def _port_free(port: int) -> bool:
+        import socket
+
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True
 
     def stop(self) -> bool:
         if not self.running():

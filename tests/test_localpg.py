@@ -65,3 +65,27 @@ def test_postgres_start_serves_a_worker_then_stops(cluster_dir, tmp_path):
     assert stopped.returncode == 0 and not cluster_dir.exists(), stopped.stderr
     gone = regbench_cli("postgres", "url", "--dir", str(cluster_dir))
     assert gone.returncode == 2 and "no PostgreSQL is running" in gone.stderr
+
+
+def test_each_user_has_a_server_of_their_own(tmp_path, monkeypatch):
+    """Before: as root every session used /tmp/regbench-postgres and port 55433, so two users shared one server and
+    either could stop it. Now: root's default folder is per user (who ran sudo), the port is a free one picked at the
+    first start, and a folder another user created is refused (nothing in it is touched)."""
+    from regbench import localpg
+
+    if os.geteuid() == 0:
+        monkeypatch.setenv("SUDO_USER", "alice")
+        assert localpg.default_folder() == Path(tempfile.gettempdir()) / "regbench-postgres-alice"
+        monkeypatch.delenv("SUDO_USER")
+        assert localpg.default_folder() == Path(tempfile.gettempdir()) / "regbench-postgres-root"
+    fresh = localpg.LocalPostgres(tmp_path / "mine")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", fresh.port))  # a free port, not a fixed one
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "owner").write_text("bob\n")
+    for action in ("start", "stop", "url"):
+        res = regbench_cli("postgres", action, "--dir", str(theirs))
+        assert res.returncode == 2 and f"{theirs} holds the PostgreSQL of user 'bob', not yours" in res.stderr, \
+            res.stderr
+    assert sorted(p.name for p in theirs.iterdir()) == ["owner"]
