@@ -15,7 +15,8 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from regbench.errors import ConfigError
 
@@ -287,6 +288,13 @@ def history_problem(history, epochs: int) -> str | None:
     return _history(history)
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "hpu", "mtia")  # torch's device types a run can train on
+
+
+def _device_type(value) -> str | None:
+    return None if value in DEVICE_TYPES else f"{value[:20]!r}, not a device type"
+
+
 def checkpoint_problem(state: dict, config_key: str, epochs: int | None = None, fmt: int | None = None) -> str | None:
     """Why a loaded checkpoint cannot resume run ``config_key`` (of ``epochs`` epochs, when known), or None.
     Its epoch counter, history and step must agree with each other and with the run: a resumed run trains the epochs
@@ -300,7 +308,7 @@ def checkpoint_problem(state: dict, config_key: str, epochs: int | None = None, 
         return f"it belongs to run {str(state.get('config_key'))[:12]}, not {config_key[:12]}"
     top = 2**62
     schema: Schema = {"epoch": (int, int_in(0, top)), "step": (int, int_in(0, top)), "history": (list, _history),
-                      "device_type": (str, None), "model": (dict, None), "optimizer": (dict, None),
+                      "device_type": (str, _device_type), "model": (dict, None), "optimizer": (dict, None),
                       "scheduler": (dict, None), "method": (dict, None), "rng": (dict, None),
                       "generators": (dict, None)}
     why = problem_with(state, schema)

@@ -117,7 +117,7 @@ GOOD_POINTER = {"storage": "sqlite:////somewhere/shared.db", "benchmark": "bench
 
 @pytest.mark.parametrize("name", list(pointer_cases(GOOD_POINTER)))
 def test_a_corrupt_store_pointer_is_one_line_and_creates_nothing(name, planned, tmp_path, monkeypatch, capsys):
-    out, store = planned
+    out, _store = planned
     good = json.loads((out / statefiles.POINTER_FILE).read_text())
     case = pointer_cases(good)[name]
     mine = tmp_path / "out"
@@ -208,7 +208,7 @@ def spec_cases(spec: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def good_spec(planned):
-    out, store = planned
+    _out, store = planned
     storage = optuna.storages.RDBStorage(f"sqlite:///{store}")
     return optuna.load_study(study_name="bench", storage=storage).user_attrs["spec"]
 
@@ -220,7 +220,7 @@ def good_spec(planned):
                                   "a method entry not an object", "protocol unknown field", "benchmark renamed"]
                          + [f"{k} of type {t}" for k in statefiles.SPEC_SCHEMA for t in ("int", "NoneType")])
 def test_a_corrupt_plan_in_the_store_is_one_line(name, planned, good_spec, tmp_path, capsys):
-    out, store = planned
+    _out, store = planned
     copy = tmp_path / "shared.db"
     shutil.copy(store, copy)
     study = optuna.load_study(study_name="bench", storage=optuna.storages.RDBStorage(f"sqlite:///{copy}"))
@@ -330,7 +330,8 @@ def test_every_checkpoint_corruption_is_ignored_with_one_warning(killed, tmp_pat
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             assert checkpoint.load(path, ckpt.stem, torch.device("cpu"), epochs=EPOCHS) is None, name
-            assert checkpoint.resume_point(path) is None or name.startswith("epoch counter at"), name
+            # resume_point (grouping only) does not know the run's epochs: that one case is load's to refuse
+            assert checkpoint.resume_point(path) is None or name == "epoch and history past the run", name
         assert len(seen) == 1 and str(path) in str(seen[0].message), (name, [str(w.message) for w in seen])
     assert len(cases) >= 60
 
