@@ -29,8 +29,12 @@ def ui_command(uri: str) -> str:
     """How to see the runs: MLflow 3.17 opens in its GenAI view (traces) unless told the workflow is model
     training, either by the URL parameter or the "Model training" switch at the top left."""
     page = f"{uri.rstrip('/')}/" if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000/"
-    return (f"mlflow ui --backend-store-uri {uri}, then open {page}{UI_RUNS_VIEW} (or pick \"Model training\" at "
-            f"the top left)")
+    plain = (f"mlflow ui --backend-store-uri {uri}, then open {page}{UI_RUNS_VIEW} (or pick \"Model training\" at "
+             f"the top left)")
+    local = _sqlite_path(uri)
+    if local is not None and local.name == "mlflow.db":  # a run folder's own store: `regbench ui` opens its views
+        return f"regbench ui {local.parent} (prints the links to the runs table and charts), or {plain}"
+    return plain
 
 
 def _key(name: str) -> str:
