@@ -100,7 +100,8 @@ class Worker:
         # A local worker has a session of its own: Ctrl-C at the terminal, or launch cancelling its jobs, reaches it
         # once, through this process (a second signal would stop it at once, not at a safe point).
         self._child = subprocess.Popen([sys.executable, "-m", "regbench.cli", "worker", *self.argv], env=env,
-                                       preexec_fn=_ignore_usr2, start_new_session=local)
+                                       preexec_fn=_ignore_usr2,  # noqa: PLW1509 - no other thread runs here
+                                       start_new_session=local)
         if local:
             forwarded = []
 
@@ -123,8 +124,8 @@ class Worker:
 
         child = self._child
         if child is not None and child.poll() is None:
-            print(f"regbench: job time limit near or preempted (USR2): stopping the worker so that its trial is saved "
-                  f"and queued to resume; the job is requeued", flush=True)
+            print("regbench: job time limit near or preempted (USR2): stopping the worker so that its trial is saved "
+                  "and queued to resume; the job is requeued", flush=True)
             child.send_signal(signal.SIGTERM)
             if not _exited(child, timeout=75):  # Slurm's warning comes 90 s before the limit
                 child.kill()  # still running: stop it now (its trial is retried once found stale)

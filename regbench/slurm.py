@@ -137,7 +137,7 @@ class Partition:
         default_mem = any(info.get(k, "UNLIMITED").upper() not in UNLIMITED for k in ("DefMemPerCPU", "DefMemPerNode"))
         if not default_mem:
             config = _run(["scontrol", "show", "config"], check=False).stdout
-            default_mem = any(re.search(rf"^{k}\s*=\s*(\d+)", config, re.M) for k in ("DefMemPerCPU", "DefMemPerNode"))
+            default_mem = any(re.search(rf"^{k}\s*=\s*(\d+)", config, re.MULTILINE) for k in ("DefMemPerCPU", "DefMemPerNode"))
         max_mem = info.get("MaxMemPerNode", "UNLIMITED")
         part = cls(name=name, max_time_min=max_time, default_mem=default_mem,
                    max_mem_mb=None if max_mem.upper() in UNLIMITED else int(max_mem),
@@ -326,7 +326,7 @@ def first_error_line(path: Path) -> str | None:
         text = path.read_text(errors="replace")
     except OSError:
         return None
-    wanted = re.compile(r"\berror\b|Error\b|Traceback|No such file|Killed|not found|denied", re.I)
+    wanted = re.compile(r"\berror\b|Error\b|Traceback|No such file|Killed|not found|denied", re.IGNORECASE)
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith(("submitit ", "[")):
