@@ -102,6 +102,17 @@ def comparison_png(df, table, reference: str, margin_pp: float) -> bytes:
     """The two leaderboard figures a comparison needs, stacked into one PNG: every method's test accuracy per seed
     with its mean and 95 % interval (error bar), above the paired Δ to the reference per seed with its mean and
     interval. Drawn by ``regbench.figures`` exactly as the leaderboard draws them; byte-identical on a redraw."""
+    import numpy as np
+
+    jitter = np.random.get_state()  # seaborn's strip-plot jitter draws from NumPy's global generator:
+    np.random.seed(0)  # seeded here so a redraw from the same store is the same bytes (and is not logged again)
+    try:
+        return _stacked_png(df, table, reference, margin_pp)
+    finally:
+        np.random.set_state(jitter)
+
+
+def _stacked_png(df, table, reference: str, margin_pp: float) -> bytes:
     import tempfile
     from pathlib import Path
 
@@ -109,10 +120,6 @@ def comparison_png(df, table, reference: str, margin_pp: float) -> bytes:
 
     from regbench import cells, degenerate, figures, report_figures
 
-    import numpy as np
-
-    jitter = np.random.get_state()  # seaborn's strip-plot jitter draws from NumPy's global generator:
-    np.random.seed(0)  # seeded here so a redraw from the same store is the same bytes (and is not logged again)
     with tempfile.TemporaryDirectory() as folder:
         rows = table.reset_index()
         runs = df[["method", "seed"]].assign(value=df.test_acc,
@@ -133,7 +140,6 @@ def comparison_png(df, table, reference: str, margin_pp: float) -> bytes:
             y += image.height
         buf = io.BytesIO()
         sheet.save(buf, format="PNG")
-    np.random.set_state(jitter)
     return buf.getvalue()
 
 

@@ -312,7 +312,8 @@ class Tracker:
         every parent, the comparison figure, the saved view and the primary metric."""
         from regbench import glance
 
-        glance.apply(self, storage, benchmark)
+        with _first_use_lock(self.uri):  # workers finishing together: one of them logs a changed figure
+            glance.apply(self, storage, benchmark)
 
     def has_run(self, uid: str) -> bool:
         return self._find(f"tags.`regbench.uid` = '{uid}'") is not None
