@@ -7,6 +7,7 @@ fractions and are drawn in percent.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,13 @@ def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Metadata pinned: a PNG redrawn from the same store is byte-identical (no "Software"/date chunk drift).
-    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+    # Drawn to a temp name, then renamed: a full disk leaves the previous figure, never half of one.
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=DPI, metadata={"Software": None})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

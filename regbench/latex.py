@@ -6,6 +6,7 @@ The output is a fragment to ``\\input`` into a paper that loads ``booktabs`` and
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -131,7 +132,10 @@ def summary_tex(parts: dict) -> str:
 def write(path: Path, text: str) -> Path:
     """Replace ``path`` atomically with ``text``."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:  # a full disk leaves neither a half-written file nor its temp file
+        tmp.unlink(missing_ok=True)
     return path
