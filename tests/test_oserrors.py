@@ -181,3 +181,24 @@ def test_a_bug_is_not_mistaken_for_the_machine():
     assert oserrors.translate(ZeroDivisionError("x")) is None
     assert oserrors.translate(KeyError("disk")) is None
     assert oserrors.translate(BrokenPipeError(errno.EPIPE, "pipe")) is None
+
+
+def test_report_on_a_full_disk_keeps_the_old_leaderboard_whole(tmp_path, data_dir):
+    """`regbench report` rewriting a leaderboard and its figures on a full disk: one line, exit 74, and the files of
+    the previous report are left byte for byte (each is written under a temp name and renamed only when whole)."""
+    disk = tmp_path / "disk"
+    _mount(disk)
+    try:
+        out = disk / "out"
+        assert _cli([*RUN, "--out", out, "--data-dir", data_dir]).returncode == 0
+        before = {p.relative_to(out): p.read_bytes() for p in [out / "leaderboard.md", *(out / "figures").glob("*")]}
+        faults.fill(str(disk))
+        proc = _cli(["report", out, "--margin", "0.7"])  # another margin: the leaderboard's text changes
+        assert proc.returncode == oserrors.EXIT_IOERR, proc.stderr
+        [line] = _errors(proc)
+        assert "No space left on device" in line, line
+        after = {p.relative_to(out): p.read_bytes() for p in [out / "leaderboard.md", *(out / "figures").glob("*")]}
+        assert after == before
+        assert _debris(out) == []
+    finally:
+        _umount(disk)
