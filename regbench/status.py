@@ -12,13 +12,15 @@ from regbench.store import trials_of as store_trials
 def _counts(trials, dead_ids=()) -> dict[str, int]:
     counts = {"done": 0, "running": 0, "failed": 0, "pruned": 0, "queued": 0, "interrupted": 0, "dead": 0}
     # an interrupted run whose resuming copy has since ended is finished work, not something left to resume
-    ended = {record.config_key(t) for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-             or record.diverged(t)}
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or record.diverged(t)]
+    ended = {record.config_key(t) for t in finished} - {None}
+    ended_copies = {t.system_attrs.get(record.FAILED_TRIAL) for t in finished} | {
+        t.user_attrs.get(record.RESUMES_TRIAL) for t in finished}
     for t in trials:
         if record.skipped(t) or record.superseded(t):  # never trained
             continue
         if record.interrupted(t):  # its queued copy resumes it: shown apart, never as a failed run
-            if record.config_key(t) not in ended:
+            if record.config_key(t) not in ended and t.number not in ended_copies:
                 counts["interrupted"] += 1
             continue
         if t.state == TrialState.RUNNING and optuna_private.trial_id(t) in dead_ids:  # its worker stopped beating

@@ -98,4 +98,5 @@ def test_a_killed_worker_s_trial_is_retried_once_after_the_grace_period(storage_
 
     status = regbench_cli("status", "--storage", storage_url, "--name", name, cwd=tmp_path)
     assert status.returncode == 0, status.stderr
-    assert "0 failed, 1 interrupted (resumable, not failed)" in status.stdout, status.stdout
+    # its retry has finished: nothing is left to resume, so nothing is counted as interrupted any more
+    assert "0 failed" in status.stdout and "interrupted" not in status.stdout, status.stdout
