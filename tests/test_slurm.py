@@ -187,21 +187,25 @@ def gpu_cluster(tmp_path):
 
 
 def test_gpu_request_honoured_on_a_gres_partition(tmp_path, gpu_cluster):
-    """The benchmark's device is auto: on a partition with GPUs each job asks for one (and gets it: the job's
-    allocation holds gres/gpu=1); --gpus-per-job 2 asks for both."""
+    """The benchmark's device is auto: on a partition with GPUs each job asks for one and gets one (the allocation
+    holds gpu:1, the job sees CUDA_VISIBLE_DEVICES=0); SIGTERM to launch cancels its job. --gpus-per-job 3 is more
+    than the node has: refused."""
     plan(gpu_cluster, tmp_path, "g", "baseline", "0", "1", "1")
-    res = regbench(gpu_cluster, "launch", "--name", "g", "--out", str(tmp_path / "g"), "--slurm", "gpu", "--workers",
-                   "1", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    submitted = next(x for x in res.stdout.splitlines() if x.startswith("submitted: sbatch "))
-    assert "--gpus-per-node=1" in submitted.split(), submitted
-    (job,) = job_ids(res.stdout)
-    info = job_info(gpu_cluster, job)
-    assert info["TresPerNode"] == "gres:gpu:1" and info["JobState"] == "COMPLETED", info
-    assert "GPUs 0" in logs(tmp_path / "g" / "workers", "out")  # the job got one of the two: CUDA_VISIBLE_DEVICES=0
     too_many = regbench(gpu_cluster, "launch", "--name", "g", "--out", str(tmp_path / "g"), "--slurm", "gpu",
                         "--gpus-per-job", "3", cwd=tmp_path)
     assert too_many.returncode == 2 and "no node of partition 'gpu' has more than 2 GPUs" in too_many.stderr
+    proc = regbench(gpu_cluster, "launch", "--name", "g", "--out", str(tmp_path / "g"), "--slurm", "gpu", "--workers",
+                    "1", cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first, submitted = proc.stdout.readline(), proc.stdout.readline()
+    assert submitted.startswith("submitted: sbatch ") and "--gpus-per-node=1" in submitted.split(), submitted
+    (job,) = job_ids(first)
+    wait_for("the worker's first line", lambda: "GPUs 0" in logs(tmp_path / "g" / "workers", "out"), timeout=120)
+    info = job_info(gpu_cluster, job)
+    assert info["JobState"] == "RUNNING" and info["JOB_GRES"] == "gpu:1" and info["GRES"].startswith("gpu:1"), info
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and f"terminated (SIGTERM); cancelled Slurm jobs {job}" in err, err
+    wait_for("the job cancelled", lambda: job_info(gpu_cluster, job).get("JobState") == "CANCELLED", timeout=60)
 
 
 def test_scancel_of_a_worker_mid_trial_leaves_exact_counts_and_exit_0(tmp_path, cluster):
@@ -232,7 +236,7 @@ def test_scancel_of_a_worker_mid_trial_leaves_exact_counts_and_exit_0(tmp_path, 
 def test_ctrl_c_cancels_the_jobs_leave_jobs_keeps_them_and_a_rerun_reattaches(tmp_path, cluster):
     """Before: Ctrl-C said "interrupted; rerun the same command" while squeue still listed the jobs, and the rerun
     submitted two more."""
-    plan(cluster, tmp_path, "cc", "shade", "2", "2", "1")
+    plan(cluster, tmp_path, "cc", "shade", "0", "2", "1")
     base = ["launch", "--name", "cc", "--out", str(tmp_path / "cc"), "--slurm", "cpu", "--workers", "2"]
 
     def launch_then_ctrl_c(*extra):
