@@ -32,7 +32,8 @@ optuna.logging.set_verbosity(optuna.logging.ERROR)  # we print our own one line 
 TUNE_SEED = 10_000              # training seed of every tuning trial: distinct from the final seeds 0..N-1
 OBJECTIVES = {"val_acc": "maximize", "val_nll": "minimize"}
 PRUNERS = ("none", "median", "hyperband")
-LATER_RULES = {"untuned": ()}   # TuningRules fields added after stores existed, with the value old specs mean
+LATER_RULES = {"untuned": (), "startup_trials": None, "ranges": {}}  # TuningRules fields added after stores existed,
+                                                                     # with the value old specs mean
 SHARED_PREFIX = "shared."       # shared training hparams in a tuning trial's params: shared.lr, shared.weight_decay
 
 
@@ -48,9 +49,22 @@ class TuningRules:
     oracle: bool = False                # also evaluate tuning trials on test, for an oracle table labelled as such
     sampler_seed: int = 0
     untuned: tuple[str, ...] = ()       # arms run with their defaults on purpose (--untuned): an unequal budget
+    startup_trials: int | None = None   # TPE's random start-up trials per study (None: Optuna's default)
+    # a method's searched numeric range moved, {method: {hparam: [low, high]}}: the declared space's scale and
+    # distribution kept, its bounds replaced (a paper suite that searches a range of its own)
+    ranges: dict = field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "untuned", tuple(self.untuned))  # a stored spec holds a JSON list
+        object.__setattr__(self, "ranges", {m: {k: [float(lo), float(hi)] for k, (lo, hi) in r.items()}
+                                            for m, r in self.ranges.items()})
+        if self.startup_trials is not None and self.startup_trials < 0:
+            raise ConfigError(f"startup trials must be >= 0, got {self.startup_trials}")
+        for method, bounds in self.ranges.items():
+            for name, (low, high) in bounds.items():
+                if not low < high:
+                    raise ConfigError(f"the searched range of {method}.{name} is empty ({low} >= {high}); give "
+                                      f"low < high")
         if self.trials < 0:
             raise ConfigError(f"--trials must be >= 0 (0 = defaults only), got {self.trials}")
         if self.budget_epochs is not None and self.budget_epochs < 1:
@@ -154,19 +168,21 @@ class _FixedTrial:
     """A trial seen through --set: a fixed hparam returns its value without being suggested, so the sampler only
     searches what is free (a value outside the declared range or choices is still allowed, as the user asked)."""
 
-    def __init__(self, trial, fixed: dict):
-        self._trial, self._fixed = trial, fixed
+    def __init__(self, trial, fixed: dict, ranges: dict | None = None):
+        self._trial, self._fixed, self._ranges = trial, fixed, ranges or {}
 
     def _suggest(self, kind, name, *args, **kwargs):
         if name in self._fixed:
             return self._fixed[name]
         return getattr(self._trial, kind)(name, *args, **kwargs)
 
-    def suggest_float(self, name, *a, **k):
-        return self._suggest("suggest_float", name, *a, **k)
+    def suggest_float(self, name, low, high, **k):
+        low, high = self._ranges.get(name, (low, high))  # TuningRules.ranges: the bounds moved, the scale kept
+        return self._suggest("suggest_float", name, low, high, **k)
 
-    def suggest_int(self, name, *a, **k):
-        return self._suggest("suggest_int", name, *a, **k)
+    def suggest_int(self, name, low, high, **k):
+        low, high = (int(v) for v in self._ranges.get(name, (low, high)))
+        return self._suggest("suggest_int", name, low, high, **k)
 
     def suggest_categorical(self, name, *a, **k):
         return self._suggest("suggest_categorical", name, *a, **k)
@@ -175,7 +191,7 @@ class _FixedTrial:
 def suggest(bench: Benchmark, method: str, trial) -> tuple[dict, dict]:
     """(method hparams, shared recipe changes) for one tuning trial; raises HparamError on an invalid value."""
     cls = registry.method_class(method)
-    sampled = cls.search_space(_FixedTrial(trial, bench.fixed[method]))
+    sampled = cls.search_space(_FixedTrial(trial, bench.fixed[method], bench.protocol.ranges.get(method)))
     hparams = cls.resolve({**sampled, **bench.fixed[method]})
     shared = {}
     if bench.protocol.tune_shared:
@@ -295,7 +311,7 @@ def study_names(bench: Benchmark) -> list[str]:
 
 # ---- a benchmark's identity: what its name binds ----------------------------------------------------------------
 
-TUNING_FIELDS = ("pruner", "objective", "tune_shared", "oracle", "sampler_seed", "untuned")
+TUNING_FIELDS = ("pruner", "objective", "tune_shared", "oracle", "sampler_seed", "untuned", "startup_trials", "ranges")
 
 
 def _shown(value) -> str:

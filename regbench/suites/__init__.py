@@ -5,6 +5,10 @@ Each suite is one module with ``NAME``, ``DESCRIPTION`` and ``run(out_dir, seeds
 trains through the harness pieces (engine, methods, metrics, stats), writes ``OUT/NAME.md`` with our numbers next to
 the paper's (seeds, 95 % t-intervals, one plain verdict per claim) and its figures under ``OUT/figures/``, and
 returns the numbers it reported (the tests assert on them). Modules are imported only when their suite runs.
+
+A suite whose arms can be benchmarks runs them through the store and protocol of ``regbench run``
+(regbench/suites/store_arms.py: ``OUT/NAME-store``), so a rerun of the same command trains nothing already there; a
+suite that cannot says why in one line, its module's ``NOT_A_BENCHMARK``, printed when it runs.
 """
 from __future__ import annotations
 
@@ -85,6 +89,9 @@ def suite_command(args) -> int:
             result = run_suite(args.name, args.out, seeds=args.seeds, smoke=args.smoke, data_dir=data_dir)
         print(result["report"])
         return 0
+    why = getattr(suite_module(args.name), "NOT_A_BENCHMARK", None)
+    if why:
+        print(f"{args.name}: not a benchmark: {why}", flush=True)
     result = run_suite(args.name, args.out, seeds=args.seeds, smoke=args.smoke, data_dir=data_dir)
     print(f"{args.name}: wrote {result['report']} in {time.perf_counter() - started:.0f} s")
     return 0

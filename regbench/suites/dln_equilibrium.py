@@ -41,6 +41,8 @@ from .common import (
 
 NAME = "dln-equilibrium"
 DESCRIPTION = "DLN entropy: σ-flow of F_β converges to the unique σ_*, relaxation rates, phase portrait, real DLN"
+NOT_A_BENCHMARK = ("it integrates an ODE and trains a deep linear network in a loop of its own, not a classifier "
+                   "on a data set, so it has no runs for a store and a rerun starts over")
 MIN_SEEDS = 1
 TOL = 1e-6  # the "equilibrium reached to 1e-6"
 CASES = [(10, 2, 5, 3), (4, 2, 1, 2), (5, 3, 2, 4), (2, 1.5, 0.5, 3)]  # (N, p, β, d): docs/dln.md §3.5 table

@@ -24,16 +24,14 @@ from __future__ import annotations
 import shlex
 import time
 import warnings
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import page_trend_test, spearmanr
 from statsmodels.stats.multitest import multipletests
 
-from regbench import engine, registry
-from regbench.config import RECIPES, RunConfig
-
+from regbench import registry
+from regbench.config import RECIPES
 from regbench.stats import t_interval
 
 from .common import (
@@ -44,11 +42,11 @@ from .common import (
     fmt_ci,
     provenance,
     resolve_data_dir,
-    run_parallel,
     table,
     verdict,
     write_report,
 )
+from .store_arms import run_many, store_dir
 
 NAME = "ses-beta-sweep"
 DESCRIPTION = "SES P6 / Exp. 2: β ∈ {0.3, 0.5, 0.7, 0.9} on mnist1d + cnn1d, erank vs d^β, train/test curves, gap"
@@ -64,29 +62,42 @@ ALPHA = 0.05
 NEEDS_DATA = True  # run_suite passes the CLI's --data-dir: mnist1d caches its generated arrays there
 
 
-@lru_cache(maxsize=4)
 def _splits(root: str, train_size: int | None):
     return registry.dataset(DATASET).load(Path(root), train_size=train_size)
 
 
-def config(method: str, hparams: dict, seed: int, epochs: int, train_size: int | None) -> RunConfig:
+def arms() -> dict:
+    """Arm -> the benchmark's fixed method and hparams: the baseline and SES at each β (each arm one benchmark, as
+    ``regbench run --methods ses --set ses.beta=B --set ses.lam=0.01`` would build it)."""
+    return {None: {"baseline": {}}, **{b: {"ses": {"beta": b, "lam": LAM}} for b in BETAS}}
+
+
+def benchmark_name(beta: float | None, smoke: bool) -> str:
+    return f"{NAME}-{_label(beta).replace('β=', 'beta')}" + ("-smoke" if smoke else "")
+
+
+def run_arms(out_dir, root: str, n_seeds: int, epochs: int, train_size: int | None, smoke: bool,
+             command: str) -> dict:
+    """Every arm's final runs through the store (regbench/suites/store_arms.py), one benchmark per arm: arm -> one
+    dict per seed, in seed order."""
     recipe = {**RECIPE, "epochs": epochs}
-    return RunConfig(method=method, dataset=DATASET, model=MODEL, hparams=hparams, seed=seed, device="cpu",
-                     train_size=train_size, **recipe)
+    jobs = [{"out": store_dir(out_dir, NAME, benchmark_name(b, smoke)), "name": benchmark_name(b, smoke),
+             "dataset": DATASET, "model": MODEL, "fixed": fixed, "recipe": recipe, "seeds": list(range(n_seeds)),
+             "data_dir": root, "device": "cpu", "train_size": train_size, "command": command}
+            for b, fixed in arms().items()]
+    frames = run_many(jobs)
+    return {b: [_run(b, row) for row in frame.sort_values("seed").itertuples()]
+            for b, frame in zip(arms(), frames)}
 
 
-def train_one(root: str, beta: float | None, seed: int, epochs: int, train_size: int | None) -> dict:
-    """One arm, one seed (runs in a worker process; the splits are loaded once per process)."""
-    splits = _splits(root, train_size)
-    method, hparams = ("baseline", {}) if beta is None else ("ses", {"beta": beta, "lam": LAM})
-    result = engine.train(config(method, hparams, seed, epochs, train_size), splits,
-                          registry.build_method(method, hparams))
-    layers = result.diagnostic_layers
-    final = result.metrics
-    return {"beta": beta, "seed": seed, "layers": layers, "seconds": result.seconds,
+def _run(beta: float | None, row) -> dict:
+    """One final run as the report reads it, from its row of ``tidy.runs_frame``."""
+    layers, final = list(row.layers), row.metrics
+    return {"beta": beta, "seed": int(row.seed), "layers": layers,
+            "seconds": float(sum(h["seconds"] for h in row.history)),
             "erank": {k: final[f"erank/{k}"] for k in layers}, "width": {k: int(final[f"width/{k}"]) for k in layers},
             "train_acc": final["train_acc"], "test_acc": final["test_acc"], "gap": final["gap"],
-            "curves": {key: [h[key] for h in result.history] for key in ("train_acc", "test_acc", "gap")}}
+            "curves": {key: [h[key] for h in row.history] for key in ("train_acc", "test_acc", "gap")}}
 
 
 def trend(values: np.ndarray, increasing: bool = True) -> dict:
@@ -119,10 +130,10 @@ def run(out_dir, seeds: int | None = None, smoke: bool = False, data_dir: Path |
     train_size = SMOKE_TRAIN if smoke else None
     root = str(resolve_data_dir(data_dir))
     splits = _splits(root, train_size)  # here first: a data problem is one line before any worker starts
+    command = shlex.join(["regbench", "suite", NAME] + (["--seeds", str(seeds)] if seeds else [])
+                         + (["--smoke"] if smoke else []))
+    runs = run_arms(out_dir, root, n_seeds, epochs, train_size, smoke, command)
     arms = [None, *BETAS]
-    tasks = [(root, b, s, epochs, train_size) for b in arms for s in range(n_seeds)]
-    done = iter(run_parallel(train_one, tasks))
-    runs = {b: [next(done) for _ in range(n_seeds)] for b in arms}
     layers = runs[BETAS[0]][0]["layers"]
     width = runs[BETAS[0]][0]["width"]
     sweep = [runs[b] for b in BETAS]
@@ -151,8 +162,6 @@ def run(out_dir, seeds: int | None = None, smoke: bool = False, data_dir: Path |
               "best_test_acc": {b: np.array([max(r["curves"]["test_acc"]) for r in runs[b]]) for b in arms},
               "run_seconds": float(sum(r["seconds"] for rs in runs.values() for r in rs))}
     result["figure"] = _figure(out_dir, runs, result)
-    command = shlex.join(["regbench", "suite", NAME] + (["--seeds", str(seeds)] if seeds else [])
-                         + (["--smoke"] if smoke else []))
     result["seconds"] = time.perf_counter() - started
     result["report"] = write_report(out_dir, NAME, _markdown(runs, result, command, result["seconds"]))
     return result

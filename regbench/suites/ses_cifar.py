@@ -15,11 +15,11 @@ CIFAR files; ``--smoke`` runs the same pipeline on CPU on real CIFAR-10 images f
 (regbench/suites/cifar_subset.py), with ``cifar10_c_style`` cut to 5 corruptions × severities 1, 3, 5 (the paper's
 Exp. 3 grid; its five corruption types are not named, so ours are chosen) and a few hundred images.
 
-The helpers here (preflight, smoke data, ``run_benchmark``) are shared with ``shade-cifar``.
+The helpers here (preflight, smoke data) are shared with ``shade-cifar``; both run their arms through
+regbench/suites/store_arms.py.
 """
 from __future__ import annotations
 
-import dataclasses
 import shlex
 import tempfile
 import time
@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 from regbench.errors import ConfigError, DataError
-
 from regbench.stats import t_interval
 
 from .common import (
@@ -44,6 +43,7 @@ from .common import (
     verdict,
     write_report,
 )
+from .store_arms import per_seed, run_benchmark, store_dir
 
 NAME = "ses-cifar"
 DESCRIPTION = "SES §8 Tables 2-3, 5, 7: ResNet-18 on CIFAR-10/100, baseline / SES / SN / SES+SN, clean + CIFAR-C"
@@ -153,54 +153,6 @@ def pick_shift(dataset: str, data_dir, smoke: bool) -> str:
     return f"{official}_style"
 
 
-def run_benchmark(out, name: str, dataset: str, model: str, fixed: dict, recipe: dict, seeds: list[int], *,
-                  data_dir, device: str, trials: int = 0, train_size: int | None = None, model_kwargs=None,
-                  shift: str | None = None, corruptions=None, severities=None, command: str = ""):
-    """Build and run one benchmark as `regbench run` does (run_command / work), into the store at ``out``; returns
-    the final runs read back from the store (report.runs_frame: one row per method × seed)."""
-    from regbench import commands, protocol, registry, report, runner
-    from regbench.config import RunConfig
-    from regbench.datasets import shift as shift_sets
-    from regbench.store import OutputLock, default_storage_url, load_spec, open_storage
-
-    recipe = dict(recipe)
-    augment = recipe.pop("augment", "none")
-    ds = registry.dataset(dataset)
-    splits = ds.load(Path(data_dir), split_seed=0, train_size=train_size, augment=augment)
-    base = RunConfig(method="baseline", dataset=dataset, model=model, model_kwargs=dict(model_kwargs or {}),
-                     train_size=train_size, shift=shift, augment=getattr(splits, "augment", "none"),
-                     split_hash=splits.split_hash, device=device, data_dir=str(data_dir), **recipe)
-    if shift:
-        splits = dataclasses.replace(splits, shift=shift_sets.load(shift, Path(data_dir), splits,
-                                                                   corruptions_subset=corruptions,
-                                                                   severities=severities))
-    rules = protocol.TuningRules(trials=trials)
-    bench = protocol.Benchmark(name=name, base=base, fixed=fixed, seeds=list(seeds), protocol=rules,
-                            command=command)
-    for method, hparams in fixed.items():  # a layer rule that selects nothing here fails before any write
-        commands.check_attach(method, registry.method_class(method).resolve(hparams), model, ds, base.model_kwargs)
-    protocol.check_search_spaces(bench)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with OutputLock(out):
-        storage = open_storage(default_storage_url(out))
-        splits.save_indices(out / "splits" / f"{dataset}-{splits.split_hash[:12]}.json")
-        bench.extra = {"split_hash": splits.split_hash, "storage": default_storage_url(out)}
-        protocol.save_spec(storage, bench)
-        runner.fail_dead_trials(storage, protocol.study_names(bench))
-        commands.work(storage, bench, splits, None, quiet=True)  # no MLflow mirror: the suite reports from the store
-        frame = report.runs_frame(storage, name, load_spec(storage, name))
-    if frame.empty or len(frame) != len(fixed) * len(seeds):
-        raise ConfigError(f"benchmark {name} in {out} finished with {len(frame)} of {len(fixed) * len(seeds)} "
-                          f"final runs (failed runs are in its store); rerun the same command to retry them")
-    return frame
-
-
-def per_seed(frame, method: str, column: str) -> np.ndarray:
-    rows = frame[frame.method == method].sort_values("seed")
-    return rows[column].to_numpy(dtype=float)
-
-
 def best_test(frame, method: str) -> np.ndarray:
     """Best test accuracy over epochs per seed (the paper's "best test acc"; each epoch's test_acc is in history)."""
     rows = frame[frame.method == method].sort_values("seed")
@@ -257,7 +209,7 @@ def run(out_dir, seeds: int | None = None, smoke: bool = False, data_dir=None) -
 
 def _run_dataset(out_dir, dataset, recipe, n_seeds, data_dir, device, shift, corruptions, severities, command,
                  model_kwargs):
-    return run_benchmark(out_dir / f"{NAME}-store", f"{NAME}-{dataset}", dataset, "resnet18", METHODS, recipe,
+    return run_benchmark(store_dir(out_dir, NAME), f"{NAME}-{dataset}", dataset, "resnet18", METHODS, recipe,
                          list(range(n_seeds)), data_dir=data_dir, device=device, shift=shift, model_kwargs=model_kwargs,
                          corruptions=corruptions, severities=severities, command=command)
 

@@ -27,7 +27,6 @@ import torch
 from regbench import engine, registry
 from regbench.config import RunConfig
 from regbench.datasets.base import build_splits, stratified_split
-
 from regbench.stats import t_interval
 
 from .common import (
@@ -45,6 +44,8 @@ from .common import (
 
 NAME = "ses-rings"
 DESCRIPTION = "SES §7.1/Exp. 4: concentric rings, 5×16 ReLU MLP, baseline vs SES β=0.6 (P3 erank, P4 κ(J))"
+NOT_A_BENCHMARK = ("it measures the trained networks themselves (decision boundaries, input Jacobians), which a "
+                   "benchmark's store does not keep, so it trains in process and a rerun starts over")
 MIN_SEEDS = 2
 SEEDS, SMOKE_SEEDS = 5, 3
 WIDTH, DEPTH, BETA, LAM, LAM_ABLATION = 16, 5, 0.6, 0.1, 0.01

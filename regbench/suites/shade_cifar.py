@@ -44,12 +44,11 @@ from .ses_cifar import (
     check_full_mode,
     check_smoke_data,
     paired,
-    per_seed,
     pick_shift,
-    run_benchmark,
     smoke_data,
     smoke_note,
 )
+from .store_arms import per_seed, run_benchmark, store_dir
 
 NAME = "shade-cifar"
 DESCRIPTION = "SHADE Table 1: MLP / AlexNet-like / ResNet-18 on CIFAR-10; none, wd, dropout, SHADE, SHADE+D, tuned"
@@ -133,7 +132,7 @@ def run(out_dir, seeds: int | None = None, smoke: bool = False, data_dir=None) -
 
     def run_all(data, device, shift, corruptions, severities):
         for arch, (model, options, smoke_options) in ARCHS.items():
-            frames[arch] = run_benchmark(out_dir / f"{NAME}-store", f"{NAME}-{arch.lower()}", "cifar10", model,
+            frames[arch] = run_benchmark(store_dir(out_dir, NAME), f"{NAME}-{arch.lower()}", "cifar10", model,
                                          fixed, recipe, list(range(n_seeds)), data_dir=data, device=device,
                                          trials=trials, model_kwargs=smoke_options if smoke else options,
                                          shift=shift, corruptions=corruptions, severities=severities,
