@@ -35,7 +35,6 @@ FIGURE_DIGEST_TAG = "regbench.comparison_sha256"
 # interval, Holm p, verdict, the accuracy over seeds), then Holm p, the headline's interval, the seeds and the dataset.
 COLUMNS = ["metrics.`test_acc`", "metrics.`delta_test_acc`", "attributes.`Description`", "metrics.`p_holm_test_acc`",
            "metrics.`test_acc_ci_low`", "metrics.`test_acc_ci_high`", "tags.`n_seeds`", "attributes.`Dataset`"]
-WIDTHS = {"attributes.`Description`": 560, "metrics.`test_acc`": 90, "metrics.`delta_test_acc`": 110}
 CHART_METRICS = ["test_acc", "delta_test_acc", "gap", "test_ece"]  # bar charts after the figure, in this order
 
 
@@ -156,7 +155,7 @@ def view_state(now_ms: int) -> str:
     # MLflow's own sort (newest first): sorting by a metric would list the seed runs among the parents, flat.
     state = {"searchFilter": "", "orderByKey": "attributes.start_time", "orderByAsc": False, "startTime": "ALL",
              "lifecycleFilter": "Active", "modelVersionFilter": "All Runs", "datasetsFilter": [],
-             "selectedColumns": COLUMNS, "columnOrder": COLUMNS, "columnWidths": WIDTHS, "runsExpanded": {},
+             "selectedColumns": COLUMNS, "columnOrder": COLUMNS, "runsExpanded": {},
              "compareRunCharts": charts,
              "compareRunSections": [{"uuid": section, "name": "At a glance", "display": True, "isReordered": False,
                                      "deleted": False, "isGenerated": True}],
