@@ -107,15 +107,18 @@ def test_ui_prints_links_that_answer_and_ctrl_c_stops_both(out):
             proc.wait()
 
 
-def test_ui_bad_input_is_one_line_and_exit_2(tmp_path, out):
+def test_ui_bad_input_is_one_line_and_exit_2(tmp_path):
     missing = regbench_cli("ui", str(tmp_path / "nope"))
     empty = tmp_path / "empty"
     empty.mkdir()
     no_store = regbench_cli("ui", str(empty))
+    folder = tmp_path / "folder"  # a store file is all the port check needs: it comes before any server starts
+    folder.mkdir()
+    (folder / "mlflow.db").write_bytes(b"")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        taken = regbench_cli("ui", str(out), "--port", str(busy.getsockname()[1]))
+        taken = regbench_cli("ui", str(folder), "--port", str(busy.getsockname()[1]))
     for ran, words in ((missing, "does not exist"), (no_store, "mlflow.db"), (taken, "in use")):
         assert ran.returncode == 2, ran.stderr
         assert len(ran.stderr.strip().splitlines()) == 1 and ran.stderr.startswith("regbench: error: ")
