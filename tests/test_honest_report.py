@@ -262,3 +262,21 @@ def test_latex_tables_hold_the_markdowns_numbers_and_notes(store, tmp_path):
     for line in smd.splitlines():
         if line.startswith(("| baseline |", "| ses |", "| shade |", "| C1 |", "| C2 |")):
             assert " & ".join(latex.escape(c) for c in latex._cells(line)) + r" \\" in (summary / "summary.tex").read_text()
+
+
+def test_latex_tables_compile_with_booktabs(store, tmp_path):
+    """The fragments compile in a plain article with booktabs and graphicx (pdflatex; TeX Live's
+    texlive-latex-recommended). Without pdflatex the structural test above still runs."""
+    import subprocess
+
+    if shutil.which("pdflatex") is None:
+        pytest.skip("pdflatex not installed (apt-get install texlive-latex-recommended)")
+    assert main(["report", str(store), "--name", "tiny-400", "--latex"]) == 0
+    doc = tmp_path / "doc.tex"
+    doc.write_text("\\documentclass{article}\\usepackage[T1]{fontenc}\\usepackage[utf8]{inputenc}"
+                   "\\usepackage{booktabs,graphicx}\\begin{document}\\input{" + str(store / "leaderboard.tex") +
+                   "}\\end{document}\n")
+    done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert (tmp_path / "doc.pdf").stat().st_size > 1000
