@@ -293,7 +293,7 @@ def paired_differences_figure(pairs: pd.DataFrame, rows: pd.DataFrame, margin_pp
     ``stats.compare`` (method, delta, delta_ci_low, delta_ci_high) plus ``label``, the row's y tick text (the
     report puts the table's Δ [CI] there, so the figure's numbers are the table's)."""
     methods = list(rows["method"])
-    fig, axes = _figure(7.0, 0.9 + 0.42 * max(len(methods), 2))
+    fig, axes = _figure(8.0, 1.3 + 0.42 * max(len(methods), 2))
     ax = axes[0, 0]
     palette = method_palette(methods)
     ax.axvspan(-margin_pp, margin_pp, color="0.9", zorder=0, label=f"equivalence margin ±{margin_pp:g} pp")
@@ -315,5 +315,6 @@ def paired_differences_figure(pairs: pd.DataFrame, rows: pd.DataFrame, margin_pp
     ax.set_ylim(-0.6, len(methods) - 0.4)
     ax.set_xlabel(f"Δ test accuracy vs {reference} (pp), paired by seed")
     ax.set_title(f"difference to {reference} per seed (dots), mean (◆) and 95 % CI (bar)", fontsize=10)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: never over a row's points
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower right", fontsize=8)  # outside: never over a row's points
     return fig

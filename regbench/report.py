@@ -3,9 +3,12 @@
 
 ``write_report(storage, benchmark, out_dir)`` writes ``leaderboard.md`` and its figures (``figures/*.png``, drawn by
 :mod:`regbench.figures`): one row per method with mean ± 95 % CI over seeds, the difference to ``baseline`` with its
-CI, Holm-adjusted p, Hedges' g and a verdict from :func:`regbench.stats.compare`, then robustness and calibration
-sections when the runs have them. ``export_frame`` (regbench/tidy.py) is the tidy table of ``regbench export``;
-``write_summary`` ranks methods over several benchmarks (:func:`regbench.stats.rank_across`, Demšar 2006).
+CI, Holm-adjusted p, Hedges' g, a verdict from :func:`regbench.stats.compare` (or "collapsed",
+:mod:`regbench.degenerate`) and the smallest Δ the seeds could detect, then robustness and calibration sections when
+the runs have them; the figures section is :mod:`regbench.report_figures`, the cells' text :mod:`regbench.cells`,
+the LaTeX version :mod:`regbench.latex`, the cross-benchmark summary :mod:`regbench.summary`.
+``export_frame`` (regbench/tidy.py) is the tidy table of ``regbench export``; ``write_summary`` ranks methods over
+several benchmarks (:func:`regbench.stats.rank_across`, Demšar 2006).
 """
 from __future__ import annotations
 
