@@ -490,7 +490,9 @@ def status_command(args) -> int:
     print(f"benchmark {name}: {len(bench.methods)} methods, seeds {bench.seeds}, "
           + (f"{bench.protocol.trials} tuning trials" if bench.protocol.trials else "no tuning")
           + (f", {bench.protocol.budget_epochs} tuning epochs" if bench.protocol.budget_epochs else ""))
-    for row in status.progress(storage, bench):
+    from regbench.plans import history_lines
+
+    for row in [*history_lines(bench), *status.progress(storage, bench)]:
         print(row)
     print(status.time_left(storage, bench))
     return 0

@@ -167,6 +167,19 @@ def supersede(storage, previous: dict, bench: Benchmark, owned: bool) -> str:
     return line
 
 
+def history_lines(bench: Benchmark) -> list[str]:
+    """What `regbench status` says of the plans this one superseded (none for a benchmark never superseded)."""
+    def runs(n) -> str:
+        return f"{n} run{'' if n == 1 else 's'}"
+
+    lines = []
+    for entry in bench.extra.get(record.SUPERSEDED_PLANS, []):
+        lines.append(f"  plan {entry.get('plan', 0)} superseded {entry.get('superseded_at', '')} "
+                     f"({'; '.join(entry.get('changes', []))}): {runs(entry.get('cancelled', 0))} queued then "
+                     f"cancelled, {runs(entry.get('kept_excluded', 0))} finished but kept out of every count")
+    return lines
+
+
 def retire_mlflow(tracking_uri: str | None, bench: Benchmark, warn) -> None:
     """Take the superseded plans' runs out of the benchmark's MLflow experiment now (tracking.Tracker.use_plan);
     if MLflow cannot be reached, the next mirror of the benchmark (a run, a worker, sync-mlflow) does it."""

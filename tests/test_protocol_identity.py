@@ -96,6 +96,8 @@ def test_changed_recipe_is_refused_then_superseded_without_training_the_old_plan
     assert len(frame) == 4 and set(frame.epochs) == {1}
     code, status, _ = run_main("status", str(out))
     assert code == 0 and status.count("finals 2 done, 0 running, 0 failed, 0 remaining") == 2, status
+    assert "  plan 0 superseded " in status and f"{old_queued} run{'s' if old_queued > 1 else ''} queued then " \
+        "cancelled" in status, status
 
     # MLflow: the old plan's runs are tagged and out of every parent; each parent holds the new plan's 2 seeds.
     from mlflow import MlflowClient
