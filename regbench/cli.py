@@ -30,10 +30,23 @@ class _Parser(KindMixin, argparse.ArgumentParser):
 _default_data_dir = default_data_dir  # the name the commands below were written against
 
 
+class _Version(argparse.Action):
+    """``--version``: the package version and the git commit of the checkout it runs from (an editable install), asked
+    of git only when the flag is given, so no other command pays for it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from regbench import __version__
+        from regbench.provenance import git_commit
+
+        commit = git_commit()
+        print(f"regbench {__version__}" + (f" (git commit {commit})" if commit else ""))  # stdout, as argparse's
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="regbench", description="Benchmark entropy-based and classic regularizers with honest error bars.")
-    from regbench import __version__
-    p.add_argument("--version", action="version", version=f"regbench {__version__}")
+    p.add_argument("--version", action=_Version, nargs=0,
+                   help="show regbench's version and, when it runs from a git checkout, the commit; then exit")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="tune each method, rerun the best over seeds, mirror to MLflow, write a leaderboard",
@@ -47,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dataset", default="mnist1d", help="dataset name (default: mnist1d, embedded and offline)")
     run.add_argument("--model", help="model name: mlp, cnn, cnn1d or any timm model (default: the dataset's)")
     run.add_argument("--epochs", type=int, help="training epochs (default: the dataset's recipe)")
-    run.add_argument("--seeds", default="3", help="number of seeds N (seeds 0..N-1) or a list like 0,1,7 (default 3)")
+    run.add_argument("--seeds", default="3", metavar="N|LIST",
+                     help="a count N runs seeds 0..N-1 (default 3); a list has commas: 0,1,7, and a trailing comma "
+                          "makes one seed a list: --seeds 7, runs seed 7 alone (--seeds 0 is a count of none)")
     run.add_argument("--batch-size", type=int, help="batch size (default: the dataset's recipe)")
     run.add_argument("--lr", type=float, help="peak learning rate (default: the dataset's recipe)")
     run.add_argument("--optimizer", choices=["sgd", "adamw"], help="optimizer (default: the dataset's recipe)")

@@ -92,23 +92,33 @@ def check_seed_list(seeds, label: str = "--seeds") -> None:
         raise ConfigError(f"{label}: seeds must be distinct")
 
 
+SEEDS_SYNTAX = "a count N runs seeds 0..N-1; a list has commas: 0,1,7 (a trailing comma makes one seed a list: 7,)"
+
+
 def parse_seeds(text: str, label: str = "--seeds") -> list[int]:
-    """``--seeds``: a count N (seeds 0..N-1) or a list ``0,1,7``; checked before any list is built (a count of
-    10**20 must not allocate)."""
+    """``--seeds``: a count N (seeds 0..N-1) or, with at least one comma, a list of seeds: ``0,1,7``, or ``7,`` for
+    seed 7 alone. Checked before any list is built (a count of 10**20 must not allocate). Every refusal says which
+    reading it made (count or list) and how to write the other."""
     parts = [p.strip() for p in text.split(",")] if "," in text else [text.strip()]
     if any(not p.lstrip("-").isdigit() or len(p) > 40 for p in parts if p) or not any(parts):
-        raise ConfigError(f"{label} {text[:60]!r} is neither a count (3) nor a list (0,1,7)")
+        raise ConfigError(f"{label} {text[:60]!r} is neither a count nor a list of seeds; {SEEDS_SYNTAX}")
     if "," in text:
         seeds = [int(p) for p in parts if p]
         if any(s < 0 for s in seeds):
-            raise ConfigError(f"{label} {text[:60]!r}: give at least one seed, all distinct and >= 0")
+            raise ConfigError(f"{label} {text[:60]!r} is a list of seeds (it has a comma) with a negative seed; seeds "
+                              f"are whole numbers >= 0")
         check_seed_list(seeds, label)
         return seeds
     count = int(parts[0])
-    if count < 1:
-        raise ConfigError(f"{label} {text[:60]!r}: give at least one seed, all distinct and >= 0")
+    if count == 0:
+        raise ConfigError(f"{label} 0 is read as a count (a single number is a count: N runs seeds 0..N-1) and "
+                          f"0 seeds runs nothing; for seed 0 alone write {label} 0, (a trailing comma makes a list)")
+    if count < 0:
+        raise ConfigError(f"{label} {text[:60]!r} is read as a count of seeds, and a count cannot be negative; "
+                          f"{SEEDS_SYNTAX}")
     if count > MAX_SEEDS:
-        raise ConfigError(f"{label} {_shown(count)}: more than {MAX_SEEDS} seeds; give a smaller count or a list")
+        raise ConfigError(f"{label} {_shown(count)} is read as a count of seeds (a single number), more than "
+                          f"{MAX_SEEDS}; give a smaller count, or a list of seeds with commas (e.g. {count},)")
     return list(range(count))
 
 
