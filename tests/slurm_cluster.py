@@ -169,10 +169,11 @@ class Cluster:
         return subprocess.run([program(argv[0]) or argv[0], *argv[1:]], capture_output=True, text=True, env=self.env,
                               check=check, timeout=60)
 
-    def jobs(self) -> list[str]:
-        """Every job the controller still lists (queued, running, or ended less than MinJobAge ago): one line each,
-        ``ID STATE``."""
-        return self.run("squeue", "-h", "-r", "-t", "all", "-o", "%i %T").stdout.split("\n")[:-1]
+    def jobs(self, name: str | None = None) -> list[str]:
+        """The ids of every job (array task) the controller still lists (queued, running, or ended less than
+        MinJobAge ago), or of those named ``name``."""
+        lines = self.run("squeue", "-h", "-r", "-t", "all", "-o", "%i %j").stdout.split("\n")[:-1]
+        return [x.split()[0] for x in lines if name is None or x.split()[1:] == [name]]
 
     def cancel_all(self) -> None:
         self.run("scancel", "--full", f"--partition={','.join(self.partitions)}")

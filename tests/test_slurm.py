@@ -173,7 +173,7 @@ def test_requests_no_node_can_serve_are_refused_before_anything_is_queued(tmp_pa
         code, _, err = in_process(cluster, monkeypatch, capsys, *base, *extra)
         lines = [x for x in err.splitlines() if x.startswith("regbench: error:")]
         assert code == 2 and len(lines) == 1 and message in lines[0], (extra, err)
-    assert cluster.jobs() == [] and not (tmp_path / "bad" / "workers").exists()  # nothing queued, nothing written
+    assert cluster.jobs("rb-bad") == [] and not (tmp_path / "bad" / "workers").exists()  # nothing queued or written
     from regbench import slurm
 
     part = slurm.Partition.read("short")  # the default time limit on a partition with a MaxTime: cut to it
@@ -211,7 +211,7 @@ def test_gpu_request_honoured_on_a_gres_partition(tmp_path, gpu_cluster):
 def test_scancel_of_a_worker_mid_trial_leaves_exact_counts_and_exit_0(tmp_path, cluster):
     """Before: the trial was recovered but launch said "1 of 2 workers failed: job 8_0: - /tmp/…_log.out" (exit 2) and
     wrote no leaderboard."""
-    store = plan(cluster, tmp_path, "sc", "shade", "0", "2", "4")
+    store = plan(cluster, tmp_path, "sc", "shade", "0", "2", "3")
     launch = regbench(cluster, "launch", "--name", "sc", "--out", str(tmp_path / "sc"), "--slurm", "cpu",
                       "--workers", "2", "--progress-seconds", "5", cwd=tmp_path, stdout=subprocess.PIPE,
                       stderr=subprocess.PIPE)
@@ -261,8 +261,7 @@ def test_ctrl_c_cancels_the_jobs_leave_jobs_keeps_them_and_a_rerun_reattaches(tm
     assert rerun.returncode == 0, rerun.stderr
     assert f"reattached to 2 Slurm jobs of benchmark 'cc' still queued or running: {', '.join(kept)}" in rerun.stdout
     assert "launched" not in rerun.stdout and "| shade | 2 |" in rerun.stdout
-    jobs = [x.split()[0] for x in cluster.jobs()]
-    assert sorted(jobs) == sorted(ids + kept), jobs  # nothing more was submitted
+    assert sorted(cluster.jobs("rb-cc")) == sorted(ids + kept)  # nothing more was submitted
 
 
 def test_a_job_that_fails_at_start_is_named_with_its_cause(tmp_path, cluster):
