@@ -32,7 +32,7 @@ REGBENCH = str(Path(sys.executable).parent / "regbench")
 
 def _wall(argv: list[str], env: dict) -> float:
     started = time.perf_counter()
-    proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, check=False)
     took = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()[-300:]}")
@@ -42,7 +42,7 @@ def _wall(argv: list[str], env: dict) -> float:
 def heavy_imports(args: list[str], env: dict) -> list[str]:
     """The heavy top-level packages a command imports (python -X importtime, on stderr)."""
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "regbench.cli", *args], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, env=env)
+                          stderr=subprocess.PIPE, text=True, env=env, check=False)
     found = set()
     for line in proc.stderr.splitlines():
         if line.startswith("import time:") and "|" in line:

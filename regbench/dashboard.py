@@ -111,17 +111,17 @@ def note(bench, phase: str, method: str) -> str:
     lines = [f"## {'Tuning' if phase == 'tune' else 'Final runs'}: {method} · benchmark {bench.name}", "",
              about(bench, phase, method), "", f"**Recipe**: {recipe_summary(bench)}", ""]
     if phase == "tune":
-        lines += [f"**Objective**: {bench.protocol.objective} on the validation split "
-                  f"({bench.protocol.direction}).", "",
-                  f"**Hyperparameter Importance**: computed by the dashboard (PED-ANOVA over the top 10 % of "
-                  f"completed trials). It is not meaningful with {IMPORTANCE_MEANINGLESS} or fewer completed trials "
-                  f"and unreliable below {IMPORTANCE_RELIABLE}; the user attribute `{record.IMPORTANCE}` says where "
-                  f"this study stands."]
+        objective = f"**Objective**: {bench.protocol.objective} on the validation split ({bench.protocol.direction})."
+        importance = (f"**Hyperparameter Importance**: computed by the dashboard (PED-ANOVA over the top 10 % of "
+                      f"completed trials). It is not meaningful with {IMPORTANCE_MEANINGLESS} or fewer completed "
+                      f"trials and unreliable below {IMPORTANCE_RELIABLE}; the user attribute `{record.IMPORTANCE}` "
+                      f"says where this study stands.")
+        lines += [objective, "", importance]
     else:
-        lines += ["**Best Trial** is a seed, not a configuration: every trial here runs the same configuration; the "
-                  "spread between them is seed noise, the quantity the leaderboard's intervals measure.", "",
-                  "**Hyperparameter Importance** is not meaningful here: the bars are equal by construction.", "",
-                  f"The seed of each trial is its user attribute `{record.SEED}`."]
+        best = ("**Best Trial** is a seed, not a configuration: every trial here runs the same configuration; the "
+                "spread between them is seed noise, the quantity the leaderboard's intervals measure.")
+        lines += [best, "", "**Hyperparameter Importance** is not meaningful here: the bars are equal by construction.",
+                  "", f"The seed of each trial is its user attribute `{record.SEED}`."]
     return "\n".join(lines)
 
 

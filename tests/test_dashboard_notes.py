@@ -101,7 +101,7 @@ def test_a_final_study_of_a_minimized_objective_picks_its_best_seed_by_that_obje
     final = run.final_study("ses")
     app = optuna_dashboard.wsgi(storage)
     code, detail = _get(app, f"/api/studies/{_ids(app)[final.study_name]}")
-    assert detail["directions"] == ["minimize"] and detail["objective_names"][0].startswith("val_nll of one seed")
+    assert code == 200 and detail["directions"] == ["minimize"] and detail["objective_names"][0].startswith("val_nll of one seed")
 
 
 def test_a_note_edited_in_the_dashboard_is_kept_and_labels_are_not_rewritten(tmp_path):
@@ -110,7 +110,7 @@ def test_a_note_edited_in_the_dashboard_is_kept_and_labels_are_not_rewritten(tmp
     tune = run.tune_study("ses")
     app = optuna_dashboard.wsgi(storage)
     sid = _ids(app)[tune.study_name]
-    code, detail = _get(app, f"/api/studies/{sid}")
+    _, detail = _get(app, f"/api/studies/{sid}")
     version = detail["note"]["version"]
     code, _ = _get(app, f"/api/studies/{sid}/note", "PUT", {"version": version + 1, "body": "my own note"})
     assert code in (200, 204)

@@ -10,11 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+from test_progress import run_on_terminal
+
 from regbench import protocol, status
 from regbench.config import RunConfig
 from regbench.progress import Progress
 from regbench.store import open_storage
-from test_progress import run_on_terminal
 
 REGBENCH = str(Path(sys.executable).parent / "regbench")
 LEFT = re.compile(r"\[0/1 runs\] · baseline seed 0 epoch (\d+)/30 · ([\d.]+) s/epoch · about (\d+(?:\.\d+)?) "
@@ -48,7 +49,7 @@ def test_a_30_epoch_run_in_a_pipe_says_the_time_left_within_its_first_minute_and
     assert seen[[t for t, _ in seen].index(first)][1].endswith("time left: measuring the first epoch")
     assert "ep/s" not in "\n".join(text for _, text in seen)
 
-    shown = subprocess.run([REGBENCH, "status", str(out)], capture_output=True, text=True, env=_env())
+    shown = subprocess.run([REGBENCH, "status", str(out)], capture_output=True, text=True, env=_env(), check=False)
     assert shown.returncode == 0, shown.stderr
     line = shown.stdout.splitlines()[-1]
     match = re.fullmatch(r"time left: about \d+(\.\d+)? (s|min|h) \(30 epochs left at ([\d.]+) s/epoch, measured "
