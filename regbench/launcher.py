@@ -15,6 +15,7 @@ progress line, and decide the outcome from the store.
 from __future__ import annotations
 
 import hashlib
+import re
 import signal
 import sys
 import time
@@ -27,6 +28,9 @@ from regbench.errors import ConfigError
 POLL_SECONDS = 3.0
 EXIT_WORK_LEFT = 1
 DEFAULT_TIME_MIN = 24 * 60
+SIGNAL_SECONDS = 90          # submitit's --signal=USR2@90: the warning before a job's time limit
+SIGNAL_CHECK_SECONDS = 30    # slurmctld looks for jobs to warn this often
+WORKER_START_SECONDS = 60    # a worker's start (Python, torch, the data) before it trains
 SLURM_ONLY = ("gpus_per_job", "cpus_per_job", "mem", "time", "account", "qos", "constraint", "array_parallelism",
               "sbatch", "setup", "leave_jobs")
 
@@ -161,6 +165,12 @@ def _slurm_request(args, bench):
             raise ConfigError(f"--sbatch {item!r} is not KEY=VALUE (e.g. --sbatch reservation=mine) or KEY (e.g. "
                               f"--sbatch exclusive)")
         extra[key] = value if eq else True
+    warning = _signal_delay(extra.get("signal"))
+    if time_min * 60 <= warning + SIGNAL_CHECK_SECONDS + WORKER_START_SECONDS:
+        shortest = (warning + SIGNAL_CHECK_SECONDS + WORKER_START_SECONDS) // 60 + 1
+        raise ConfigError(f"--time {slurm.hms(time_min)} leaves a job no time to work: Slurm warns it {warning} s "
+                          f"before its limit (checking every {SIGNAL_CHECK_SECONDS} s), and it then saves and requeues "
+                          f"itself; pass --time {shortest} or more (or a later warning, e.g. --sbatch signal=USR2@30)")
     request = slurm.Request(partition=part.name, cpus=cpus, gpus=gpus, mem_mb=mem, time_min=time_min,
                             account=args.account, qos=args.qos, constraint=args.constraint, extra=extra)
     slurm.check_request(part, request, slurm.gpu_partitions() if gpus and not part.max_gpus else None)
@@ -169,6 +179,16 @@ def _slurm_request(args, bench):
         raise ConfigError(f"--array-parallelism must be at least 1, got {parallel}")
     slurm.test_only(request, args.workers, min(parallel, args.workers))
     return request, min(parallel, args.workers), part
+
+
+def _signal_delay(value) -> int:
+    """Seconds before the time limit that the job is warned: submitit's 90, or ``--sbatch signal=[B:]SIG@N``."""
+    if value is None or value is True:
+        return SIGNAL_SECONDS
+    m = re.fullmatch(r"(?:[BR]+:)?\w+(?:@(\d+))?", str(value))
+    if not m:
+        raise ConfigError(f"--sbatch signal={value}: not a Slurm signal spec; use e.g. --sbatch signal=USR2@90")
+    return int(m.group(1)) if m.group(1) else 60  # sbatch's default warning time
 
 
 def _check_storage_reach(storage_url: str, part) -> None:
@@ -223,7 +243,7 @@ class _SlurmJobs:
         reasons: dict[str, int] = {}
         for s in self.states.values():
             if s.active and s.state not in ("RUNNING", "COMPLETING"):
-                why = s.reason or s.state.lower()
+                why = s.reason or ("queued" if s.state == "PENDING" else s.state.lower())
                 if why == "BeginTime" and s.start:
                     why = f"requeued, starts {s.start[-8:]}"
                 reasons[why] = reasons.get(why, 0) + 1

@@ -130,12 +130,13 @@ def test_cpu_partition_two_workers_at_once_leaderboard_and_exit_0(tmp_path, clus
     --cpus-per-task=4 (pending forever on a 2-CPU node); no --mem (each job took the node's memory: one at a time)."""
     store = plan(cluster, tmp_path, "cpu2", "shade", "0")
     res = regbench(cluster, "launch", "--name", "cpu2", "--out", str(tmp_path / "cpu2"), "--slurm", "cpu",
-                   "--workers", "2", "--progress-seconds", "2", cwd=tmp_path)
+                   "--workers", "2", "--progress-seconds", "2", "--setup", "echo setup ran in job $SLURM_JOB_ID",
+                   "--sbatch", "nice=1", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "| shade | 2 |" in res.stdout and (tmp_path / "cpu2" / "leaderboard.md").is_file()
     submitted = next(x for x in res.stdout.splitlines() if x.startswith("submitted: sbatch "))
     for flag in ("--array=0-1%2", "--cpus-per-task=1", "--mem=1000MB", "--partition=cpu", "--time=1440",
-                 "--requeue", "--signal=USR2@90", "--job-name=rb-cpu2"):
+                 "--requeue", "--signal=USR2@90", "--job-name=rb-cpu2", "--nice=1"):
         assert flag in submitted.split(), (flag, submitted)
     assert "gpus" not in submitted and "gres" not in submitted
     assert res.stdout.count("submitted: sbatch") == 1
@@ -146,8 +147,9 @@ def test_cpu_partition_two_workers_at_once_leaderboard_and_exit_0(tmp_path, clus
     ids = job_ids(res.stdout)
     spans = [(job_info(cluster, i)["StartTime"], job_info(cluster, i)["EndTime"]) for i in ids]
     assert max(s for s, _ in spans) < min(e for _, e in spans), spans  # the two jobs ran at once
-    assert all(job_info(cluster, i)["JobState"] == "COMPLETED" for i in ids)
+    assert all(job_info(cluster, i)["JobState"] == "COMPLETED" and job_info(cluster, i)["Nice"] == "1" for i in ids)
     workers = tmp_path / "cpu2" / "workers"
+    assert logs(workers, "out").count("setup ran in job ") == 2
     assert re.search(r"^\[\d/4\] (baseline|shade) seed ", logs(workers), re.MULTILINE)  # worker logs keep their progress lines
     assert "Bypassing sacct" not in res.stderr + logs(workers) + logs(workers, "out")
 
@@ -165,6 +167,7 @@ def test_requests_no_node_can_serve_are_refused_before_anything_is_queued(tmp_pa
         ("--slurm", "wide"): "is a SQLite file, whose locking does not hold across machines; partition 'wide' runs "
                              "jobs on 2 nodes",
         ("--slurm", "cpu", "--sbatch", "=x"): "--sbatch '=x' is not KEY=VALUE",
+        ("--slurm", "cpu", "--time", "3"): "--time 0:03:00 leaves a job no time to work: Slurm warns it 90 s before",
         ("--mem", "1G"): "--mem applies only to Slurm jobs",
     }
     for extra, message in cases.items():
