@@ -9,7 +9,8 @@ first written. So every study regbench creates is labelled before anything else 
   so, because the dashboard's "Best Trial" of a final study is the luckiest seed, not a better configuration;
 * user attributes listed first: what the study is (``record.ABOUT``), how far its importance panel can be trusted
   (``record.IMPORTANCE``), then the benchmark, method, phase and recipe (``record.STUDY_*``);
-* a study note (the dashboard's Note page) with the same in prose.
+* a study note (the dashboard's Note page) with the same in prose, and a note on each trained run's trial page
+  (``note_trial``: a tuning configuration, or one seed of the selected configuration).
 
 The importance panel cannot be switched off from the store. optuna-dashboard computes it with Optuna's PED-ANOVA
 over the top 10 % of completed trials (``target_quantile=0.1``), and Optuna's own documentation asks for at least 5
@@ -153,10 +154,51 @@ def update_importance(study, phase: str = "tune") -> None:
         study.set_user_attr(record.IMPORTANCE, text)
 
 
-def _note_attrs(system_attrs: dict) -> tuple[int, str]:
-    version = int(system_attrs.get(NOTE_VERSION, 0))
-    chunks = {k: v for k, v in system_attrs.items() if k.startswith(NOTE_CHUNK)}
-    return version, "".join(chunks.get(f"{NOTE_CHUNK}{i}", "") for i in range(len(chunks)))
+def _keys(trial_id: int | None) -> tuple[str, str]:
+    """(version key, chunk prefix) of the study's note (``trial_id`` None) or of one trial's, as the dashboard names
+    them among the study's system attributes."""
+    if trial_id is None:
+        return NOTE_VERSION, NOTE_CHUNK
+    return f"dashboard:{trial_id}:note_ver", f"dashboard:{trial_id}:note_str:"
+
+
+def _note_attrs(system_attrs: dict, trial_id: int | None = None) -> tuple[int, str]:
+    version_key, prefix = _keys(trial_id)
+    version = int(system_attrs.get(version_key, 0))
+    chunks = {k: v for k, v in system_attrs.items() if k.startswith(prefix)}
+    return version, "".join(chunks.get(f"{prefix}{i}", "") for i in range(len(chunks)))
+
+
+def _write_note(storage, study_id: int, trial_id: int | None, version: int, body: str, old_chunks: int) -> None:
+    version_key, prefix = _keys(trial_id)
+    chunks = [body[i:i + NOTE_CHUNK_LENGTH] for i in range(0, len(body), NOTE_CHUNK_LENGTH)] or [""]
+    storage.set_study_system_attr(study_id, version_key, version)
+    for i, chunk in enumerate(chunks):
+        storage.set_study_system_attr(study_id, f"{prefix}{i}", chunk)
+    for i in range(len(chunks), old_chunks):  # a shorter note: clear the old tail, as the dashboard's editor does
+        storage.set_study_system_attr(study_id, f"{prefix}{i}", "")
+
+
+def trial_note(bench, kind: str, cfg) -> str:
+    """A run's note (the dashboard's trial page): what the trial is, so its value is read for what it is."""
+    if kind == "tune":
+        return (f"Tuning trial of {cfg.method} (benchmark {bench.name}): one configuration, trained with the tuning "
+                f"seed {cfg.seed} and scored on validation ({bench.protocol.objective}); a pruned trial stopped "
+                f"early on it. The best one is rerun over the final seeds.")
+    return (f"Seed {cfg.seed} of {cfg.method}'s selected configuration (benchmark {bench.name}). Every trial of this "
+            f"study runs the same configuration: this value is one draw of seed noise, and the best of them is the "
+            f"luckiest seed, not a better configuration.")
+
+
+def note_trial(trial, bench, kind: str, cfg) -> None:
+    """Write a run's note when it has none (a note someone wrote is kept)."""
+    storage = trial.storage
+    study_id = storage.get_study_id_from_name(trial.study.study_name)
+    trial_id = optuna_private.trial_id(trial)
+    system = storage.get_study_system_attrs(study_id)
+    version, current = _note_attrs(system, trial_id)
+    if not current:
+        _write_note(storage, study_id, trial_id, version + 1, trial_note(bench, kind, cfg), 0)
 
 
 def _digest(text: str) -> str:
@@ -172,11 +214,5 @@ def save_note(study, body: str) -> None:
     version, current = _note_attrs(system)
     if current == body or (current and _digest(current) != system.get(record.NOTE_WRITTEN)):
         return
-    chunks = [body[i:i + NOTE_CHUNK_LENGTH] for i in range(0, len(body), NOTE_CHUNK_LENGTH)] or [""]
     storage.set_study_system_attr(study_id, record.NOTE_WRITTEN, _digest(body))
-    storage.set_study_system_attr(study_id, NOTE_VERSION, version + 1)
-    for i, chunk in enumerate(chunks):
-        storage.set_study_system_attr(study_id, f"{NOTE_CHUNK}{i}", chunk)
-    old = sum(k.startswith(NOTE_CHUNK) for k in system)
-    for i in range(len(chunks), old):  # a shorter note: clear the old tail, as the dashboard's editor does
-        storage.set_study_system_attr(study_id, f"{NOTE_CHUNK}{i}", "")
+    _write_note(storage, study_id, None, version + 1, body, sum(k.startswith(NOTE_CHUNK) for k in system))

@@ -518,6 +518,7 @@ class Runner:
         device = str(engine.resolve_device(cfg.device))
         trial.set_user_attr(record.ENV, {**environment(device), "worker": self.worker or f"run:{worker_identity()}"})
         trial.set_user_attr(record.SPLIT_HASH, self.splits.split_hash)
+        dashboard.note_trial(trial, self.bench, trial.user_attrs.get(record.KIND, "final"), cfg)
 
     def _failed(self, trial, exc: BaseException, epochs: int, seconds: float) -> None:
         """What an attempt that ended early trained, and why it ended (an interrupted one is marked resumable by

@@ -116,3 +116,26 @@ def test_a_note_edited_in_the_dashboard_is_kept_and_labels_are_not_rewritten(tmp
     assert code in (200, 204)
     runner.Runner(storage, bench, splits=None).tune_study("ses")  # another process opens the study
     assert optuna_dashboard.get_note(optuna.load_study(study_name=tune.study_name, storage=storage)) == "my own note"
+
+
+def test_each_trained_run_has_a_note_on_its_trial_page_saying_what_it_is(tmp_path, data_dir):
+    """A real tiny run through the Runner (1 epoch): the dashboard's trial pages read each run's note."""
+    from regbench import registry
+
+    splits = registry.dataset("digits").load(data_dir, split_seed=0, train_size=120)
+    base = RunConfig(method="baseline", dataset="digits", model="mlp", epochs=1, train_size=120, device="cpu",
+                     split_hash=splits.split_hash, data_dir=str(data_dir))
+    bench = protocol.Benchmark(name="notes", base=base, fixed={"baseline": {}}, seeds=[0, 1],
+                               protocol=protocol.TuningRules(trials=1, tune_shared=True))
+    storage = open_storage(f"sqlite:///{tmp_path / 'regbench.db'}")
+    protocol.save_spec(storage, bench)
+    runner.Runner(storage, bench, splits).run()
+    app = optuna_dashboard.wsgi(storage)
+    ids = _ids(app)
+    _, tune = _get(app, f"/api/studies/{ids[bench.tune_study_name('baseline')]}")
+    (trial,) = tune["trials"]
+    assert trial["note"]["body"].startswith("Tuning trial of baseline (benchmark notes)"), trial["note"]
+    _, final = _get(app, f"/api/studies/{ids['notes:baseline:final']}")
+    bodies = sorted(t["note"]["body"] for t in final["trials"])
+    assert [b[:7] for b in bodies] == ["Seed 0 ", "Seed 1 "] and all("luckiest seed" in b for b in bodies), bodies
+    assert "## Final runs: baseline" in final["note"]["body"]  # the study's own note is untouched by the trials'
