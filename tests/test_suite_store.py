@@ -32,12 +32,16 @@ def test_every_suite_runs_through_the_store_or_says_why_not(name):
         assert isinstance(why, str) and why.strip() and "\n" not in why and not imported, name
 
 
-def test_a_suite_that_is_not_a_benchmark_says_why_when_it_runs(tmp_path, capsys):
-    from regbench.suites import dln_equilibrium
+def test_a_suite_that_is_not_a_benchmark_says_why_when_it_starts(tmp_path, capsys):
+    """The line comes first, before the suite's own checks (here the run then stops at once: too few seeds)."""
+    from regbench.suites import ses_rings
 
-    assert main(["suite", "dln-equilibrium", "--smoke", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"dln-equilibrium: not a benchmark: {dln_equilibrium.NOT_A_BENCHMARK}"
+    out_dir = tmp_path / "out"
+    assert main(["suite", "ses-rings", "--seeds", "1", "--out", str(out_dir)]) == 2
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"ses-rings: not a benchmark: {ses_rings.NOT_A_BENCHMARK}"] and "too few" in err
+    assert main(["suite", "ses-beta-sweep", "--seeds", "1", "--out", str(out_dir)]) == 2
+    assert capsys.readouterr().out == "" and not out_dir.exists()
 
 
 def _bench(rules: protocol.TuningRules) -> protocol.Benchmark:
@@ -68,3 +72,23 @@ def test_tuning_rules_move_a_searched_range_and_keep_its_scale():
 def test_an_empty_searched_range_is_refused():
     with pytest.raises(protocol.ConfigError, match="is empty"):
         protocol.TuningRules(trials=1, ranges={"shade": {"weight": (0.1, 0.01)}})
+
+
+def test_an_arm_through_the_store_trains_as_engine_train_does(tmp_path, data_dir):
+    """The same config gives the same numbers through the store (runner, protocol) as through engine.train."""
+    from regbench import engine, registry
+    from regbench.suites import store_arms
+
+    recipe = {"epochs": 2, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3, "schedule": "onecycle"}
+    hparams = {"beta": 0.5, "lam": 0.01}
+    frame = store_arms.run_benchmark(tmp_path / "store", "arm", "digits", "mlp", {"ses": hparams}, recipe, [1],
+                                     data_dir=data_dir, device="cpu", train_size=300)
+    splits = registry.dataset("digits").load(data_dir, train_size=300)
+    cfg = RunConfig(method="ses", dataset="digits", model="mlp", hparams=hparams, seed=1, device="cpu",
+                    train_size=300, **recipe)
+    direct = engine.train(cfg, splits, registry.build_method("ses", hparams))
+    stored = frame.iloc[0]
+    assert stored.test_acc == direct.metrics["test_acc"] and stored.val_acc == direct.metrics["val_acc"]
+    assert [h["train_loss"] for h in stored.history] == [h["train_loss"] for h in direct.history]
+    assert {k: v for k, v in stored.metrics.items() if k.startswith("erank/")} == \
+        {k: v for k, v in direct.metrics.items() if k.startswith("erank/")}

@@ -1,12 +1,17 @@
 """Paper suites `ses-beta-sweep` and `shade-lowdata` (issue 8): their --smoke forms through the real CLI, real training
 on real (tiny) data; the reports must carry the verdicts and the very numbers the runs returned."""
+from collections import Counter
+from pathlib import Path
+
 import numpy as np
+import optuna
 import pytest
 
 from regbench import suites
 from regbench.cli import main
 from regbench.suites import ses_beta_sweep, shade_lowdata
 from regbench.suites.common import fmt_ci
+from regbench.suites.store_arms import store_dir as suite_store
 
 
 @pytest.fixture
@@ -78,14 +83,49 @@ def test_shade_lowdata_smoke(tmp_path, data_dir, recorded):
         low, high = shade_lowdata.WEIGHT_RANGE
         assert all(low <= tr["weight"] <= high for tr in t["trials"])
     assert res["figure"].stat().st_size > 10_000 and res["figure"].read_bytes()[:4] == b"\x89PNG"
+    _resumes_without_retraining(tmp_path, data_dir, recorded)
 
 
-def test_tuning_splits_hold_no_test_data(data_dir):
-    splits = shade_lowdata._splits(str(data_dir), "mnist_m_style", 50)
-    hidden = shade_lowdata.without_test(splits)
-    assert len(hidden.y_test) == 0 and len(hidden.x_test) == 0
-    assert len(splits.y_test) == 1000 and hidden.split_hash == splits.split_hash
-    assert np.array_equal(hidden.y_val.numpy(), splits.y_val.numpy()) and len(hidden.y_train) == 50
+def _resumes_without_retraining(out, data_dir, recorded):
+    """shade-lowdata runs each train size as a benchmark in a store of its own: the same command again trains
+    nothing (same trials, same numbers); a third seed trains only its 2 × 2 new final runs, no tuning trial."""
+    args = ["suite", "shade-lowdata", "--smoke", "--out", str(out), "--data-dir", str(data_dir), "--quiet"]
+    stores = [suite_store(out, shade_lowdata.NAME, shade_lowdata.benchmark_name(n, True))
+              for n in shade_lowdata.SMOKE_SIZES]
+    first = [_trials(s) for s in stores]
+    for counts in first:  # the spec's study, one tuning study (SMOKE_TRIALS runs), 2 seeds per arm, all complete
+        assert sorted(sum(c.values()) for c in counts.values()) == [0, 2, 2, shade_lowdata.SMOKE_TRIALS]
+        assert all(set(c) <= {"COMPLETE"} for c in counts.values())
+    report = (out / "shade-lowdata.md").read_text()
+    assert main(args) == 0
+    assert [_trials(s) for s in stores] == first
+    for r0, r1 in zip(recorded[0]["rows"], recorded[1]["rows"]):
+        assert np.array_equal(r0["baseline"], r1["baseline"]) and np.array_equal(r0["shade"], r1["shade"])
+        assert r0["weight"] == r1["weight"]
+    assert (out / "shade-lowdata.md").read_text().split("\n")[4:] == report.split("\n")[4:]  # past the timing
+    assert main([*args, "--seeds", "3"]) == 0
+    for before, store in zip(first, stores):
+        after = _trials(store)
+        added = {name: sum(after[name].values()) - sum(before.get(name, {}).values()) for name in after}
+        assert sorted(added.values()) == [0, 0, 1, 1]  # one new seed per arm; tuning and the spec untouched
+    for r0, r3 in zip(recorded[0]["rows"], recorded[2]["rows"]):
+        assert np.array_equal(r3["baseline"][:2], r0["baseline"]) and len(r3["shade"]) == 3
+
+
+def _trials(store: Path) -> dict:
+    """Study name -> (trials by state) in one benchmark's store, read with Optuna itself."""
+    storage = f"sqlite:///{store / 'regbench.db'}"
+    return {s.study_name: Counter(t.state.name for t in optuna.load_study(study_name=s.study_name,
+                                                                          storage=storage).trials)
+            for s in optuna.get_all_study_summaries(storage)}
+
+
+def _trials(store: Path) -> dict:
+    """Study name -> (trials by state) in one benchmark's store, read with Optuna itself."""
+    storage = f"sqlite:///{store / 'regbench.db'}"
+    return {s.study_name: Counter(t.state.name for t in optuna.load_study(study_name=s.study_name,
+                                                                          storage=storage).trials)
+            for s in optuna.get_all_study_summaries(storage)}
 
 
 @pytest.mark.parametrize("n", shade_lowdata.SIZES)

@@ -7,10 +7,11 @@ regularization weight for SHADE has been determined on the validation set … fo
 Here: the built-in ``cnn`` on MNIST-M — Ganin's official files when they are in the data directory (``mnist_m``),
 else the offline ``mnist_m_style`` set (same construction over other photos, so its accuracies are not the paper's
 scale; the report says which ran) — at train sizes {50, 100, 250, 500, 1000} (stratified, nested subsets; val and test
-held out before the subset is drawn). For every size SHADE's weight is tuned on validation by a small in-memory
-Optuna study (TPE, seeded, the same number of trials for every size, trained with a seed no final run uses, on splits
-whose test part is emptied so tuning cannot read it); then baseline and SHADE with the selected weight train over
-paired seeds and are compared on test accuracy: Δ = SHADE − baseline per seed, its 95 % t-interval per size.
+held out before the subset is drawn). Each size is one benchmark with baseline and SHADE as its arms, run through
+the store and protocol of ``regbench run`` (regbench/suites/store_arms.py; a rerun resumes): SHADE's weight is tuned
+on validation (TPE, seeded, the same number of trials for every size, trained with a seed no final run uses, test
+evaluation off so tuning cannot read it); then baseline and SHADE with the selected weight train over paired seeds
+and are compared on test accuracy: Δ = SHADE − baseline per seed, its 95 % t-interval per size.
 
 Not given by the paper, so chosen here and printed in the report: the network's widths (16/32/64 channels, for the
 CPU budget), the optimiser (AdamW 3e-3, one-cycle, no weight decay: the harness's small-data recipe), a step budget
@@ -18,21 +19,16 @@ CPU budget), the optimiser (AdamW 3e-3, one-cycle, no weight decay: the harness'
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import shlex
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import optuna
 from scipy.stats import ttest_rel
 
-from regbench import engine, registry
-from regbench.config import RunConfig
+from regbench import registry
 from regbench.protocol import TUNE_SEED
-
 from regbench.stats import t_interval
 
 from .common import (
@@ -42,11 +38,11 @@ from .common import (
     fmt_ci,
     provenance,
     resolve_data_dir,
-    run_parallel,
     table,
     verdict,
     write_report,
 )
+from .store_arms import run_many, store_dir, tuning_runs
 
 NAME = "shade-lowdata"
 DESCRIPTION = "SHADE Fig. 2a: cnn on MNIST-M, train sizes 50…1000, SHADE weight tuned on validation vs baseline"
@@ -80,53 +76,52 @@ def schedule(n: int, smoke: bool = False) -> tuple[int, int]:
     return batch, SMOKE_EPOCHS if smoke else epochs
 
 
-def config(dataset: str, method: str, hparams: dict, n: int, seed: int, smoke: bool, eval_test: bool) -> RunConfig:
+def recipe(n: int, smoke: bool = False) -> dict:
     batch, epochs = schedule(n, smoke)
-    return RunConfig(method=method, dataset=dataset, model="cnn", hparams=hparams,
-                     model_kwargs={"channels": list(CHANNELS)}, train_size=n, optimizer="adamw", lr=LR,
-                     schedule="onecycle", epochs=epochs, batch_size=batch, seed=seed, device="cpu",
-                     eval_test=eval_test)
+    return {"optimizer": "adamw", "lr": LR, "schedule": "onecycle", "epochs": epochs, "batch_size": batch}
 
 
-@lru_cache(maxsize=8)
 def _splits(root: str, dataset: str, n: int):
     return registry.dataset(dataset).load(Path(root), train_size=n)
 
 
-def without_test(splits):
-    """The splits with an empty test part: what tuning trains on, so reading test there fails loudly."""
-    return dataclasses.replace(splits, x_test=splits.x_test[:0], y_test=splits.y_test[:0])
+def benchmark_name(n: int, smoke: bool) -> str:
+    return f"{NAME}-n{n}" + ("-smoke" if smoke else "")
 
 
-def tune(root: str, dataset: str, n: int, trials: int, smoke: bool) -> dict:
-    """SHADE's weight for size n by an in-memory Optuna study (TPE, seeded) maximizing final-epoch val accuracy."""
-    splits = without_test(_splits(root, dataset, n))
-    sampler = optuna.samplers.TPESampler(seed=SAMPLER_SEED, n_startup_trials=min(STARTUP_TRIALS, trials))
-    study = optuna.create_study(direction="maximize", sampler=sampler)  # no storage: in memory
-    records = []
-
-    def objective(trial):
-        hparams = {"weight": trial.suggest_float("weight", *WEIGHT_RANGE, log=True)}
-        cfg = config(dataset, "shade", hparams, n, TUNE_SEED, smoke, eval_test=False)
-        result = engine.train(cfg, splits, registry.build_method("shade", hparams))
-        records.append({"weight": hparams["weight"], "val_acc": result.metrics["val_acc"],
-                        "metrics": sorted(result.metrics), "eval_test": cfg.eval_test})
-        return result.metrics["val_acc"]
-
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study.optimize(objective, n_trials=trials)
-    return {"n": n, "weight": study.best_params["weight"], "val_acc": study.best_value, "trials": records}
+def tuning_rules(trials: int) -> dict:
+    """SHADE's weight is tuned on validation accuracy as the protocol tunes any arm: TPE seeded with SAMPLER_SEED,
+    its first STARTUP_TRIALS draws random, no pruning, over WEIGHT_RANGE (log-uniform, as the method declares it);
+    tuning runs train with protocol.TUNE_SEED and never evaluate test."""
+    return {"pruner": "none", "sampler_seed": SAMPLER_SEED, "startup_trials": min(STARTUP_TRIALS, trials),
+            "ranges": {"shade": {"weight": list(WEIGHT_RANGE)}}}
 
 
-def final(root: str, dataset: str, n: int, method: str, hparams: dict, seed: int, smoke: bool) -> dict:
-    splits = _splits(root, dataset, n)
-    cfg = config(dataset, method, hparams, n, seed, smoke, eval_test=True)
-    result = engine.train(cfg, splits, registry.build_method(method, hparams))
-    return {"n": n, "method": method, "seed": seed, "test_acc": result.metrics["test_acc"],
-            "val_acc": result.metrics["val_acc"], "train_acc": result.metrics["train_acc"],
-            "seconds": result.seconds, "split_hash": splits.split_hash,
-            # first-epoch mean penalty and task loss: how much SHADE's term weighs against the task at this weight
-            "reg_share": result.history[0]["reg_loss"] / result.history[0]["train_loss"]}
+def run_sizes(out_dir, root: str, dataset: str, sizes, n_seeds: int, trials: int, smoke: bool, command: str):
+    """One benchmark per train size, baseline and SHADE its arms (regbench/suites/store_arms.py): per size, the
+    tuning record and the final runs, read back from each size's store."""
+    jobs = [{"out": store_dir(out_dir, NAME, benchmark_name(n, smoke)), "name": benchmark_name(n, smoke),
+             "dataset": dataset, "model": "cnn", "fixed": {"baseline": {}, "shade": {}}, "recipe": recipe(n, smoke),
+             "seeds": list(range(n_seeds)), "data_dir": root, "device": "cpu", "trials": trials,
+             "rules": tuning_rules(trials), "train_size": n, "model_kwargs": {"channels": list(CHANNELS)},
+             "command": command}
+            for n in sizes]
+    frames = run_many(jobs)
+    tuned, finals = [], []
+    for n, job, frame in zip(sizes, jobs, frames):
+        records = [r for r in tuning_runs(job["out"], job["name"], "shade") if r.complete]
+        runs = [{"weight": r.config["hparams"]["weight"], "val_acc": r.metrics["val_acc"],
+                 "metrics": sorted(r.metrics), "eval_test": r.config["eval_test"]} for r in records]
+        weight = frame[frame.method == "shade"].config.iloc[0]["hparams"]["weight"]  # what the finals ran
+        tuned.append({"n": n, "weight": weight, "val_acc": max(r["val_acc"] for r in runs), "trials": runs})
+        for row in frame.sort_values(["method", "seed"]).itertuples():
+            first = row.history[0]
+            finals.append({"n": n, "method": row.method, "seed": int(row.seed), "test_acc": row.test_acc,
+                           "val_acc": row.val_acc, "train_acc": row.train_acc,
+                           "seconds": float(sum(h["seconds"] for h in row.history)),
+                           # first-epoch mean penalty and task loss: how much SHADE's term weighs at this weight
+                           "reg_share": first["reg_loss"] / first["train_loss"]})
+    return tuned, finals
 
 
 def paired_gain(baseline, shade) -> dict:
@@ -152,11 +147,10 @@ def run(out_dir, seeds: int | None = None, smoke: bool = False, data_dir: Path |
     dataset = dataset_name(root_path)
     root = str(root_path)
     base = _splits(root, dataset, sizes[0])  # here first: a data problem is one line before any worker starts
-    tuned = run_parallel(tune, [(root, dataset, n, trials, smoke) for n in sizes])
+    command = shlex.join(["regbench", "suite", NAME] + (["--seeds", str(seeds)] if seeds else [])
+                         + (["--smoke"] if smoke else []))
+    tuned, finals = run_sizes(out_dir, root, dataset, sizes, n_seeds, trials, smoke, command)
     weights = {t["n"]: t["weight"] for t in tuned}
-    tasks = [(root, dataset, n, method, {} if method == "baseline" else {"weight": weights[n]}, s, smoke)
-             for n in sizes for method in ("baseline", "shade") for s in range(n_seeds)]
-    finals = run_parallel(final, tasks)
     acc = {(n, m): np.array([r["test_acc"] for r in finals if r["n"] == n and r["method"] == m])
            for n in sizes for m in ("baseline", "shade")}
     share = {n: float(np.mean([r["reg_share"] for r in finals if r["n"] == n and r["method"] == "shade"]))
@@ -172,8 +166,6 @@ def run(out_dir, seeds: int | None = None, smoke: bool = False, data_dir: Path |
               "val_size": len(base.y_val), "test_size": len(base.y_test), "workers": WORKERS,
               "run_seconds": float(sum(r["seconds"] for r in finals))}
     result["figure"] = _figure(out_dir, result)
-    command = shlex.join(["regbench", "suite", NAME] + (["--seeds", str(seeds)] if seeds else [])
-                         + (["--smoke"] if smoke else []))
     result["seconds"] = time.perf_counter() - started
     result["report"] = write_report(out_dir, NAME, _markdown(result, command, result["seconds"], smoke))
     return result
@@ -197,10 +189,10 @@ def _markdown(res, command, seconds, smoke) -> str:
               f"linear head; the paper: \"a simple convolutional network\"). Training: AdamW lr {LR}, one-cycle, no "
               f"weight decay, {'' if smoke else f'about {STEPS} steps within {MIN_EPOCHS}–{MAX_EPOCHS} epochs: '}{sched}. SHADE: the `shade` method's defaults (every ReLU's "
               "pre-activation, per-channel units, momentum 0.8, sum over units) with its weight tuned per size on "
-              f"validation accuracy: an in-memory Optuna study, TPE (seed {SAMPLER_SEED}, "
+              f"validation accuracy: the protocol's tuning study in the suite's store, TPE (seed {SAMPLER_SEED}, "
               f"{min(STARTUP_TRIALS, res['trials'])} random start-up draws), {res['trials']} trials for every size, "
               f"weight log-uniform in [{WEIGHT_RANGE[0]:g}, {WEIGHT_RANGE[1]:g}], each trial trained with seed "
-              f"{TUNE_SEED} on splits whose test part is empty. Baseline: the same recipe, nothing tuned (it has no "
+              f"{TUNE_SEED} with test evaluation off, no pruning. Baseline: the same recipe, nothing tuned (it has no "
               f"hyperparameter of its own). Final runs: {n} seeds (0…{n - 1}), paired — seed s gives both methods "
               "the same initialisation and batch order. Δ = SHADE − baseline test accuracy per seed; 95 % Student-t "
               "interval over seeds; paired t-test p."
