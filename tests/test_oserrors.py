@@ -90,7 +90,7 @@ def _full_disk_case(event: str, root: Path, data_dir: Path) -> dict:
             assert killed.returncode == -9, killed.stderr
         full = _cli(args, {faults.ENV: f"{event}:1:full", faults.FILL_ENV: str(disk)})
         debris = _debris(out)
-        (disk / ".regbench-filler").unlink()
+        (disk / ".regbench-filler").unlink(missing_ok=True)  # absent when the run ended before that point
         leaderboard = (out / "leaderboard.md").is_file()
         again = _cli(args) if event in RESUMED else None
         return {"full": full, "debris": debris, "again": again, "finals": _finals(out), "leaderboard": leaderboard}
