@@ -31,6 +31,7 @@ NOTE_TAG = "mlflow.note.content"
 FIGURE_KEY = "comparison"  # the image key of the comparison figure (an "Image grid" chart in the chart view)
 FIGURE_FILE = "comparison.png"  # the same figure as a plain artifact of every parent run
 FIGURE_DIGEST_TAG = "regbench.comparison_sha256"
+MAX_WIDTH = 780  # px: the description panel's width in a 1600-px window with MLflow's Assistant panel open
 # The runs table's columns in the saved view, in order: the headline and Δ, the verdict sentence (Δ with its
 # interval, Holm p, verdict, the accuracy over seeds), then Holm p, the headline's interval, the seeds and the dataset.
 COLUMNS = ["metrics.`test_acc`", "metrics.`delta_test_acc`", "attributes.`Description`", "metrics.`p_holm_test_acc`",
@@ -137,6 +138,8 @@ def _stacked_png(df, table, reference: str, margin_pp: float) -> bytes:
         for image in images:
             sheet.paste(image, ((width - image.width) // 2, y))
             y += image.height
+        if sheet.width > MAX_WIDTH:  # the UI shows the experiment description's image unscaled: fit it, not crop it
+            sheet = sheet.resize((MAX_WIDTH, round(sheet.height * MAX_WIDTH / sheet.width)), Image.LANCZOS)
         buf = io.BytesIO()
         sheet.save(buf, format="PNG")
     return buf.getvalue()

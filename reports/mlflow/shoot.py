@@ -92,16 +92,19 @@ def main(run: str, folder: str) -> None:
             driver.wait_text("test_acc")
             time.sleep(3)  # let the table settle (column widths, dataset chips)
             driver.shot(out / "runs.png")
+            driver.s("POST", "/url", {"url": links[1]})
+            driver.wait_text("At a glance")
+            time.sleep(8)  # charts render lazily, images load after
+            driver.shot(out / "charts.png")
+            driver.s("POST", "/url", {"url": links[0]})
+            driver.wait_text("test_acc")
+            time.sleep(2)
             # the experiment description's one click: its expand arrow at the right of its first line
             driver.js("const bs=[...document.querySelectorAll('button')];"
                       "const i=bs.findIndex(b=>b.dataset.testid==='experiment-metadata-editor-edit-button');"
                       "if(i>=0) bs[i+1].click();")
             time.sleep(3)
             driver.shot(out / "description.png")
-            driver.s("POST", "/url", {"url": links[1]})
-            driver.wait_text("At a glance")
-            time.sleep(8)  # charts render lazily, images load after
-            driver.shot(out / "charts.png")
         finally:
             driver.quit()
     finally:
