@@ -123,7 +123,9 @@ class LocalPostgres:
         saved = folder / PORT_FILE
         self.explicit_port = port is not None  # --port: used as given, never swapped for a free one
         if port is None and os.path.lexists(saved):
-            from regbench.statefiles import read_port  # schema-checked: a port number 1..65535, one line if not
+            from regbench.statefiles import (
+                read_port,  # schema-checked: a port number 1..65535, one line if not
+            )
 
             port = read_port(saved)
         self.port = port or free_port()
