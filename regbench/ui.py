@@ -89,9 +89,25 @@ def _store_url(out: Path) -> str | None:
     return None
 
 
+# MLflow 3.x's server starts a job runner and a dozen Huey consumers (GenAI judges, periodic tasks) by default: ten
+# processes a browsing session never uses, on a 2-core box that is also training.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_SERVER_JOB_ENABLE_PERIODIC_TASKS": "false"}
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when regbench ui dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the Ctrl-C path still stops the servers
+        pass
+
+
 def _start(argv: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     with open(log, "wb") as sink:
         return subprocess.Popen(argv, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **SERVER_ENV}, preexec_fn=_die_with_parent,
                                 start_new_session=True)  # its own group: the terminal's Ctrl-C reaches us only
 
 
