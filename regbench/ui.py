@@ -107,7 +107,8 @@ def _die_with_parent() -> None:
 def _start(argv: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     with open(log, "wb") as sink:
         return subprocess.Popen(argv, cwd=cwd, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **SERVER_ENV}, preexec_fn=_die_with_parent,
+                                env={**os.environ, **SERVER_ENV},
+                                preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl() call before exec
                                 start_new_session=True)  # its own group: the terminal's Ctrl-C reaches us only
 
 
@@ -205,9 +206,8 @@ def ui_command(args) -> int:
         print("regbench ui: Ctrl-C stops " + ("both" if store else "it"), file=sys.stderr, flush=True)
         while all(proc.poll() is None for proc in procs):
             time.sleep(0.5)
-        gone = next((name, proc) for (name, proc, _, _) in started if proc.poll() is not None)
-        raise RegbenchError(f"{gone[0]} stopped by itself (status {gone[1].returncode}); its log: "
-                            f"{dict((n, lg) for n, _, _, lg in started)[gone[0]]}")
+        name, proc, _, log = next(item for item in started if item[1].poll() is not None)
+        raise RegbenchError(f"{name} stopped by itself (status {proc.returncode}); its log: {log}")
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the normal way to stop
         _stop(procs)
         print("regbench ui: stopped", file=sys.stderr, flush=True)

@@ -117,9 +117,9 @@ def test_series_only_for_what_changes_and_the_headline_first(run):
     assert ses.data.params["ses_eigh_cupy"] == "0" and all(ses.data.params[f"width/{k}"] == "256"
                                                            for k in ("act1", "act2"))
     assert any(k.startswith("erank/") and len(v) == 2 for k, v in steps.items())
-    assert list(ses.data.metrics)[0] == "test_acc"  # logged first: MLflow's default picks start from it
+    assert next(iter(ses.data.metrics)) == "test_acc"  # logged first: MLflow's default picks start from it
     for parent in parents.values():
-        assert list(client.get_run(parent.info.run_id).data.metrics)[0] == "test_acc"
+        assert next(iter(client.get_run(parent.info.run_id).data.metrics)) == "test_acc"
 
 
 def test_one_comparison_figure_per_experiment_where_the_ui_shows_it(run):

@@ -16,8 +16,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from helpers import regbench_cli, with_ctrl_c
+
 from regbench.cli import main
 
 NAME = "digits-mlp"
@@ -52,9 +52,10 @@ def listening(port: int) -> bool:
 
 def test_ui_prints_links_that_answer_and_ctrl_c_stops_both(out):
     script = Path(sys.executable).parent / "regbench"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "regbench.cli"]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen([str(script), "ui", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, preexec_fn=with_ctrl_c)
+    proc = subprocess.Popen([*cmd, "ui", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, preexec_fn=with_ctrl_c)  # noqa: PLW1509 - one signal() call before exec
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     try:
