@@ -78,7 +78,7 @@ ERROR = "error:"              # an exception in training
 STALE = "no heartbeat"        # in the reason of a trial whose process died (found stale by another process)
 DIED = "its process died"     # in the reason of every trial failed because its process died
 
-# ---- protocol identity: a benchmark's name binds its protocol ------------------------------------------------------------------
+# ---- protocol identity: a benchmark's name binds its protocol -------------------------------------------------
 SUPERSEDED = "superseded:"    # a queued run of a plan that `regbench run --supersede` replaced: never trained
 PLAN = "plan"                 # the spec: which plan of the benchmark's name this is (absent = 0, the first)
 SUPERSEDED_PLANS = "superseded"  # the spec: one entry per plan the current one replaced (what was cancelled, kept)
@@ -184,7 +184,8 @@ def spent(trials) -> dict:
 def committed(trials, planned_epochs: int, below: int | None = None) -> tuple[int, int]:
     """What a tuning study has spent or promised, for the claim that decides whether another trial may start:
     (trials, epochs) over finished, pruned, diverged, running and queued trials (a running or queued one counts its
-    planned epochs); skipped and interrupted ones do not (an interrupted trial's retry counts instead). ``below``
+    planned epochs; a resumed one its whole run); skipped and interrupted ones do not (an interrupted trial's retry
+    or resuming copy counts instead). ``below``
     counts only trials numbered lower than it: a claimant yields to its elders."""
     n = epochs = 0
     for t in trials:
@@ -193,7 +194,8 @@ def committed(trials, planned_epochs: int, below: int | None = None) -> tuple[in
         if not holds_configuration(t):
             continue
         n += 1
-        epochs += int(t.user_attrs.get(BUDGET, {}).get("epochs", planned_epochs))
+        budget = t.user_attrs.get(BUDGET, {})
+        epochs += int(budget.get("epochs", planned_epochs)) + int(budget.get("resumed_from_epoch", 0))
     return n, epochs
 
 
@@ -263,8 +265,14 @@ def write_failure(trial, prefix: str, text: str) -> None:
     trial.set_user_attr(FAIL_REASON, f"{prefix} {text}"[:500])
 
 
-def write_budget(trial, epochs: int, seconds: float) -> None:
-    trial.set_user_attr(BUDGET, {"epochs": int(epochs), "seconds": float(seconds)})
+def write_budget(trial, epochs: int, seconds: float, resumed_from: int = 0) -> None:
+    """What this attempt trained: ``epochs`` counts only the epochs it trained itself; a run resumed from a mid-run
+    checkpoint also records the epoch it resumed from (the epochs before were trained, and counted, by the attempt it
+    resumes)."""
+    budget = {"epochs": int(epochs), "seconds": float(seconds)}
+    if resumed_from:
+        budget["resumed_from_epoch"] = int(resumed_from)
+    trial.set_user_attr(BUDGET, budget)
 
 
 def write_result(trial, result, started: float, seconds: float | None = None) -> None:

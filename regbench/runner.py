@@ -30,6 +30,7 @@ from regbench.provenance import environment
 from regbench.store import retry_callback
 
 POLL_SECONDS = 2.0              # how often a worker with nothing to claim looks again
+STOPPED = "stopped by a signal (Ctrl-C, SIGTERM, or a scheduler's time-limit warning)"
 REASK = 3                       # duplicate proposals in a row from the sampler before a distinct random point is queued
 DISTINCT_DRAWS = 200            # random draws looking for an untaken configuration; none found = the space is exhausted
 
@@ -84,17 +85,18 @@ def mark_resumable(study: optuna.Study, trial) -> None:
     checkpoint, and say so in the stopped trial's reason (Optuna itself records it FAIL: it has no "paused" state).
     Unlike Optuna's stale-trial retry there is no cap: a long run may be stopped and resumed any number of times.
     A tuning trial stopped before it had a configuration has nothing to resume; TPE simply samples anew."""
-    epochs = record.attempt_budget(trial).get("epochs", 0)
+    budget = record.attempt_budget(trial)
+    epochs = budget.get("epochs", 0) + budget.get("resumed_from_epoch", 0)  # the epoch it reached, not what it trained
     if not record.has_config(trial):
-        record.write_failure(trial, record.INTERRUPTED, "stopped by the user before it started")
+        record.write_failure(trial, record.INTERRUPTED, f"{STOPPED} before it started")
         return
     attrs = {k: v for k, v in trial.user_attrs.items() if k not in record.ATTEMPT_ATTRS}
     params = dict(trial.params)  # a final run's are its fixed configuration (final_params), or none yet
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
     study.enqueue_trial(params, user_attrs={**attrs, record.RESUMES_TRIAL: trial.number})
     queued = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) if t.number not in before]
-    record.write_failure(trial, record.INTERRUPTED, f"stopped by the user after epoch {epochs}; queued to resume as "
-                                                    f"trial {max(queued) if queued else '?'}")
+    record.write_failure(trial, record.INTERRUPTED,
+                         f"{STOPPED} after epoch {epochs}; queued to resume as trial {max(queued) if queued else '?'}")
 
 
 
@@ -474,22 +476,24 @@ class Runner:
         """A run trained in a group, recorded as if it had trained alone: its epochs reported to the trial, its result
         (or divergence) recorded, its budget charged its share of the group's wall time."""
         self._begin(trial, cfg)
-        report = _EpochReport(trial, self.bench.protocol.objective, prune=False)
+        report = _EpochReport(trial, self.bench.protocol.objective, prune=False,
+                              resumed_from=getattr(result, "resumed_from_epoch", 0))
         for row in getattr(result, "history", []):
             report(int(row["epoch"]), row)
         if isinstance(result, BaseException):
-            self._failed(trial, result, report.epochs, share)
+            self._failed(trial, result, report, share)
             raise result
-        return self._finished(trial, result, started, report.epochs, share, cfg.epochs)
+        return self._finished(trial, result, started, report, share, cfg.epochs)
 
     def _train(self, trial, cfg: RunConfig, prune: bool) -> float:
         from regbench import checkpoint, engine
 
         self._begin(trial, cfg)
-        report = _EpochReport(trial, self.bench.protocol.objective, prune)
         method = registry.build_method(cfg.method, cfg.hparams)
         started = time.time()
         ckpt = None if self.checkpoint_dir is None else checkpoint.path_for(self.checkpoint_dir, cfg.key())
+        point = checkpoint.resume_point(ckpt) if ckpt is not None else None  # the restored epochs are reported again
+        report = _EpochReport(trial, self.bench.protocol.objective, prune, resumed_from=point[0] if point else 0)
         if self.watch is not None:
             self.watch.run_started(f"{cfg.method} tuning trial {trial.number}" if prune else
                                    f"{cfg.method} seed {cfg.seed}")
@@ -503,14 +507,15 @@ class Runner:
                                   checkpoint=ckpt, checkpoint_seconds=self.checkpoint_seconds,
                                   keep_checkpoint=self.keep_checkpoints)
         except optuna.TrialPruned:
-            record.write_budget(trial, report.epochs, time.time() - started)
+            record.write_budget(trial, report.trained, time.time() - started, report.resumed_from)
             if not self.keep_checkpoints:  # a pruned trial is never retried: nothing will resume from it
                 checkpoint.remove(ckpt)
             raise
         except BaseException as exc:
-            self._failed(trial, exc, report.epochs, time.time() - started)
+            self._failed(trial, exc, report, time.time() - started)
             raise
-        return self._finished(trial, result, started, report.epochs, time.time() - started, cfg.epochs)
+        report.resumed_from = result.resumed_from_epoch  # what the loop actually restored
+        return self._finished(trial, result, started, report, time.time() - started, cfg.epochs)
 
     def _begin(self, trial, cfg: RunConfig) -> None:
         from regbench import engine
@@ -520,21 +525,21 @@ class Runner:
         trial.set_user_attr(record.SPLIT_HASH, self.splits.split_hash)
         dashboard.note_trial(trial, self.bench, trial.user_attrs.get(record.KIND, "final"), cfg)
 
-    def _failed(self, trial, exc: BaseException, epochs: int, seconds: float) -> None:
+    def _failed(self, trial, exc: BaseException, report: _EpochReport, seconds: float) -> None:
         """What an attempt that ended early trained, and why it ended (an interrupted one is marked resumable by
         ``_run_one``)."""
         from regbench import engine
 
-        record.write_budget(trial, epochs, seconds)
+        record.write_budget(trial, report.trained, seconds, report.resumed_from)
         if isinstance(exc, engine.Diverged):
             record.write_failure(trial, record.DIVERGED, str(exc))
         elif not isinstance(exc, KeyboardInterrupt):
             record.write_failure(trial, record.ERROR, f"{type(exc).__name__}: {exc}")
 
-    def _finished(self, trial, result, started: float, epochs: int, seconds: float, planned: int) -> float:
+    def _finished(self, trial, result, started: float, report: _EpochReport, seconds: float, planned: int) -> float:
         from regbench.statefiles import history_problem
 
-        record.write_budget(trial, epochs, seconds)
+        record.write_budget(trial, report.trained, seconds, report.resumed_from)
         why = history_problem(result.history, planned)
         if why:  # never COMPLETE without every planned epoch (the trial fails: Optuna records the error)
             raise RuntimeError(f"run {record.config_dict(trial).get('method', '?')} not recorded as complete: {why}")
@@ -545,8 +550,14 @@ class Runner:
 class _EpochReport:
     """The ``on_epoch`` of a trial's training: each epoch's objective goes to Optuna's pruner, which may stop it."""
 
-    def __init__(self, trial, objective: str, prune: bool):
+    def __init__(self, trial, objective: str, prune: bool, resumed_from: int = 0):
         self.trial, self.objective, self.prune, self.epochs = trial, objective, prune, 0
+        self.resumed_from = resumed_from  # epochs restored from a checkpoint: reported again, not trained again
+
+    @property
+    def trained(self) -> int:
+        """Epochs this attempt trained itself."""
+        return max(self.epochs - self.resumed_from, 0)
 
     def __call__(self, epoch: int, row: dict) -> None:
         self.epochs = epoch

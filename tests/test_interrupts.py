@@ -164,7 +164,7 @@ def test_signal_mid_run_leaves_a_resumable_trial_and_the_rerun_matches_an_uninte
     storage = f"sqlite:///{out / 'regbench.db'}"
     study = optuna.load_study(study_name="digits-mlp:baseline:final", storage=storage)
     [stopped] = study.get_trials(states=(TrialState.FAIL,))
-    assert stopped.user_attrs["fail_reason"].startswith("interrupted: stopped by the user after epoch ")
+    assert stopped.user_attrs["fail_reason"].startswith("interrupted: stopped by a signal (Ctrl-C, SIGTERM, or a scheduler's time-limit warning) after epoch ")
     [queued] = study.get_trials(states=(TrialState.WAITING,))
     assert queued.user_attrs["resumes_trial"] == stopped.number
     [saved] = (out / "checkpoints").glob("*.pt")

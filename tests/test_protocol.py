@@ -375,7 +375,7 @@ def test_sigterm_stops_with_143_and_one_line_then_the_rerun_finishes(tmp_path):
     [stopped] = [t for t in finals if t.state == TrialState.FAIL]
     [resume] = [t for t in finals if t.state == TrialState.WAITING and t.user_attrs.get("resumes_trial") ==
                 stopped.number]
-    assert stopped.user_attrs["fail_reason"].startswith("interrupted: stopped by the user after epoch ")
+    assert stopped.user_attrs["fail_reason"].startswith("interrupted: stopped by a signal (Ctrl-C, SIGTERM, or a scheduler's time-limit warning) after epoch ")
     assert resume.user_attrs["config_key"] == stopped.user_attrs["config_key"]
     status = regbench_cli("status", str(out), cwd=tmp_path)
     assert "0 failed, 1 interrupted (resumable, not failed)" in status.stdout, status.stdout

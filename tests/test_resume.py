@@ -83,7 +83,7 @@ def test_a_diverging_run_is_recorded_failed_and_the_sweep_goes_on(tmp_path, data
 
     out = tmp_path / "out"
     args = ["run", "--methods", "ses", "--epochs", "1", "--seeds", "1", "--optimizer", "sgd", "--schedule",
-            "constant", "--lr", "1e12", "--out", str(out), "--data-dir", str(data_dir)]
+            "constant", "--lr", "1e4", "--out", str(out), "--data-dir", str(data_dir)]
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "baseline seed 0: FAILED (diverged: non-finite loss in epoch 1" in err and "ses seed 0: FAILED" in err

@@ -155,7 +155,7 @@ def test_worker_per_gpu_bad_value_and_missing_benchmark_are_one_line(tmp_path):
     from regbench.store import open_storage
     optuna.create_study(study_name="other", storage=open_storage(journal))  # a store without those benchmarks
     bad = regbench_cli("worker", "--storage", journal, "--name", "x", "--per-gpu", "0", cwd=tmp_path)
-    assert bad.returncode == 2 and bad.stderr.strip() == "regbench: error: --per-gpu must be at least 1, got 0"
+    assert bad.returncode == 2 and bad.stderr.strip() == "regbench: error: --per-gpu 0 is outside 1..256; pass a value in that range"
     missing = regbench_cli("worker", "--storage", journal, "--name", "nope", "--per-gpu", "3", cwd=tmp_path)
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
     assert "benchmark 'nope' does not exist" in missing.stderr
