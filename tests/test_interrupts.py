@@ -179,6 +179,14 @@ def test_signal_mid_run_leaves_a_resumable_trial_and_the_rerun_matches_an_uninte
     assert again.returncode == 0, again.stderr
     [done] = study.get_trials(states=(TrialState.COMPLETE,))
     assert done.number == queued.number and done.user_attrs["resumed_from_step"] == state["step"]
+    # Each attempt's budget counts the epochs it trained itself: together, the run's 8 epochs (plus the one the stop
+    # cut short), never the stopped attempt's epochs twice; the tuning count still sees the whole run.
+    from regbench import record
+    stopped = study.get_trials(states=(TrialState.FAIL,))[0]
+    resumed_from = done.user_attrs["resumed_from_epoch"]
+    assert done.user_attrs["budget"]["epochs"] == 8 - resumed_from
+    assert record.spent([stopped, done])["epochs"] in (8, 8 + 1)
+    assert record.committed([done], planned_epochs=8)[1] == 8
     whole = subprocess.run([str(script), *common, "--out", str(tmp_path / "whole")], env=env, cwd=tmp_path,
                            capture_output=True, text=True, check=False)
     assert whole.returncode == 0, whole.stderr
