@@ -7,6 +7,7 @@ fractions and are drawn in percent.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -62,8 +63,9 @@ def seed_points_figure(runs: pd.DataFrame, summary: pd.DataFrame, metric_label: 
     ax = axes[0, 0]
     data = runs.assign(value=runs["value"] * 100)
     bad = data["degenerate"].astype(bool) if "degenerate" in data else pd.Series(False, index=data.index)
-    sns.stripplot(data=data[~bad], x="method", y="value", order=order, hue="method", hue_order=order, legend=False,
-                  jitter=0.12, size=6, alpha=0.8, ax=ax, palette=method_palette(order))
+    with _seeded_numpy(0):  # seaborn jitters with numpy's global generator: seeded, a redraw is byte-identical
+        sns.stripplot(data=data[~bad], x="method", y="value", order=order, hue="method", hue_order=order,
+                      legend=False, jitter=0.12, size=6, alpha=0.8, ax=ax, palette=method_palette(order))
     if bad.any():
         where = {m: i for i, m in enumerate(order)}
         jitter = np.random.default_rng(0).uniform(-0.12, 0.12, int(bad.sum()))  # seeded: redraws are identical
@@ -114,6 +116,17 @@ def percent_limits(values: pd.Series, summary: pd.DataFrame) -> tuple[float, flo
     low, high = min([values.min(), *ends]), max([values.max(), *ends])
     pad = max((high - low) * 0.08, 0.5)
     return max(low - pad, 0.0), min(high + pad, 100.0)
+
+
+@contextlib.contextmanager
+def _seeded_numpy(seed: int):
+    """numpy's global generator seeded for the block, and restored after it (callers' draws are not disturbed)."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
 
 
 def method_palette(methods: list[str]) -> dict:
@@ -295,7 +308,7 @@ def paired_differences_figure(pairs: pd.DataFrame, rows: pd.DataFrame, margin_pp
     methods = list(rows["method"])
     fig, axes = _figure(8.0, 1.3 + 0.42 * max(len(methods), 2))
     ax = axes[0, 0]
-    palette = method_palette(methods)
+    palette = method_palette([reference, *[m for m in methods if m != reference]])  # seed_points' colours
     ax.axvspan(-margin_pp, margin_pp, color="0.9", zorder=0, label=f"equivalence margin ±{margin_pp:g} pp")
     ax.axvline(0, color="0.3", lw=1.0, zorder=1)
     rng = np.random.default_rng(0)  # jitter only, seeded so a redraw is byte-identical
