@@ -93,6 +93,16 @@ def collapsed_methods(df: pd.DataFrame, reasons: pd.Series) -> list[str]:
     return out
 
 
+def override_verdicts(table: pd.DataFrame | None, df: pd.DataFrame, reference: str) -> list[str]:
+    """The methods all of whose runs collapsed; in ``table`` (``stats.compare`` indexed by method) their verdict
+    becomes "collapsed" instead of a comparison. The leaderboard and the MLflow descriptions both call this, so they
+    say the same."""
+    collapsed = collapsed_methods(df, df.degenerate) if not df.empty else []
+    if table is not None:
+        table.loc[[m for m in collapsed if m != reference and m in table.index], "verdict"] = COLLAPSED
+    return collapsed
+
+
 def mark(runs: pd.DataFrame) -> str:
     """The table's mark after a method's test accuracy: " ⚠ k/n collapsed" when k of its n runs collapsed."""
     if "degenerate" not in runs or runs.empty:

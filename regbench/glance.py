@@ -82,6 +82,8 @@ def note(method: str, mine, row, reference: str) -> str:
     if n < stats.MIN_SEEDS:
         own += f" (no interval below {stats.MIN_SEEDS} seeds)"
     if method == reference:
+        if "degenerate" in mine and len(mine) and mine.degenerate.astype(bool).all():
+            return f"collapsed in every run: no comparison against it means anything; {own}"
         return f"the reference: every other method's Δ is against it; {own}"
     if row is None:
         return f"no {reference} runs yet, so no comparison; {own}"
@@ -202,6 +204,7 @@ def apply(tracker, storage, benchmark: str, margin_pp: float = 0.5) -> None:
         df["degenerate"] = degenerate.flags(df)
         if reference in set(df.method):
             table = stats.compare(df, HEADLINE, reference=reference, margin=margin_pp / 100).set_index("method")
+        degenerate.override_verdicts(table, df, reference)  # the leaderboard's verdicts, word for word
     tags = identity(spec)
     for method, run in parents.items():
         mine = df[df.method == method] if not df.empty else df

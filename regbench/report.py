@@ -116,9 +116,7 @@ def leaderboard(storage, benchmark: str, margin_pp: float = 0.5, figures_dir: Pa
     margin = margin_pp / 100
     table = (stats.compare(df, "test_acc", reference=REFERENCE, margin=margin).set_index("method")
              if not df.empty and REFERENCE in set(df.method) else None)
-    collapsed = degenerate.collapsed_methods(df, df.degenerate) if not df.empty else []
-    if table is not None:
-        table.loc[[m for m in collapsed if m != REFERENCE], "verdict"] = degenerate.COLLAPSED
+    collapsed = degenerate.override_verdicts(table, df, REFERENCE)
     lines += degenerate.header_lines(df, collapsed, REFERENCE)
     shifted = not df.empty and df.shift_acc.notna().any()
     shift_head = " corruption acc % | extra corr. acc % | rel. mCE |" if shifted else ""

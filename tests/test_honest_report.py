@@ -120,6 +120,19 @@ def test_a_collapsed_benchmark_reads_collapsed_not_inconclusive_and_warns_of_its
     assert text.count("\n- dropout seed ") == 3 and "Collapsed runs:" in text
 
 
+def test_mlflow_descriptions_say_collapsed_as_the_leaderboard_does(runs):
+    """The parent runs' Description carries the leaderboard's verdict word for word: a method all of whose runs
+    collapsed reads "collapsed", and the collapsed reference says that no comparison against it means anything."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{runs['collapse'] / 'mlflow.db'}")
+    [experiment] = [e for e in client.search_experiments() if e.name == "digits-mlp"]
+    notes = {r.data.tags["regbench.parent"]: r.data.tags.get("mlflow.note.content", "")
+             for r in client.search_runs([experiment.experiment_id], "tags.`regbench.parent` != ''")}
+    assert notes["dropout"].startswith("collapsed"), notes["dropout"]
+    assert notes["baseline"].startswith("collapsed in every run"), notes["baseline"]
+
+
 def test_the_per_seed_figure_of_a_collapse_draws_chance_from_zero_and_marks_each_run(runs):
     from regbench import degenerate, figures, report, stats
     from regbench.store import load_spec, open_storage
