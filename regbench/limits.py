@@ -177,6 +177,13 @@ def _npz_file(value: str, name: str) -> None:
         raise ConfigError(f"${name} {value[:60]!r} is not a usable path; unset it or name the .npz subset file")
 
 
+def _user_name(value: str, name: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?", value):
+        raise ConfigError(f"${name} {value[:60]!r} is not a user name; unset it or fix it")
+
+
 # variable -> (the option it stands in for, whose kind checks it; or a check of its own)
 ENVIRONMENT = {
     "MLFLOW_TRACKING_URI": "--tracking-uri",
@@ -187,9 +194,11 @@ ENVIRONMENT = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": _http_int,
     "SLURM_CPUS_PER_TASK": _count,  # copied to a local worker's OMP_NUM_THREADS
     "REGBENCH_CIFAR10_SUBSET": _npz_file,  # the suites' offline CIFAR-10 subset (tests and CI)
+    "SUDO_USER": _user_name,  # `regbench postgres` as root runs the server as this user
 }
 # Read by regbench but any value is fine: compared with a fixed word (a flag), never parsed.
 ENVIRONMENT_FLAGS = ("MLFLOW_ALLOW_FILE_STORE", "REGBENCH_PER_GPU_CHILD", "SUBMITIT_EXECUTOR", "OMP_NUM_THREADS",
+                     "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID",  # only named in a worker's label
                      "REGBENCH_FAULT_FILL")  # the last: read only with REGBENCH_FAULT_AT's ':full', checked there
 
 

@@ -476,12 +476,13 @@ def hostile_environment(tmp: Path) -> dict[str, list[str]]:
         "MLFLOW_HTTP_REQUEST_TIMEOUT": numbers,
         "SLURM_CPUS_PER_TASK": [*numbers, "0", "100000"],
         "REGBENCH_CIFAR10_SUBSET": ["\x01", "x" * 5000],
+        "SUDO_USER": ["a b", "-rf", "\x01", "x" * 40, "../etc"],
     }
 
 
 BENIGN = {"MLFLOW_TRACKING_URI": "sqlite:///{tmp}/m.db", "REGBENCH_DATA": "{tmp}/data", "REGBENCH_FAULT_AT": "",
           "CUDA_VISIBLE_DEVICES": "0,1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-          "SLURM_CPUS_PER_TASK": "4", "REGBENCH_CIFAR10_SUBSET": "{tmp}/subset.npz"}
+          "SLURM_CPUS_PER_TASK": "4", "REGBENCH_CIFAR10_SUBSET": "{tmp}/subset.npz", "SUDO_USER": "alice"}
 
 
 @pytest.mark.parametrize("name", list(limits.ENVIRONMENT))
