@@ -243,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.compile:  # no C++ compiler / no Triton: one line before any work
                 from regbench.engine import check_compile
                 check_compile(args.device)
-            return commands.run_command(args, _default_data_dir(), shlex.join(["regbench", *argv]))
+            from regbench import run
+
+            return run.run_command(args, _default_data_dir(), shlex.join(["regbench", *argv]))
         if args.command == "list":
             return commands.list_command(args.what)
         if args.command == "data":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from regbench import faults, registry
 from regbench import tracking as _tracking
-from regbench.config import GENERIC_RECIPE, RECIPES, RunConfig, parse_sets
+from regbench.config import RunConfig
 from regbench.errors import ConfigError, RegbenchError
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -65,126 +65,6 @@ def check_attach(method_name: str, hparams: dict, model_name: str, dataset, mode
     except RegbenchError as exc:
         raise type(exc)(f"method {method_name!r} on model {model_name!r}: {exc}") from None
 
-
-def run_command(args, default_data_dir: str, command_line: str) -> int:
-    from regbench import models
-
-    methods = _parse_methods(args.methods)
-    overrides = parse_sets(args.sets, methods)
-    hparams = {m: registry.method_class(m).resolve(overrides.get(m, {})) for m in methods}
-    dataset = registry.dataset(args.dataset)
-    augment = args.augment or getattr(dataset, "default_augment", "none")
-    from regbench.datasets.base import check_augment
-    check_augment(augment, dataset.input_shape, args.dataset)  # e.g. crop_flip on 1-D signals: fail before any work
-    model = args.model or dataset.default_model
-    models.create_model(model, dataset.num_classes, dataset.input_shape)  # fails early on an unknown/unfit model
-    for m in methods:
-        check_attach(m, hparams[m], model, dataset)
-    if args.shift:
-        from regbench.datasets import shift as shift_sets
-        shift_sets.check(args.shift, args.dataset)
-    seeds = _parse_seeds(args.seeds)
-    rules = _tuning_rules(args, methods)  # bad --trials/--budget-epochs/… fail before any storage is opened
-    _checkpoint_options(args, Path("."))
-    if getattr(args, "parallel_seeds", 1) < 1:
-        raise ConfigError(f"--parallel-seeds must be at least 1 (1 = one seed at a time), got {args.parallel_seeds}")
-    if getattr(args, "parallel_seeds", 1) > len(seeds):
-        raise ConfigError(f"--parallel-seeds {args.parallel_seeds} is more than the {len(seeds)} seed(s) queued "
-                          f"(--seeds {args.seeds}); use --parallel-seeds {len(seeds)} or more --seeds")
-    _check_device(args.device)
-    recipe = {**GENERIC_RECIPE, **RECIPES.get(args.dataset, {})}
-    for option in ("epochs", "batch_size", "lr", "optimizer", "schedule"):
-        if getattr(args, option) is not None:
-            recipe[option] = getattr(args, option)
-    data_dir = Path(args.data_dir or default_data_dir).expanduser()
-    base = RunConfig(method="baseline", dataset=args.dataset, model=model, train_size=args.train_size, shift=args.shift,
-                     train_per_class=args.train_per_class, augment=augment,
-                     train_acc_sample=getattr(args, "train_acc_sample", None),
-                     weight_decay=args.weight_decay, device=args.device, data_dir=str(data_dir),
-                     compile=getattr(args, "compile", False), **recipe)
-    name = args.name or f"{args.dataset}-{model}"
-    if not _NAME_OK.match(name):
-        raise ConfigError(f"benchmark name {name!r} may use letters, digits, '_', '-' and '.' only; pass --name")
-    out = Path(args.out or Path("runs") / name)
-    from regbench.statefiles import check_output_entries
-
-    check_output_entries(out)  # OUT a file, OUT/regbench.db a folder, a symlink loop, ...: refused before any work
-    storage_url = args.storage
-    storage = None
-    if storage_url:  # opened before anything is written, so a bad URL leaves the output dir untouched
-        from regbench.store import open_storage, safe_url
-        storage = open_storage(storage_url)
-        command_line = command_line.replace(storage_url, safe_url(storage_url))  # the header must not leak it
-    options = {"train_per_class": args.train_per_class, "augment": args.augment}  # only those given: old plugins
-    splits = dataset.load(data_dir, split_seed=base.split_seed, train_size=args.train_size,
-                          **{k: v for k, v in options.items() if v is not None})
-    sample, n_train = getattr(args, "train_acc_sample", None), len(splits.y_train)
-    if sample is not None and sample > n_train:  # a relation between values: the sample is drawn from the split
-        raise ConfigError(f"--train-acc-sample {sample} is more than the {n_train} images of the train split; pass "
-                          f"at most {n_train} (or leave it out: the whole split)")
-    # The split's hash is keyed: a run is identified by the exact indices it trained on (saved under OUT/splits/).
-    base = base.replace(split_hash=splits.split_hash, augment=getattr(splits, "augment", "none"))
-    if args.shift:
-        import dataclasses
-
-        from regbench.datasets import shift as shift_sets
-        splits = dataclasses.replace(splits, shift=shift_sets.load(args.shift, data_dir, splits))
-    from regbench import plans, protocol, runner
-    from regbench.store import OutputLock, default_storage_url, load_spec, open_storage
-
-    bench = protocol.Benchmark(name=name, base=base, fixed={m: _typed_sets(m, overrides.get(m, {})) for m in methods},
-                            seeds=seeds, protocol=rules, command=command_line)
-    # An invalid hparam from a search space, an arm left nothing to tune, or a rerun that changes the protocol the
-    # name binds (without --supersede) fail here, before any write.
-    protocol.check_search_spaces(bench, check=lambda m, hp: check_attach(m, hp, model, dataset))
-    plans.check_fair(bench)
-    plans.check_rerun(plans.stored_spec(storage, out, name), bench, getattr(args, "supersede", False))
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"cannot write to output dir {out}: {exc.strerror}; choose another --out") from None
-    _check_checkpoints(out / "checkpoints")
-    with OutputLock(out):
-        owned = storage is None
-        if storage is None:
-            storage_url = default_storage_url(out)
-            storage = open_storage(storage_url)
-        splits.save_indices(out / "splits" / f"{args.dataset}-{splits.split_hash[:12]}.json")
-        tracking_uri = tracking_uri_for(getattr(args, "tracking_uri", None), out=out)
-        bench.extra = {"split_hash": splits.split_hash, "storage": _safe(storage_url),
-                       "tracking_uri": _safe(tracking_uri)}
-        previous = load_spec(storage, name) or {}
-        if "heartbeat" in previous:  # a stored heartbeat setting is the benchmark's, not this command's
-            bench.extra["heartbeat"] = previous["heartbeat"]
-        replace = getattr(args, "supersede", False)  # the protocol is checked again under the lock
-        superseding = plans.adopt(previous, bench, *plans.check_rerun(previous, bench, replace), replace)
-        apply_heartbeat(storage, bench)
-        protocol.save_spec(storage, bench)  # first: a worker of a superseded plan stops before its next claim
-        if not owned:  # OUT names the shared store, so status/report/export OUT find it (the password is not kept)
-            write_pointer(out, storage_url, name)
-        if owned:  # we hold the output dir's lock, so a RUNNING trial in its store belongs to a dead process
-            runner.fail_dead_trials(storage, protocol.study_names(bench))
-        if superseding:  # the old plan's queued runs are cancelled, never trained; what was superseded is said
-            print(plans.supersede(storage, previous, bench, owned), file=sys.stderr, flush=True)
-            protocol.save_spec(storage, bench)
-            plans.retire_mlflow(tracking_uri, bench, lambda msg: print(msg, file=sys.stderr, flush=True))
-        if args.plan_only:
-            print(f"Planned benchmark {name!r} in {_safe(storage_url)}; join it with: regbench worker --storage "
-                  f"{_safe(storage_url)} --name {name}  (or regbench launch --name {name} --workers N ...); runs "
-                  f"are mirrored to MLflow at {_safe(tracking_uri)}")
-            return 0
-        # Checkpoints live with the store: a rerun of this command (the retry of a killed trial) finds them.
-        work(storage, bench, splits, tracking_uri, quiet=args.quiet,
-             checkpoints=_checkpoint_options(args, out / "checkpoints"), parallel_seeds=args.parallel_seeds)
-        path = _write_report(storage, name, out, tracking_uri)
-    print(path.read_text())
-    print(f"Leaderboard: {path}")
-    print(f"Store: {_safe(storage_url)}")
-    print(f"MLflow UI: {_tracking.ui_command(tracking_uri)}")
-    return 0
 
 
 def _safe(url: str) -> str:

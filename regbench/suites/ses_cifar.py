@@ -8,7 +8,7 @@ Arms: baseline, SES, spectral norm (Table 5; defaults of methods/spectral_norm.p
 iteration) and SES+SN. Nothing is tuned: the paper fixes every hyperparameter, so the protocol runs with 0 trials.
 
 Every run goes through the harness's protocol (regbench/protocol.py and regbench/runner.py: one Optuna trial per run in ``OUT/ses-cifar-store``,
-finals over seeds, read back from the store), exactly as ``regbench run`` builds it (commands.run_command), with the
+finals over seeds, read back from the store), exactly as ``regbench run`` builds it (run.run_command), with the
 shift set of each dataset evaluated after training: official CIFAR-10-C / CIFAR-100-C when present, else the
 ``*_c_style`` set generated from the test split (the report says which). Full mode needs a CUDA GPU and the official
 CIFAR files; ``--smoke`` runs the same pipeline on CPU on real CIFAR-10 images from the shared subset
