@@ -24,7 +24,7 @@ BAD = {
     "storage folder": (["--methods", "ses", "--storage", "sqlite:////no/such/dir/x.db"], "does not exist"),
     "storage not a url": (["--methods", "ses", "--storage", "just words"], "not a URL"),
     "seeds": (["--methods", "ses", "--seeds", "three"], "--seeds 'three'"),
-    "epochs": (["--methods", "ses", "--epochs", "0"], "--epochs must be at least 1"),
+    "epochs": (["--methods", "ses", "--epochs", "0"], "--epochs 0 is outside 1..100000"),
     "train size": (["--methods", "ses", "--train-size", "5"], "train_size must be between 10"),
     "benchmark name": (["--methods", "ses", "--name", "a:b"], "benchmark name 'a:b'"),
     "unknown layer rule": (["--methods", "ses", "--set", "ses.layers=everything"], "layer rule 'everything': unknown"),
@@ -68,7 +68,7 @@ BAD = {
                                  "--augment crop_flip needs image inputs (C, H, W), but dataset 'mnist1d'"),
     "train size and per class": (["--methods", "ses", "--train-size", "300", "--train-per-class", "5"],
                                  "give --train-size or --train-per-class, not both"),
-    "train per class 0": (["--methods", "ses", "--train-per-class", "0"], "--train-per-class must be at least 1"),
+    "train per class 0": (["--methods", "ses", "--train-per-class", "0"], "--train-per-class 0 is outside 1.."),
     "train per class too many": (["--methods", "ses", "--train-per-class", "10000"],
                                  "train_per_class must be between 1 and"),
 }

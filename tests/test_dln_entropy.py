@@ -119,8 +119,10 @@ def test_singular_values_keep_full_float64_accuracy_when_ill_conditioned(shape):
 @pytest.mark.parametrize("shape", [(40, 200), (3, 64, 576), (2, 32, 32), (30, 12)])
 def test_gram_route_vectors_give_the_svd_values_and_gradient_down_to_1e_6(shape):
     """The CUDA route (eigenvectors of a·aᵀ, sync-free there) run on the CPU: σ from 1 down to 1e-6·σ_max, as the
-    QR + SVD route within 1e-9 relative, gradients within 1e-4 of their largest entry (a vector of a close pair of
-    small σ² is resolved to eps·σ_max²/gap only, and the gradient U diag(g) Vᵀ sees it); below, the documented limit."""
+    QR + SVD route within 1e-8 relative (7.5e-10 at worst here, on the 64×576 batch; the LAPACK build and its thread
+    count move the last digits, so 1e-9 was too close), gradients within 1e-4 of their largest entry (a vector of a
+    close pair of small σ² is resolved to eps·σ_max²/gap only, and the gradient U diag(g) Vᵀ sees it); below, the
+    documented limit."""
     torch.manual_seed(3)
     *batch, rows, cols = shape
     k = min(rows, cols)
@@ -130,13 +132,14 @@ def test_gram_route_vectors_give_the_svd_values_and_gradient_down_to_1e_6(shape)
     m = ((u * sigma) @ v.mT).requires_grad_()
     a = short_side(m)
     got, ref = singular_values(a, left_vectors(a, "gram")), singular_values(a, left_vectors(a, "svd"))
-    assert (((got - ref) / ref).abs() < 1e-9).all()
+    assert (((got - ref) / ref).abs() < 1e-8).all()
     assert torch.all(got[..., :-1] >= got[..., 1:])  # descending, as the SVD route
     weights = torch.randn_like(got)
     g_got, = torch.autograd.grad((weights * got).sum(), m)
     g_ref, = torch.autograd.grad((weights * ref).sum(), m)
     assert (g_got - g_ref).abs().max() < 1e-4 * g_ref.abs().max()
-    assert dln_entropy(got, 3).sub(dln_entropy(ref, 3)).abs().max() < 1e-9
+    # S̃ sums k(k−1)/2 log terms (2016 for k = 64): 1e-8 absolute is ~1e-11 of it (1.05e-9 seen in a test worker)
+    assert dln_entropy(got, 3).sub(dln_entropy(ref, 3)).abs().max() < 1e-8
 
 
 def test_vector_route_is_sync_free_gram_on_cuda_and_full_accuracy_svd_elsewhere():

@@ -186,7 +186,7 @@ def test_cli_rejects_parallel_seeds_below_one(tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["run", "--methods", "baseline", "--parallel-seeds", "0", "--out", str(out), "--quiet"])
     assert code == 2
-    assert "--parallel-seeds must be at least 1" in capsys.readouterr().err
+    assert "--parallel-seeds 0 is outside 1..10000" in capsys.readouterr().err
     assert not out.exists()
 
 
