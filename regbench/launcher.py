@@ -223,26 +223,19 @@ def _comment(storage_url: str, name: str) -> str:
 
 # ---- the jobs -------------------------------------------------------------------------------------------------------
 
-SETTLE_S = 20.0  # seconds a job must read as ended before launch takes it as ended
-
-
 class _SlurmJobs:
     def __init__(self, ids: list[str], folder: Path):
         self.ids, self.folder = ids, folder
         self.states: dict[str, slurm.JobState] = {}
-        self._ended_since: dict[str, float] = {}
+        self._ended_before: set[str] = set()
 
     def poll(self) -> bool:
-        """Refresh; True while any job is queued or running. A job is taken as ended once every poll for SETTLE_S
-        seconds (and at least two polls) said so: a job requeueing itself passes through states that read as ended
-        for a moment, longer on a loaded controller."""
-        import time
-
+        """Refresh; True while any job is queued or running. A job is taken as ended once two polls in a row say so:
+        a job requeueing itself passes through states that read as ended for a moment."""
         self.states = slurm.job_states(self.ids)
-        now = time.monotonic()
         ended = {i for i, s in self.states.items() if not s.active}
-        self._ended_since = {i: self._ended_since.get(i, now) for i in ended}
-        settled = {i for i, t in self._ended_since.items() if t < now and now - t >= SETTLE_S}
+        settled = ended & self._ended_before
+        self._ended_before = ended
         return len(settled) < len(self.ids)
 
     def summary(self) -> str:
