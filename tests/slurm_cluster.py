@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 PROGRAMS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol", "srun")
+CRED_EXPIRE_S = 10  # how long Slurm holds a requeued job (see AuthInfo below)
 SBIN = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
 
@@ -90,7 +91,9 @@ class Cluster:
             f"SlurmctldHost={self.host}(127.0.0.1)",
             f"SlurmctldPort={free_port()}",
             f"SlurmdPort={free_port()}",
-            f"AuthInfo=socket={f / 'munge' / 'munge.socket'}",
+            # cred_expire: a requeued job is held until its old credential expires (Slurm's default 120 s; a job
+            # started sooner is killed, "Job credential revoked"); 10 s keeps the requeue tests short.
+            f"AuthInfo=socket={f / 'munge' / 'munge.socket'},cred_expire={CRED_EXPIRE_S}",
             "SlurmUser=root", "SlurmdUser=root",
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
             "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",

@@ -293,8 +293,10 @@ def test_the_warning_before_the_time_limit_saves_requeues_and_finishes(tmp_path,
     """Slurm signals USR2 to the job's steps 90 s before its time limit (--signal=USR2@90, as submitted): the worker
     stops at a safe point (its trial saved, a copy queued to resume), the job requeues itself and the rerun job
     finishes the benchmark. The signal is sent here as Slurm sends it (scancel --signal=USR2 to the steps), once a
-    trial is running; and the hold Slurm puts on a requeued job (2 minutes) is released."""
-    store = plan(cluster, tmp_path, "tl", "baseline", "0", "1", "3")
+    trial is running. The requeued job waits out Slurm's hold (until the old run's credential expires: cred_expire,
+    10 s on the test cluster); releasing it sooner gets the job killed at start ("Job credential revoked": FAILED,
+    seen under load), so nothing here hurries it. Twelve epochs keep the trial running long enough to be caught."""
+    store = plan(cluster, tmp_path, "tl", "baseline", "0", "1", "12")
     launch = regbench(cluster, "launch", "--name", "tl", "--out", str(tmp_path / "tl"), "--slurm", "cpu",
                       "--workers", "1", "--time", "10", "--progress-seconds", "5", cwd=tmp_path,
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -307,7 +309,6 @@ def test_the_warning_before_the_time_limit_saves_requeues_and_finishes(tmp_path,
 
     info = wait_for("the job requeued", requeued, timeout=120)
     assert info["Reason"] == "BeginTime", info
-    cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=True)
     out, err = launch.communicate(timeout=300)
     assert launch.returncode == 0, err
     assert "| baseline | 1 |" in out
