@@ -2,75 +2,15 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 
-from regbench import faults, registry
+from regbench import faults, inputs, registry
 from regbench import tracking as _tracking
 from regbench.config import RunConfig
 from regbench.errors import ConfigError, RegbenchError
-
-_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
-
-def _parse_methods(text: str) -> list[str]:
-    names = ["+".join(part.strip() for part in n.split("+")) for n in text.split(",") if n.strip()]
-    if not names:
-        raise ConfigError(f"--methods {text!r} names no method; e.g. --methods ses,shade "
-                          f"(choices: {', '.join(registry.method_names())})")
-    seen: list[str] = []
-    for n in names:
-        registry.method_class(n)  # unknown names fail here, with the valid choices
-        if n not in seen:
-            seen.append(n)
-    return seen if "baseline" in seen else ["baseline", *seen]
-
-
-def _parse_seeds(text: str) -> list[int]:
-    from regbench.limits import parse_seeds  # the ranges every seed is checked against, flag or stored plan
-
-    return parse_seeds(text)
-
-
-def _check_device(device: str) -> None:
-    import torch
-
-    if device == "auto" or device == "cpu":
-        return
-    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
-        count, index = torch.cuda.device_count(), int(device[5:] or 0)
-        if index >= count:
-            raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1}); "
-                              f"pick one of those, or --device cpu")
-        return
-    raise ConfigError(f"--device {device!r} is not one of: auto, cpu, cuda, cuda:N")
-
-
-def check_attach(method_name: str, hparams: dict, model_name: str, dataset, model_kwargs: dict | None = None) -> None:
-    """Attach the method to a throwaway model before anything is written, so a layer rule that is unknown or selects
-    nothing on this model, or a model option the model rejects, fails now in one line instead of mid-benchmark."""
-    from regbench import engine, models
-
-    method = registry.build_method(method_name, hparams)
-    try:
-        model = models.create_model(model_name, dataset.num_classes, dataset.input_shape,
-                                    **{**(model_kwargs or {}), **method.model_options()})
-        capture = engine.ActivationCapture(model)
-        method.attach(model, engine.ModelContext(model, capture, dataset.num_classes, dataset.input_shape))
-        method.detach(model)
-        capture.remove()
-    except RegbenchError as exc:
-        raise type(exc)(f"method {method_name!r} on model {model_name!r}: {exc}") from None
-
-
-
-def _safe(url: str) -> str:
-    from regbench.store import safe_url
-
-    return safe_url(url)
+from regbench.statefiles import POINTER_FILE
+from regbench.store import safe_url
 
 
 def tracking_uri_for(option: str | None, bench=None, out: Path | None = None, default_in_out: bool = True) -> str | None:
@@ -93,7 +33,7 @@ def not_mirrored(storage_url: str, name: str) -> str:
     """The one line a command prints when it has nowhere to mirror to."""
     return (f"regbench: note: runs are not mirrored to MLflow (no --tracking-uri, MLFLOW_TRACKING_URI is unset and "
             f"benchmark {name!r} recorded none usable here); the store keeps them: mirror them later with `regbench "
-            f"sync-mlflow --storage {_safe(storage_url)} --name {name} --tracking-uri URI`")
+            f"sync-mlflow --storage {safe_url(storage_url)} --name {name} --tracking-uri URI`")
 
 
 def apply_heartbeat(storage, bench) -> None:
@@ -103,9 +43,6 @@ def apply_heartbeat(storage, bench) -> None:
     beat = bench.extra.get("heartbeat")
     if beat and hasattr(storage, "grace_period"):  # RDB storages; the journal file has no heartbeat
         storage.heartbeat_interval, storage.grace_period = int(beat["interval"]), int(beat["grace"])
-
-
-from regbench.statefiles import POINTER_FILE, write_pointer  # noqa: E402,F401 (OUT/store.json: absolute, atomic)
 
 
 def benchmark_name(args, command: str) -> tuple[str, str | None]:
@@ -124,54 +61,13 @@ def benchmark_name(args, command: str) -> tuple[str, str | None]:
     return args.name, None
 
 
-def _typed_sets(method: str, overrides: dict) -> dict:
-    """--set values typed like the defaults (resolve does the typing and range checks), only the names given."""
-    resolved = registry.method_class(method).resolve(overrides)
-    return {k: resolved[k] for k in overrides}
-
-
-def _checkpoint_options(args, directory: Path) -> dict:
-    """Mid-run checkpoint settings for runner.Runner, checked before anything is written."""
-    seconds = getattr(args, "checkpoint_every_seconds", 60.0)
-    if not seconds >= 0:  # also NaN
-        raise ConfigError(f"--checkpoint-every-seconds must be >= 0 (0 = after every epoch), got {seconds}")
-    return {"checkpoint_dir": directory, "checkpoint_seconds": seconds,
-            "keep_checkpoints": bool(getattr(args, "keep_checkpoints", False))}
-
-
-def _check_checkpoints(directory: Path) -> None:
-    """An unreadable checkpoint (truncated, or holding a pickled object) fails the command before the store is opened,
-    so the output dir is left as it was, rather than failing its run midway through the benchmark.
-    Whether a readable one fits its run (key, format, device) is decided when that run starts (checkpoint.load)."""
-    import warnings
-
-    import torch
-
-    from regbench import checkpoint
-
-    for path in sorted(directory.glob("*.pt")) if directory.is_dir() else []:
-        if not path.is_file():  # a folder, a broken link or a symlink loop where a checkpoint belongs
-            raise ConfigError(f"checkpoint {path} is not a regular file (a folder, or a broken or looping link); "
-                              f"remove it to start that run over")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # here only readability counts; a mismatch warns when its run starts
-            checkpoint.load(path, path.stem, torch.device("cpu"))
-
-
-def _tuning_rules(args, methods: list[str]):
-    from regbench.plans import tuning_rules
-
-    return tuning_rules(args, methods)  # fair tuning unless opted out (--no-tune-shared, --untuned)
-
-
 def work(storage, bench, splits, tracking_uri: str | None, quiet: bool = False, wait: bool = True,
          checkpoints: dict | None = None, parallel_seeds: int = 1, worker: str | None = None) -> None:
     """Run this process's share of a benchmark's trials, one line each, mirrored to MLflow as they finish.
-    ``checkpoints``: Runner's checkpoint_dir / checkpoint_seconds / keep_checkpoints (see _checkpoint_options).
+    ``checkpoints``: Runner's checkpoint_dir / checkpoint_seconds / keep_checkpoints (see inputs.checkpoint_options).
     ``worker``: this worker's identity (None for `regbench run`), which seeds its own sampler
     (runner.worker_sampler_seed)."""
     from regbench import record, runner, status, tracking
-
     from regbench.progress import Progress
 
     progress = not quiet and sys.stderr.isatty()
@@ -231,7 +127,7 @@ def _warn(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _write_report(storage, name: str, out: Path, tracking_uri: str | None) -> Path:
+def write_report(storage, name: str, out: Path, tracking_uri: str | None) -> Path:
     from regbench import report, tracking
 
     paths = report.write_report(storage, name, out)
@@ -241,7 +137,7 @@ def _write_report(storage, name: str, out: Path, tracking_uri: str | None) -> Pa
     return paths[0]
 
 
-def _load_benchmark(storage, name: str):
+def load_benchmark(storage, name: str):
     import optuna
 
     from regbench import protocol
@@ -290,7 +186,7 @@ def worker_command(args, default_data_dir: str, argv: list[str] | None = None) -
     if per_gpu > 1:
         from regbench.launch import run_per_device
 
-        bench = _load_benchmark(open_storage(args.storage), name)  # one line here, not one per child
+        bench = load_benchmark(open_storage(args.storage), name)  # one line here, not one per child
         if deprecated:
             print(deprecated, file=sys.stderr)
         child = [*_without_option(_without_option(argv or [], "--per-gpu"), "--benchmark"), "--name", name]
@@ -305,14 +201,14 @@ def worker_command(args, default_data_dir: str, argv: list[str] | None = None) -
     if not getattr(args, "checkpoint_dir", None):  # the default, next to --data-dir: usable before any trial trains
         from regbench.arguments import OUTPUT_DIR
         OUTPUT_DIR.check(str(checkpoint_dir), "--checkpoint-dir (default: next to the --data-dir)")
-    checkpoints = _checkpoint_options(args, checkpoint_dir.expanduser())
+    checkpoints = inputs.checkpoint_options(args, checkpoint_dir.expanduser())
     storage = open_storage(args.storage)
-    bench = _load_benchmark(storage, name)
+    bench = load_benchmark(storage, name)
     if deprecated and not os.environ.get("REGBENCH_PER_GPU_CHILD"):
         print(deprecated, file=sys.stderr)
     apply_heartbeat(storage, bench)
     if args.device:
-        _check_device(args.device)
+        inputs.check_device(args.device)
         bench.base = bench.base.replace(device=args.device)
     splits = load_splits(bench.base, data_dir)
     want = bench.extra.get("split_hash")
@@ -382,7 +278,7 @@ def _stored_benchmark(args):
     """(storage, name, Benchmark) for a command given OUT and/or --storage/--name (status, sync-mlflow)."""
     storage, pointed = open_store(args.out, args.storage)
     name = _only_benchmark(storage, args.name or pointed)
-    return storage, name, _load_benchmark(storage, name)
+    return storage, name, load_benchmark(storage, name)
 
 
 def open_store(out, storage_url: str | None):
@@ -520,7 +416,7 @@ def report_command(args) -> int:
             continue
         name = names[0]
         paths = report.write_report(storage, name, out, margin_pp=args.margin, latex=latex)
-        uri = tracking_uri_for(getattr(args, "tracking_uri", None), _load_benchmark(storage, name), out,
+        uri = tracking_uri_for(getattr(args, "tracking_uri", None), load_benchmark(storage, name), out,
                                default_in_out=False)
         if uri is None:
             print(f"regbench: note: the leaderboard is not attached to MLflow (no --tracking-uri, MLFLOW_TRACKING_URI "
@@ -541,7 +437,9 @@ def report_command(args) -> int:
 
 def export_command(args) -> int:
     """OUT/results.csv (or .parquet): one row per final run, for pandas."""
-    from regbench import tidy  # not report: export needs neither the statistics nor the figures
+    from regbench import (
+        tidy,  # not report: export needs neither the statistics nor the figures
+    )
 
     out = Path(args.out)
     from regbench.statefiles import check_output_entries

@@ -48,7 +48,7 @@ def launch_command(args, default_data_dir: str) -> int:
     out = Path(args.out or Path("runs") / name)
     storage_url = args.storage or default_storage_url(out)
     storage = open_storage(storage_url)
-    bench = commands._load_benchmark(storage, name)  # fails in one line before any job starts
+    bench = commands.load_benchmark(storage, name)  # fails in one line before any job starts
     if deprecated:
         print(deprecated, file=sys.stderr)
     if args.progress_seconds is not None and not args.progress_seconds > 0:
@@ -429,7 +429,7 @@ def _left(storage, bench) -> list[str]:
 
 def _leaderboard(storage, name: str, out: Path, tracking_uri: str | None) -> int:
     out.mkdir(parents=True, exist_ok=True)
-    path = commands._write_report(storage, name, out, tracking_uri)
+    path = commands.write_report(storage, name, out, tracking_uri)
     print(path.read_text())
     print(f"Leaderboard: {path.resolve()}")
     return 0

@@ -11,25 +11,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from regbench import registry
-from regbench.commands import (
-    _NAME_OK,
-    _check_checkpoints,
-    _check_device,
-    _checkpoint_options,
-    _parse_methods,
-    _parse_seeds,
-    _safe,
-    _tuning_rules,
-    _typed_sets,
-    _write_report,
-    apply_heartbeat,
-    check_attach,
-    tracking_uri_for,
-    work,
-    write_pointer,
-)
+from regbench.commands import apply_heartbeat, tracking_uri_for, work, write_report
 from regbench.config import GENERIC_RECIPE, RECIPES, RunConfig, parse_sets
 from regbench.errors import ConfigError
+from regbench.inputs import (
+    NAME_OK,
+    check_attach,
+    check_checkpoints,
+    check_device,
+    checkpoint_options,
+    parse_methods,
+    typed_sets,
+)
+from regbench.limits import parse_seeds
+from regbench.plans import tuning_rules
+from regbench.statefiles import write_pointer
+from regbench.store import safe_url
 
 
 @dataclass
@@ -69,14 +66,14 @@ def run_command(args, default_data_dir: str, command_line: str) -> int:
     with OutputLock(request.out):
         storage, storage_url, tracking_uri = record_plan(request, bench, splits)
         if request.plan_only:
-            print(f"Planned benchmark {request.name!r} in {_safe(storage_url)}; join it with: regbench worker "
-                  f"--storage {_safe(storage_url)} --name {request.name}  (or regbench launch --name {request.name} "
-                  f"--workers N ...); runs are mirrored to MLflow at {_safe(tracking_uri)}")
+            print(f"Planned benchmark {request.name!r} in {safe_url(storage_url)}; join it with: regbench worker "
+                  f"--storage {safe_url(storage_url)} --name {request.name}  (or regbench launch --name {request.name} "
+                  f"--workers N ...); runs are mirrored to MLflow at {safe_url(tracking_uri)}")
             return 0
         # Checkpoints live with the store: a rerun of this command (the retry of a killed trial) finds them.
         work(storage, bench, splits, tracking_uri, quiet=request.quiet, parallel_seeds=request.parallel_seeds,
              checkpoints=checkpoint_settings(request))
-        path = _write_report(storage, request.name, request.out, tracking_uri)
+        path = write_report(storage, request.name, request.out, tracking_uri)
     print_outcome(path, storage_url, tracking_uri)
     return 0
 
@@ -88,7 +85,7 @@ def resolve(args, default_data_dir: str, command_line: str) -> RunRequest:
     from regbench.datasets.base import check_augment
     from regbench.statefiles import check_output_entries
 
-    methods = _parse_methods(args.methods)
+    methods = parse_methods(args.methods)
     overrides = parse_sets(args.sets, methods)
     hparams = {m: registry.method_class(m).resolve(overrides.get(m, {})) for m in methods}
     dataset = registry.dataset(args.dataset)
@@ -101,15 +98,15 @@ def resolve(args, default_data_dir: str, command_line: str) -> RunRequest:
     if args.shift:
         from regbench.datasets import shift as shift_sets
         shift_sets.check(args.shift, args.dataset)
-    seeds = _parse_seeds(args.seeds)
-    rules = _tuning_rules(args, methods)  # bad --trials/--budget-epochs/… fail before any storage is opened
-    _checkpoint_options(args, Path("."))
+    seeds = parse_seeds(args.seeds)
+    rules = tuning_rules(args, methods)  # bad --trials/--budget-epochs/… fail before any storage is opened
+    checkpoint_options(args, Path("."))
     if args.parallel_seeds < 1:
         raise ConfigError(f"--parallel-seeds must be at least 1 (1 = one seed at a time), got {args.parallel_seeds}")
     if args.parallel_seeds > len(seeds):
         raise ConfigError(f"--parallel-seeds {args.parallel_seeds} is more than the {len(seeds)} seed(s) queued "
                           f"(--seeds {args.seeds}); use --parallel-seeds {len(seeds)} or more --seeds")
-    _check_device(args.device)
+    check_device(args.device)
     recipe = {**GENERIC_RECIPE, **RECIPES.get(args.dataset, {})}
     recipe.update({k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "optimizer", "schedule")
                    if getattr(args, k) is not None})
@@ -119,7 +116,7 @@ def resolve(args, default_data_dir: str, command_line: str) -> RunRequest:
                      weight_decay=args.weight_decay, device=args.device, data_dir=str(data_dir),
                      compile=args.compile, **recipe)
     name = args.name or f"{args.dataset}-{model}"
-    if not _NAME_OK.match(name):
+    if not NAME_OK.match(name):
         raise ConfigError(f"benchmark name {name!r} may use letters, digits, '_', '-' and '.' only; pass --name")
     out = Path(args.out or Path("runs") / name)
     check_output_entries(out)  # OUT a file, OUT/regbench.db a folder, a symlink loop, ...: refused before any work
@@ -161,7 +158,7 @@ def plan(request: RunRequest):
     from regbench import plans, protocol
 
     bench = protocol.Benchmark(name=request.name, base=request.base, seeds=request.seeds, protocol=request.rules,
-                               fixed={m: _typed_sets(m, request.overrides.get(m, {})) for m in request.methods},
+                               fixed={m: typed_sets(m, request.overrides.get(m, {})) for m in request.methods},
                                command=request.command_line)
     protocol.check_search_spaces(bench, check=lambda m, hp: check_attach(m, hp, request.model, request.dataset))
     plans.check_fair(bench)
@@ -177,7 +174,7 @@ def prepare_output_dir(out: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"cannot write to output dir {out}: {exc.strerror}; choose another --out") from None
-    _check_checkpoints(out / "checkpoints")
+    check_checkpoints(out / "checkpoints")
 
 
 def record_plan(request: RunRequest, bench, splits):
@@ -194,7 +191,7 @@ def record_plan(request: RunRequest, bench, splits):
         storage = open_storage(storage_url)
     splits.save_indices(request.out / "splits" / f"{request.base.dataset}-{splits.split_hash[:12]}.json")
     tracking_uri = tracking_uri_for(request.tracking_uri, out=request.out)
-    bench.extra = {"split_hash": splits.split_hash, "storage": _safe(storage_url), "tracking_uri": _safe(tracking_uri)}
+    bench.extra = {"split_hash": splits.split_hash, "storage": safe_url(storage_url), "tracking_uri": safe_url(tracking_uri)}
     previous = load_spec(storage, request.name) or {}
     if "heartbeat" in previous:  # a stored heartbeat setting is the benchmark's, not this command's
         bench.extra["heartbeat"] = previous["heartbeat"]
@@ -224,5 +221,5 @@ def print_outcome(path: Path, storage_url: str, tracking_uri: str | None) -> Non
 
     print(path.read_text())
     print(f"Leaderboard: {path}")
-    print(f"Store: {_safe(storage_url)}")
+    print(f"Store: {safe_url(storage_url)}")
     print(f"MLflow UI: {tracking.ui_command(tracking_uri)}")

@@ -29,7 +29,7 @@ def run_benchmark(out, name: str, dataset: str, model: str, fixed: dict, recipe:
     ``commands.work``), into the store at ``out``; returns the final runs read back from the store
     (``tidy.runs_frame``: one row per method × seed). ``fixed``: method -> hparams (each method one arm);
     ``rules``: further ``protocol.TuningRules`` fields (pruner, startup trials, searched ranges)."""
-    from regbench import commands, protocol, registry, runner, tidy
+    from regbench import commands, inputs, protocol, registry, runner, tidy
     from regbench.config import RunConfig
     from regbench.datasets import shift as shift_sets
     from regbench.store import OutputLock, default_storage_url, load_spec, open_storage
@@ -49,7 +49,7 @@ def run_benchmark(out, name: str, dataset: str, model: str, fixed: dict, recipe:
     bench = protocol.Benchmark(name=name, base=base, fixed=fixed, seeds=list(seeds), protocol=tuning,
                                command=command)
     for method, hparams in fixed.items():  # a layer rule that selects nothing here fails before any write
-        commands.check_attach(method, registry.method_class(method).resolve(hparams), model, ds, base.model_kwargs)
+        inputs.check_attach(method, registry.method_class(method).resolve(hparams), model, ds, base.model_kwargs)
     protocol.check_search_spaces(bench)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
