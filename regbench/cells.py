@@ -18,7 +18,7 @@ def mean_cell(values: pd.Series, scale: float = 1.0, digits: int = 2, min_seeds:
         return "–"
     if len(v) < min_seeds:
         return f"{v.mean():.{digits}f}"  # the seeds column gives n; the legend says in words why no interval
-    low, high = stats._ci(v.to_numpy(), 0.05)
+    low, high = stats.t_ci(v.to_numpy(), 0.05)
     if low is None or not math.isfinite(low):  # every seed equal: no spread, the interval is the point
         return f"{v.mean():.{digits}f} ± 0"
     return f"{v.mean():.{digits}f} ± {(high - low) / 2:.{digits}f}"

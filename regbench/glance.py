@@ -131,7 +131,7 @@ def _stacked_png(df, table, reference: str, margin_pp: float) -> bytes:
         others = rows[rows.method != reference]
         if len(others):
             others = others.assign(label=[f"{r.method}  {cells.delta_text(r)}" for r in others.itertuples()])
-            paths.append(figures.paired_differences(report_figures._pairs(df, reference), others, margin_pp,
+            paths.append(figures.paired_differences(report_figures.paired_frame(df, reference), others, margin_pp,
                                                     Path(folder) / "b.png", reference=reference))
         images = [Image.open(p).convert("RGB") for p in paths]
         width = max(i.width for i in images)

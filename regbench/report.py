@@ -27,7 +27,7 @@ from regbench.cells import mean_cell, timing_cell
 from regbench.cells import num as _num
 from regbench.cells import p_text as _p
 from regbench.errors import ConfigError, RegbenchError
-from regbench.report_figures import _blocks
+from regbench.report_figures import seed_blocks
 from regbench.store import load_spec, plan_finals, selection, trials_of
 from regbench.tidy import RECIPE, export_frame, runs_frame
 
@@ -225,7 +225,7 @@ def _calibration(df: pd.DataFrame, methods: list[str]) -> list[str]:
 
 def _robustness(df: pd.DataFrame, methods: list[str]) -> list[str]:
     """Per corruption (rows) and method (columns): accuracy % at severities 1…5, seed means."""
-    blocks = _blocks(df)
+    blocks = seed_blocks(df)
     if blocks.empty:
         return []
     means = blocks.groupby(["corruption", "method", "severity"])["acc"].mean().mul(100)
@@ -362,7 +362,7 @@ def parent_results(storage, benchmark: str) -> dict[str, dict]:
             if values.empty:
                 continue
             metrics[name] = float(values.mean())
-            low, high = stats._ci(values.to_numpy(float), 0.05, stats.MIN_SEEDS)
+            low, high = stats.t_ci(values.to_numpy(float), 0.05, stats.MIN_SEEDS)
             if low is not None and math.isfinite(low):
                 metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = low, high
         if table is not None and method in table.index and method != REFERENCE:

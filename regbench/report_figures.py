@@ -41,7 +41,7 @@ def section(df: pd.DataFrame, table, curve: pd.DataFrame, folder: Path, written:
     collapsed = set(df.method[df.degenerate.astype(bool)]) if "degenerate" in df else set()
     chance = degenerate.chance_level(df)
     if table is not None and len(table) > 1:
-        embed(figures.paired_differences(_pairs(df, reference), paired_rows(table, reference), margin_pp,
+        embed(figures.paired_differences(paired_frame(df, reference), paired_rows(table, reference), margin_pp,
                                          folder / "paired_differences.png", reference=reference),
               f"Δ test accuracy against {reference} (pp) per seed (dots, paired by seed), the mean (diamond) and "
               f"its 95 % t-interval (bar), one row per method; the label repeats the table's Δ [95 % CI]; shaded: "
@@ -81,7 +81,7 @@ def section(df: pd.DataFrame, table, curve: pd.DataFrame, folder: Path, written:
               "table's number.")
     else:
         skipped["reliability.png"] = "the runs recorded no reliability bins (no test evaluation)"
-    blocks = _blocks(df)
+    blocks = seed_blocks(df)
     if not blocks.empty:
         embed(figures.corruption_heatmap(blocks, folder / "corruptions.png"),
               "Accuracy (%) per corruption × severity, mean over seeds, one panel per method.")
@@ -110,7 +110,7 @@ def paired_rows(table: pd.DataFrame, reference: str) -> pd.DataFrame:
                               degenerate.COLLAPSED else "") for r in rows.itertuples()])
 
 
-def _pairs(df: pd.DataFrame, reference: str) -> pd.DataFrame:
+def paired_frame(df: pd.DataFrame, reference: str) -> pd.DataFrame:
     """Per method and seed shared with the reference: Δ = method − reference (fractions), and whether either run
     of the pair collapsed."""
     ref = df[df.method == reference].set_index("seed")
@@ -210,7 +210,9 @@ def _reliability_bins(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _blocks(df: pd.DataFrame) -> pd.DataFrame:
+def seed_blocks(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per run, corruption and severity: the run's accuracy on that shifted test set (robustness table and
+    heatmap)."""
     rows = []
     for run in df.itertuples():
         for key, acc in run.metrics.items():

@@ -207,7 +207,8 @@ def t_interval(values, alpha: float = 0.05) -> tuple[float, float, float]:
     return mean, float(low), float(high)
 
 
-def _ci(values: np.ndarray, alpha: float, min_seeds: int = 2) -> tuple[float | None, float | None]:
+def t_ci(values: np.ndarray, alpha: float, min_seeds: int = 2) -> tuple[float | None, float | None]:
+    """The (1 - alpha) t-interval of the mean, or (None, None) below ``min_seeds`` values."""
     if len(values) < max(2, min_seeds):
         return None, None
     _, low, high = t_interval(values, alpha)
@@ -351,7 +352,7 @@ def compare(df: pd.DataFrame, metric: str, reference: str = "baseline", alpha: f
     for method in [reference] + [m for m in methods if m != reference]:
         x = _values(df, method, metric)
         row = {"method": method, "n": len(x), "mean": float(x.mean()) if len(x) else None}
-        row["ci_low"], row["ci_high"] = _ci(x.to_numpy(), alpha, min_seeds)
+        row["ci_low"], row["ci_high"] = t_ci(x.to_numpy(), alpha, min_seeds)
         if method == reference:
             need = max(2, min_seeds)
             row.update({k: None for k in COLUMNS if k not in row}, verdict="reference",

@@ -207,7 +207,7 @@ def test_paired_differences_come_first_and_every_listed_figure_is_drawn_or_named
 
 def test_paired_figure_labels_and_reliability_titles_carry_the_tables_numbers(store):
     from regbench import degenerate, figures, report, stats
-    from regbench.report_figures import _pairs, _reliability_bins, paired_rows
+    from regbench.report_figures import _reliability_bins, paired_frame, paired_rows
     from regbench.store import load_spec, open_storage
 
     assert main(["report", str(store), "--name", "tiny-400"]) == 0
@@ -221,7 +221,7 @@ def test_paired_figure_labels_and_reliability_titles_carry_the_tables_numbers(st
             method, ece = re.fullmatch(r"(\S+) \(mean ECE ([0-9.]+) %\)", ax.get_title()).groups()
             assert cells(text, method)["ECE %"].split(" ± ")[0] == ece  # was the pooled ECE (another number)
     rows = paired_rows(stats.compare(df, "test_acc").set_index("method"), "baseline")
-    fig = figures.paired_differences_figure(_pairs(df, "baseline"), rows, 0.5)
+    fig = figures.paired_differences_figure(paired_frame(df, "baseline"), rows, 0.5)
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()][::-1]  # drawn top to bottom
     assert labels == [f"{m}  {cells(text, m)['Δ test vs baseline (pp) [95 % CI]']}" for m in ("ses", "shade")]
 

@@ -79,3 +79,38 @@ def test_no_module_is_over_700_lines():
     long = {str(p.relative_to(ROOT)): n for p in sources() + [HOME]
             if (n := len(p.read_text().splitlines())) > 700}
     assert not long, f"split these modules: {long}"
+
+
+def private_reach(path: Path) -> list[str]:
+    """Where ``path`` takes another regbench module's underscore-private name: ``from regbench.x import _y`` or
+    ``x._y`` on a regbench module it imported. A room's private names are its own to change."""
+    tree = ast.parse(path.read_text())
+    modules: set[str] = set()
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("regbench", "methods")):
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"{path.name}:{node.lineno}: from {node.module} import {alias.name}")
+                elif node.module in ("regbench", "methods", "regbench.suites"):
+                    modules.add(alias.asname or alias.name)  # `from regbench import stats`: a module
+        elif isinstance(node, ast.Import):
+            modules.update(a.asname or a.name for a in node.names if a.name.startswith("regbench"))
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            found.append(f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_module_takes_another_modules_private_names():
+    found = [v for path in sources() + [HOME] for v in private_reach(path)]
+    assert not found, "make these public (or keep them in their module):\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("snippet", ["from regbench.commands import _load_benchmark",
+                                     "from regbench import stats\nstats._ci(x, 0.05)"])
+def test_the_private_check_sees_both_ways(snippet, tmp_path):
+    path = tmp_path / "probe.py"
+    path.write_text(snippet + "\n")
+    assert private_reach(path), snippet
