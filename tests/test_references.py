@@ -17,8 +17,10 @@ The checker's own test writes each kind of bad reference into a probe checkout i
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -44,15 +46,38 @@ HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.MULTILINE)
 REPO_PATH = re.compile(r"(?<![\w./-])((?:[\w.-]+/)+[\w-]+\.[A-Za-z]{1,5})(?![\w/*{<$])")
 
 
-def scanned_files(root: Path):
-    """The files of the checkout that can hold a reference."""
+def checkout_files(root: Path) -> list[Path]:
+    """The checkout's files: in a git work tree, those git tracks or would add (what .gitignore leaves out, such as
+    the runs/ a Quick start writes, is output, not the checkout); elsewhere every file outside SKIP_DIRS."""
+    try:
+        done = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                              capture_output=True, check=True)
+        inside = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        if Path(inside).resolve() == root.resolve():
+            return sorted(root / name for name in done.stdout.decode().split("\0") if name)
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    found = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info"))
-        rel = Path(folder).relative_to(root)
-        in_script_dir = bool(rel.parts) and rel.parts[0] in SCRIPT_DIRS
-        for name in sorted(files):
-            if name.endswith(EXTENSIONS) or in_script_dir:
-                yield Path(folder) / name
+        found += [Path(folder) / name for name in files]
+    return sorted(found)
+
+
+@functools.cache
+def checkout_folders(root: Path) -> frozenset[str]:
+    """The checkout's top-level folders: those holding one of its files (runs/, an output folder, is not one)."""
+    return frozenset(p.relative_to(root).parts[0] for p in checkout_files(root) if len(p.relative_to(root).parts) > 1)
+
+
+def scanned_files(root: Path):
+    """The files of the checkout that can hold a reference."""
+    for path in checkout_files(root):
+        rel = path.relative_to(root)
+        in_script_dir = len(rel.parts) > 1 and rel.parts[0] in SCRIPT_DIRS
+        if (path.name.endswith(EXTENSIONS) or in_script_dir) and path.is_file():
+            yield path
 
 
 def headings(path: Path) -> list[str]:
@@ -79,6 +104,7 @@ def problems_in(text: str, where: Path, root: Path) -> list[str]:
     found = []
     lines = URL.sub(" ", text).splitlines()
     docs = root / "docs"
+    folders = checkout_folders(root)
     cache: dict[Path, list[str]] = {}
 
     def doc_headings(p: Path) -> list[str]:
@@ -131,7 +157,7 @@ def problems_in(text: str, where: Path, root: Path) -> list[str]:
         for m in REPO_PATH.finditer(line):
             ref = m.group(1)
             top = ref.split("/", 1)[0]
-            if top not in ("docs", "..", ".") and (root / top).is_dir() and not (root / ref).exists():
+            if top not in ("docs", "..", ".") and top in folders and not (root / ref).exists():
                 say(lineno, ref, "no such file in the checkout")
         for m in TITLED.finditer(line):
             doc, title = docs / m.group(1), m.group(2)
@@ -229,3 +255,14 @@ def test_checker_reads_every_kind_of_file(tmp_path, ext):
 def test_checker_passes_references_that_resolve(tmp_path):
     root = probe_checkout(tmp_path, GOOD)
     assert find_problems(root) == []
+
+
+def test_output_folders_git_ignores_are_neither_scanned_nor_the_checkout(tmp_path):
+    """The Quick start's first command writes runs/ into the checkout; its second (pytest) read README's example
+    `runs/sweep/leaderboard.md` as a missing file of the checkout, and scanned the generated leaderboards."""
+    root = probe_checkout(tmp_path, "see runs/sweep/leaderboard.md and pkg/gone.py")
+    (root / ".gitignore").write_text("/runs/\n", encoding="utf-8")
+    (root / "runs" / "sweep").mkdir(parents=True)
+    (root / "runs" / "other.md").write_text("see docs/nowhere.md\n", encoding="utf-8")
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    assert [p.split(":", 2)[2] for p in find_problems(root)] == [" 'pkg/gone.py': no such file in the checkout"]
