@@ -154,6 +154,20 @@ def test_cpu_partition_two_workers_at_once_leaderboard_and_exit_0(tmp_path, clus
     assert "Bypassing sacct" not in res.stderr + logs(workers) + logs(workers, "out")
 
 
+def test_array_parallelism_runs_the_workers_one_at_a_time(tmp_path, cluster):
+    """--array-parallelism N throttles the job array (sbatch --array=0-1%N): two workers, one at a time, on a node with
+    room for both; the benchmark still finishes."""
+    store = plan(cluster, tmp_path, "ap", "shade", "0")
+    res = regbench(cluster, "launch", "--name", "ap", "--out", str(tmp_path / "ap"), "--slurm", "cpu", "--workers", "2",
+                   "--array-parallelism", "1", "--progress-seconds", "2", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    submitted = next(x for x in res.stdout.splitlines() if x.startswith("submitted: sbatch "))
+    assert "--array=0-1%1" in submitted.split(), submitted
+    check_sweep(store, "ap", ["baseline", "shade"], 0, [0, 1])
+    spans = sorted((job_info(cluster, i)["StartTime"], job_info(cluster, i)["EndTime"]) for i in job_ids(res.stdout))
+    assert len(spans) == 2 and spans[0][1] <= spans[1][0], spans  # the second started once the first had ended
+
+
 def test_requests_no_node_can_serve_are_refused_before_anything_is_queued(tmp_path, cluster, monkeypatch, capsys):
     plan(cluster, tmp_path, "bad")
     base = ["launch", "--name", "bad", "--out", str(tmp_path / "bad")]
