@@ -42,11 +42,14 @@ class _Stop(BaseException):  # not an Exception: no broad `except Exception` on 
 
 
 def launch_command(args, default_data_dir: str) -> int:
+    from regbench.statefiles import check_existing_store
     from regbench.store import default_storage_url, open_storage
 
     name, deprecated = commands.benchmark_name(args, "launch")
     out = Path(args.out or Path("runs") / name)
     storage_url = args.storage or default_storage_url(out)
+    # launch follows a planned benchmark: a store file that is missing, empty or foreign is refused, not created
+    check_existing_store(storage_url, "--storage" if args.storage else f"{out}'s store")
     storage = open_storage(storage_url)
     bench = commands.load_benchmark(storage, name)  # fails in one line before any job starts
     if deprecated:

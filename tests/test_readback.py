@@ -180,6 +180,19 @@ def test_read_only_commands_never_create_or_fill_a_store(content, tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.db"]
 
 
+@pytest.mark.parametrize("command", ["launch", "worker"])
+def test_launch_and_worker_never_create_a_store(command, tmp_path, monkeypatch, capsys):
+    """They follow or join a planned benchmark: before, `launch --out DIR` on a DIR with no store left an empty
+    Optuna database there (114 KB); a worker's --storage was already checked when parsed (kept here as a guard)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "o").mkdir()
+    argv = (["launch", "--name", "b", "--out", tmp_path / "o", "--workers", "1"] if command == "launch" else
+            ["worker", "--name", "b", "--storage", f"sqlite:///{tmp_path / 'o' / 'new.db'}"])
+    code, err, _ = call(argv, capsys)
+    one_line_exit_2(code, err, "does not exist")
+    assert list((tmp_path / "o").iterdir()) == []
+
+
 # ---- the plan kept in the store ---------------------------------------------------------------------------------------
 
 def spec_cases(spec: dict) -> dict:
