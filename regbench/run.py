@@ -122,7 +122,7 @@ def resolve(args, default_data_dir: str, command_line: str) -> RunRequest:
     check_output_entries(out)  # OUT a file, OUT/regbench.db a folder, a symlink loop, ...: refused before any work
     storage = None
     if args.storage:  # opened before anything is written, so a bad URL leaves the output dir untouched
-        from regbench.store import open_storage, safe_url
+        from regbench.store import open_storage
         storage = open_storage(args.storage)
         command_line = command_line.replace(args.storage, safe_url(args.storage))  # the header must not leak it
     return RunRequest(methods=methods, overrides=overrides, dataset=dataset, model=model, seeds=seeds, rules=rules,
