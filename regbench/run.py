@@ -101,9 +101,7 @@ def resolve(args, default_data_dir: str, command_line: str) -> RunRequest:
     seeds = parse_seeds(args.seeds)
     rules = tuning_rules(args, methods)  # bad --trials/--budget-epochs/… fail before any storage is opened
     checkpoint_options(args, Path("."))
-    if args.parallel_seeds < 1:
-        raise ConfigError(f"--parallel-seeds must be at least 1 (1 = one seed at a time), got {args.parallel_seeds}")
-    if args.parallel_seeds > len(seeds):
+    if args.parallel_seeds > len(seeds):  # its range (1..) is checked when parsed (limits.py)
         raise ConfigError(f"--parallel-seeds {args.parallel_seeds} is more than the {len(seeds)} seed(s) queued "
                           f"(--seeds {args.seeds}); use --parallel-seeds {len(seeds)} or more --seeds")
     check_device(args.device)
